@@ -1,0 +1,209 @@
+"""
+Balcony exits (Jamialahmadi et al., EMNLP 2025, section 3) wrapped around a frozen model.py Transformer.
+
+Exit k runs backbone layers 1..k, then its balcony: one decoder block of the base architecture and an RMSNorm
+(Eq. 1), then the base model's shared, frozen LM head. Balconies are trained alone with the self-distillation loss
+sum_j KL(p_full || p_exit_j) (Eq. 2, `distillation_kl` below); the backbone never changes, so full depth is exactly
+the original model.
+"""
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from model import KVCache, ModelArgs, RMSNorm, Transformer, TransformerBlock, UsageError
+
+
+class BalconyExit(nn.Module):
+    """Eq. 1: X'_j = f_b(X_j, W'_j), a decoder block followed by an RMSNorm."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.layer = TransformerBlock(args)
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, input_pos=None):
+        return self.norm(self.layer(x, cos, sin, input_pos))
+
+
+def model_fingerprint(model: Transformer) -> str:
+    """A short hash of the base model's config and weights, stored with trained exits so they refuse other models.
+    It samples 64 values of every tensor, rounded to bf16, so the same checkpoint loaded in fp32 or bf16 agrees."""
+    h = hashlib.sha256(json.dumps(model.args.__dict__, sort_keys=True).encode())
+    for name, t in sorted(model.checkpoint_state_dict().items()):
+        flat = t.detach().reshape(-1)
+        idx = torch.linspace(0, flat.numel() - 1, 64, device=flat.device).long()
+        h.update(name.encode())
+        h.update(flat[idx].to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class BalconyModel(nn.Module):
+    def __init__(self, model: Transformer, exit_layers, init: str = "last"):
+        super().__init__()
+        n = model.args.n_layers
+        exit_layers = [int(k) for k in exit_layers]
+        if len(set(exit_layers)) != len(exit_layers):
+            raise UsageError(f"exit layers {exit_layers} contain a duplicate")
+        bad = [k for k in exit_layers if not 1 <= k <= n - 1]
+        if bad:
+            raise UsageError(f"exit layer(s) {bad} outside 1..{n - 1} (the model has {n} layers)")
+        if init not in ("last", "random"):
+            raise UsageError(f"init must be 'last' or 'random', not {init!r}")
+        self.model = model.requires_grad_(False)  # the backbone and the shared head stay frozen
+        self.exit_layers = sorted(exit_layers)
+        self.exits = nn.ModuleDict({str(k): BalconyExit(model.args) for k in self.exit_layers})
+        w = model.tok_embeddings.weight
+        self.exits.to(device=w.device, dtype=w.dtype)
+        for ex in self.exits.values():
+            if init == "last":
+                # Section 3: start from the last decoder layer, already aligned with the LM head, and its final norm.
+                # (The authors' code copies layers[k].input_layernorm into the exit norm instead.)
+                ex.layer.load_state_dict(model.layers[-1].state_dict())
+                ex.norm.load_state_dict(model.norm.state_dict())
+            else:
+                for name, p in ex.named_parameters():
+                    if name.endswith("norm.weight"):
+                        nn.init.ones_(p)
+                    else:
+                        nn.init.normal_(p, std=0.02)
+
+    @property
+    def n_layers(self) -> int:
+        return self.model.args.n_layers
+
+    def _check_exit(self, exit: Optional[int]) -> Optional[int]:
+        if exit is None or exit == self.n_layers:
+            return None
+        if str(exit) not in self.exits:
+            raise UsageError(f"exit {exit} has no trained balcony; trained exits: {self.exit_layers} "
+                             f"(or {self.n_layers} for full depth)")
+        return exit
+
+    def setup_caches(self, max_batch_size: int, max_seq_len: int, exit: Optional[int] = None):
+        """KV caches for what `exit` runs: layers 1..exit and its balcony (all layers and every balcony if None)."""
+        exit = self._check_exit(exit)
+        self.model.setup_caches(max_batch_size, max_seq_len, n_layers=exit)
+        a, w = self.model.args, self.model.tok_embeddings.weight
+        for k, ex in self.exits.items():
+            keep = exit is None or int(k) == exit
+            ex.layer.attention.kv_cache = KVCache(max_batch_size, a.n_kv_heads, max_seq_len, a.head_dim,
+                                                  w.dtype, w.device) if keep else None
+
+    def run_layers(self, x, start: int, end: int, input_pos=None):
+        """Backbone layers start+1..end (1-based, so (0, k) is layers 1..k) on hidden states x: (B, T, D)."""
+        cos, sin = self.model.rope(x.size(1), input_pos)
+        for layer in self.model.layers[start:end]:
+            x = layer(x, cos, sin, input_pos)
+        return x
+
+    def exit_hidden(self, exit: int, x, input_pos=None):
+        """Eq. 1 for exit `exit` on the layer-`exit` hidden states x: (B, T, D) -> normalised (B, T, D)."""
+        cos, sin = self.model.rope(x.size(1), input_pos)
+        return self.exits[str(exit)](x, cos, sin, input_pos)
+
+    def forward(self, idx, exit: Optional[int] = None, input_pos=None):
+        """Logits (B, T, vocab) of exit `exit`; None (or n_layers) is the untouched base model."""
+        exit = self._check_exit(exit)
+        if exit is None:
+            return self.model(idx, input_pos)
+        x = self.run_layers(self.model.tok_embeddings(idx), 0, exit, input_pos)
+        return self.model.output(self.exit_hidden(exit, x, input_pos))
+
+    def forward_train(self, idx):
+        """One backbone pass for training and evaluation: the full model's final hidden states (normalised, before
+        the head) and every exit's, in exit_layers order. The backbone runs without autograd; exits keep theirs."""
+        with torch.no_grad():
+            x = self.model.tok_embeddings(idx)
+            taps, prev = [], 0
+            for k in self.exit_layers:
+                x = self.run_layers(x, prev, k)
+                taps.append(x)
+                prev = k
+            h_full = self.model.norm(self.run_layers(x, prev, self.n_layers))
+        h_exits = [self.exit_hidden(k, t) for k, t in zip(self.exit_layers, taps)]
+        return h_full, h_exits
+
+    def save_exits(self, path):
+        """Write the exit weights alone (safetensors, atomically) with the exit layers and the base's fingerprint."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        meta = {"exit_layers": json.dumps(self.exit_layers), "base_fingerprint": model_fingerprint(self.model),
+                "model_args": self.model.args.to_json()}
+        tensors = {f"exits.{k}": v.detach().contiguous().cpu() for k, v in self.exits.state_dict().items()}
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+
+    def load_exits(self, path):
+        """Load exits written by save_exits; refuse exits trained on another base model."""
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError) as e:
+            raise UsageError(f"{path} is not a readable balcony file ({e})") from None
+        if "base_fingerprint" not in meta:
+            raise UsageError(f"{path} has no balcony metadata; was it written by train.py?")
+        if meta["base_fingerprint"] != model_fingerprint(self.model):
+            raise UsageError(f"{path} was trained for another base model (fingerprint {meta['base_fingerprint']}, "
+                             f"this model's is {model_fingerprint(self.model)}); train exits for this checkpoint")
+        if json.loads(meta["exit_layers"]) != self.exit_layers:
+            raise UsageError(f"{path} holds exits {json.loads(meta['exit_layers'])}, not {self.exit_layers}")
+        w = self.model.tok_embeddings.weight
+        sd = {k.removeprefix("exits."): v.to(device=w.device, dtype=w.dtype) for k, v in tensors.items()}
+        self.exits.load_state_dict(sd)
+
+    @staticmethod
+    def read_exit_layers(path) -> list:
+        from safetensors import SafetensorError, safe_open
+
+        if not Path(path).is_file():
+            raise UsageError(f"{path} not found; train exits first: python train.py --exit-layers 15,18,21")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+        except (SafetensorError, OSError) as e:
+            raise UsageError(f"{path} is not a readable balcony file ({e})") from None
+        if "exit_layers" not in meta:
+            raise UsageError(f"{path} has no balcony metadata; was it written by train.py?")
+        return json.loads(meta["exit_layers"])
+
+    @classmethod
+    def from_checkpoint(cls, ckpt_dir, exits_path, device="cpu", dtype=torch.float32) -> "BalconyModel":
+        exit_layers = cls.read_exit_layers(exits_path)
+        bm = cls(Transformer.from_checkpoint(ckpt_dir, device=device, dtype=dtype), exit_layers)
+        bm.load_exits(exits_path)
+        return bm.eval()
+
+
+def _kl_chunk(output_weight, h_full, *h_exits):
+    # (N, D) hidden states -> per-exit sum over tokens of KL(p_full || p_exit), logits in fp32
+    teacher = F.log_softmax(F.linear(h_full, output_weight).float(), dim=-1)
+    p = teacher.exp()
+    return torch.stack([(p * (teacher - F.log_softmax(F.linear(h, output_weight).float(), dim=-1))).sum()
+                        for h in h_exits])
+
+
+def distillation_kl(output: nn.Linear, h_full, h_exits, chunk_size: int = 1024):
+    """Eq. 2, per exit: KL(p_full || p_exit) summed over tokens, as a tensor of shape (n_exits,).
+    h_full, h_exits[j]: (B, T, D) normalised hidden states. Logits never exist for more than `chunk_size` tokens at
+    once: with autograd on, each chunk is checkpointed and its logits recomputed in the backward pass."""
+    D = h_full.size(-1)
+    h_full = h_full.reshape(-1, D)
+    h_exits = [h.reshape(-1, D) for h in h_exits]
+    total = h_full.new_zeros(len(h_exits), dtype=torch.float32)
+    grad = torch.is_grad_enabled() and any(h.requires_grad for h in h_exits)
+    for s in range(0, h_full.size(0), chunk_size):
+        args = (output.weight, h_full[s:s + chunk_size], *[h[s:s + chunk_size] for h in h_exits])
+        total = total + (checkpoint(_kl_chunk, *args, use_reentrant=False) if grad else _kl_chunk(*args))
+    return total

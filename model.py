@@ -1,0 +1,287 @@
+"""
+A plain LLaMA (Llama-2, Llama-3/3.1/3.2, SmolLM2) in one file, with a static KV cache.
+
+Nothing here knows about Balcony: balcony.py wraps this model from outside. Weight names follow Meta's
+(tok_embeddings, layers.{i}.attention.wq, ...), RoPE uses Hugging Face's rotate-half layout so HF weights load
+with no permutation, and the KV cache is gpt-fast's: preallocated buffers written at an `input_pos` tensor, so a
+decode step always has the same shapes (torch.compile with CUDA graphs likes that).
+"""
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class UsageError(Exception):
+    """A problem the user can fix (bad path, wrong flag, mismatched checkpoint); CLIs print it as one line."""
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None  # None: same as n_heads (MHA)
+    vocab_size: int = 32000
+    hidden_dim: Optional[int] = None  # SwiGLU width; None: Llama-2's rule from dim
+    head_dim: Optional[int] = None  # None: dim // n_heads
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None  # Llama-3.1: {factor, low_freq_factor, high_freq_factor, original_max_position_embeddings}
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_heads
+        if self.hidden_dim is None:  # Llama-2: 2/3 of 4*dim, rounded up to a multiple of 256
+            self.hidden_dim = 256 * math.ceil(int(2 * 4 * self.dim / 3) / 256)
+        if self.n_heads % self.n_kv_heads:
+            raise UsageError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+
+    @classmethod
+    def from_name(cls, name: str) -> "ModelArgs":
+        if name not in PRESETS:
+            raise UsageError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
+        return cls(**PRESETS[name])
+
+    @classmethod
+    def from_hf_config(cls, config) -> "ModelArgs":
+        """From a Hugging Face LlamaConfig: a dict, or the path of a config.json."""
+        if not isinstance(config, dict):
+            config = json.loads(Path(config).read_text())
+        if config.get("model_type", "llama") != "llama":
+            raise UsageError(f"model_type {config['model_type']!r} is not supported; only 'llama' is")
+        scaling = config.get("rope_scaling")
+        if scaling is not None:
+            kind = scaling.get("rope_type", scaling.get("type"))
+            if kind == "default":
+                scaling = None
+            elif kind != "llama3":
+                raise UsageError(f"rope_scaling type {kind!r} is not supported; only 'llama3' is")
+            else:
+                scaling = {k: scaling[k] for k in
+                           ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+        return cls(
+            dim=config["hidden_size"],
+            n_layers=config["num_hidden_layers"],
+            n_heads=config["num_attention_heads"],
+            n_kv_heads=config.get("num_key_value_heads"),
+            vocab_size=config["vocab_size"],
+            hidden_dim=config["intermediate_size"],
+            head_dim=config.get("head_dim"),
+            norm_eps=config.get("rms_norm_eps", 1e-6),
+            rope_theta=config.get("rope_theta", 10000.0),
+            rope_scaling=scaling,
+            max_seq_len=config.get("max_position_embeddings", 2048),
+            tie_embeddings=config.get("tie_word_embeddings", False),
+        )
+
+    @classmethod
+    def from_json(cls, path) -> "ModelArgs":
+        d = json.loads(Path(path).read_text())
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise UsageError(f"{path}: unknown ModelArgs fields {sorted(unknown)}; is this a converted checkpoint?")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+_LLAMA3_SCALING = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+PRESETS = {
+    "llama-2-7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, hidden_dim=11008, norm_eps=1e-5,
+                       max_seq_len=4096),
+    "llama-3-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, hidden_dim=14336,
+                       rope_theta=500000.0, max_seq_len=8192),
+    "llama-3.1-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, hidden_dim=14336,
+                         rope_theta=500000.0, rope_scaling=_LLAMA3_SCALING, max_seq_len=131072),
+    "llama-3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, hidden_dim=8192,
+                         rope_theta=500000.0, tie_embeddings=True, max_seq_len=131072,
+                         rope_scaling=dict(_LLAMA3_SCALING, factor=32.0)),
+    "smollm2-135m": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, hidden_dim=1536,
+                         rope_theta=100000.0, tie_embeddings=True, max_seq_len=8192),
+}
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim))
+    if args.rope_scaling is not None:  # Llama-3.1: slow down low frequencies, keep high ones, blend in between
+        s = args.rope_scaling
+        old_len = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        low_wavelen, high_wavelen = old_len / s["low_freq_factor"], old_len / s["high_freq_factor"]
+        smooth = (old_len / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+        blended = (1 - smooth) * inv_freq / s["factor"] + smooth * inv_freq
+        inv_freq = torch.where(wavelen > low_wavelen, inv_freq / s["factor"],
+                               torch.where(wavelen < high_wavelen, inv_freq, blended))
+    return inv_freq.float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, H, T, hd); cos, sin: (T, hd). HF's rotate-half: pairs are (i, i + hd/2), not (2i, 2i+1).
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 (as HF does), scale in the input's dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch_size: int, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype, device=None):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        # input_pos: (T,); k, v: (B, n_kv, T, hd). Writes in place and returns the whole cache.
+        self.k_cache[:, :, input_pos] = k
+        self.v_cache[:, :, input_pos] = v
+        return self.k_cache, self.v_cache
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(self, x, cos, sin, input_pos=None):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KVH, T, hd)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if input_pos is None:  # no cache: plain causal attention over these T tokens
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:  # static cache: attend over all max_seq_len slots, masking those after each query's position
+            k, v = self.kv_cache.update(input_pos, k, v)
+            mask = torch.arange(k.size(2), device=x.device)[None, :] <= input_pos[:, None]  # (T, S)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)  # down
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # up
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, input_pos=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+
+    def rope(self, T: int, input_pos: Optional[torch.Tensor] = None):
+        """cos, sin of shape (T, head_dim) for positions input_pos, or 0..T-1 when there is no cache."""
+        pos = torch.arange(T, device=self.inv_freq.device) if input_pos is None else input_pos
+        freqs = pos[:, None].float() * self.inv_freq[None, :]  # (T, hd/2), in fp32 whatever the model's dtype
+        emb = torch.cat((freqs, freqs), dim=-1)
+        dtype = self.tok_embeddings.weight.dtype
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def setup_caches(self, max_batch_size: int, max_seq_len: int, n_layers: Optional[int] = None):
+        """Preallocate KV caches for the first n_layers layers (all by default); deeper layers get none."""
+        if max_seq_len > self.args.max_seq_len:
+            raise UsageError(f"a context of {max_seq_len} tokens exceeds the model's {self.args.max_seq_len}")
+        w = self.tok_embeddings.weight
+        for i, layer in enumerate(self.layers):
+            keep = n_layers is None or i < n_layers
+            layer.attention.kv_cache = KVCache(max_batch_size, self.args.n_kv_heads, max_seq_len,
+                                               self.args.head_dim, w.dtype, w.device) if keep else None
+
+    def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # idx: (B, T) token ids; input_pos: (T,) their positions in the KV cache, or None for an uncached forward
+        x = self.tok_embeddings(idx)  # (B, T, D)
+        cos, sin = self.rope(idx.size(1), input_pos)
+        for layer in self.layers:
+            x = layer(x, cos, sin, input_pos)
+        return self.output(self.norm(x))  # (B, T, vocab)
+
+    def checkpoint_state_dict(self) -> dict:
+        """The tensors a checkpoint stores: a tied output head is not stored twice."""
+        sd = self.state_dict()
+        if self.args.tie_embeddings:
+            del sd["output.weight"]
+        return sd
+
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu", dtype=torch.float32) -> "Transformer":
+        """Load a folder written by convert_hf.py: config.json (ModelArgs) and model.safetensors (our names)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        config, weights = path / "config.json", path / "model.safetensors"
+        for f in (config, weights):
+            if not f.is_file():
+                raise UsageError(f"{f} not found; convert a model first: python convert_hf.py --default")
+        args = ModelArgs.from_json(config)
+        with torch.device("meta"):
+            model = cls(args)
+        try:
+            sd = load_file(weights, device=str(device))  # memory-mapped
+        except (SafetensorError, OSError) as e:
+            raise UsageError(f"{weights} is unreadable ({e}); convert the model again") from None
+        expected = model.checkpoint_state_dict()
+        missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
+        if missing or unexpected:
+            raise UsageError(f"{weights} does not match {config}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        for name, t in sd.items():
+            if t.shape != expected[name].shape:
+                raise UsageError(f"{weights}: {name} has shape {tuple(t.shape)}, config.json implies "
+                                 f"{tuple(expected[name].shape)}")
+        model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False, assign=True)
+        if args.tie_embeddings:
+            model.output.weight = model.tok_embeddings.weight
+        model.inv_freq = rope_inv_freq(args).to(device)
+        return model.eval()
