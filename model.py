@@ -220,6 +220,13 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module):
+        # nanoGPT's init: random models (tests, speed benchmarks) get trained-model-like activation scales
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def rope(self, T: int, input_pos: Optional[torch.Tensor] = None):
         """cos, sin of shape (T, head_dim) for positions input_pos, or 0..T-1 when there is no cache."""

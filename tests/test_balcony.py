@@ -1,0 +1,123 @@
+"""balcony.py: full depth is the base model bit for bit, exit k runs exactly k layers and one balcony, the backbone
+is frozen, Eq. 2's chunked KL equals the plain formula (values and gradients), and exit files round-trip and refuse
+other base models."""
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_tiny_checkpoint, tiny_args
+
+from balcony import BalconyModel, distillation_kl, model_fingerprint
+from model import Transformer, UsageError
+
+
+@pytest.fixture
+def bm():
+    torch.manual_seed(0)
+    return BalconyModel(Transformer(tiny_args()).eval(), [1, 3]).eval()
+
+
+def test_full_depth_is_the_base_model_bit_for_bit(bm):
+    idx = torch.randint(0, 320, (2, 16))
+    with torch.no_grad():
+        ref = bm.model(idx)
+        assert torch.equal(bm(idx), ref)
+        assert torch.equal(bm(idx, exit=bm.n_layers), ref)
+        bm.setup_caches(2, 32)
+        assert torch.equal(bm(idx, input_pos=torch.arange(16)), bm.model(idx, input_pos=torch.arange(16)))
+
+
+def count_calls(bm):
+    calls = {"backbone": [], "balcony": []}
+    for i, layer in enumerate(bm.model.layers):
+        layer.register_forward_hook(lambda m, a, o, i=i: calls["backbone"].append(i))
+    for k, ex in bm.exits.items():
+        ex.layer.register_forward_hook(lambda m, a, o, k=k: calls["balcony"].append(int(k)))
+    return calls
+
+
+@pytest.mark.parametrize("exit", [1, 3])
+def test_exit_runs_k_layers_and_one_balcony(bm, exit):
+    calls = count_calls(bm)
+    with torch.no_grad():
+        bm(torch.randint(0, 320, (1, 8)), exit=exit)
+    assert calls == {"backbone": list(range(exit)), "balcony": [exit]}
+
+
+def test_untrained_exit_is_refused(bm):
+    with pytest.raises(UsageError, match="exit 2 has no trained balcony"):
+        bm(torch.zeros(1, 4, dtype=torch.long), exit=2)
+
+
+def test_backbone_frozen_exits_trainable_and_initialised_from_last_layer(bm):
+    assert not any(p.requires_grad for p in bm.model.parameters())
+    assert all(p.requires_grad for p in bm.exits.parameters())
+    last = bm.model.layers[-1].state_dict()
+    for ex in bm.exits.values():
+        for name, t in ex.layer.state_dict().items():
+            assert torch.equal(t, last[name])
+        assert torch.equal(ex.norm.weight, bm.model.norm.weight)
+        assert ex.layer.attention.wq.weight.data_ptr() != bm.model.layers[-1].attention.wq.weight.data_ptr()
+
+
+@pytest.mark.parametrize("exits,msg", [([0], "outside 1..3"), ([4], "outside 1..3"), ([2, 2], "duplicate")])
+def test_bad_exit_layers(exits, msg):
+    with pytest.raises(UsageError, match=msg):
+        BalconyModel(Transformer(tiny_args()), exits)
+
+
+def test_forward_train_matches_forward(bm):
+    idx = torch.randint(0, 320, (2, 12))
+    h_full, h_exits = bm.forward_train(idx)
+    with torch.no_grad():
+        torch.testing.assert_close(bm.model.output(h_full), bm(idx), atol=1e-5, rtol=0)
+        for k, h in zip(bm.exit_layers, h_exits):
+            torch.testing.assert_close(bm.model.output(h), bm(idx, exit=k), atol=1e-5, rtol=0)
+    assert not h_full.requires_grad and all(h.requires_grad for h in h_exits)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 24, 1000])
+def test_chunked_kl_equals_plain_kl_and_its_gradient(chunk):
+    torch.manual_seed(0)
+    bm = BalconyModel(Transformer(tiny_args()), [1, 3], init="random")  # copies of the last layer give KL ~ 0
+    idx = torch.randint(0, 320, (2, 12))
+    h_full, h_exits = bm.forward_train(idx)
+    kl = distillation_kl(bm.model.output, h_full, h_exits, chunk_size=chunk)
+    kl.sum().backward()
+    got = [p.grad.clone() for p in bm.exits.parameters()]
+    bm.zero_grad()
+
+    teacher = F.log_softmax(bm.model.output(h_full), -1).flatten(0, 1)
+    ref = torch.stack([F.kl_div(F.log_softmax(bm.model.output(h), -1).flatten(0, 1), teacher, log_target=True,
+                                reduction="sum") for h in bm.forward_train(idx)[1]])
+    ref.sum().backward()
+    torch.testing.assert_close(kl, ref, atol=1e-5, rtol=1e-5)
+    for g, p in zip(got, bm.exits.parameters()):
+        torch.testing.assert_close(g, p.grad, atol=1e-6, rtol=1e-4)
+    assert (kl > 0).all()
+
+
+def test_save_load_round_trip_and_refusals(tmp_path):
+    ckpt = make_tiny_checkpoint(tmp_path / "base", seed=0)
+    bm = BalconyModel(Transformer.from_checkpoint(ckpt), [1, 2], init="random")
+    path = tmp_path / "balcony.safetensors"
+    bm.save_exits(path)
+    loaded = BalconyModel.from_checkpoint(ckpt, path)
+    assert loaded.exit_layers == [1, 2]
+    for (n1, t1), (n2, t2) in zip(bm.exits.state_dict().items(), loaded.exits.state_dict().items()):
+        assert n1 == n2 and torch.equal(t1, t2)
+    other = make_tiny_checkpoint(tmp_path / "other", seed=1)
+    with pytest.raises(UsageError, match="trained for another base model"):
+        BalconyModel.from_checkpoint(other, path)
+    with pytest.raises(UsageError, match="holds exits \\[1, 2\\], not \\[3\\]"):
+        BalconyModel(Transformer.from_checkpoint(ckpt), [3]).load_exits(path)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(UsageError, match="not a readable balcony file"):
+        BalconyModel.from_checkpoint(ckpt, tmp_path / "junk.safetensors")
+    with pytest.raises(UsageError, match="not found; train exits first"):
+        BalconyModel.from_checkpoint(ckpt, tmp_path / "missing.safetensors")
+
+
+def test_fingerprint_is_the_same_in_fp32_and_bf16(tiny_ckpt):
+    fp32 = Transformer.from_checkpoint(tiny_ckpt, dtype=torch.float32)
+    bf16 = Transformer.from_checkpoint(tiny_ckpt, dtype=torch.bfloat16)
+    assert model_fingerprint(fp32) == model_fingerprint(bf16)

@@ -1,0 +1,79 @@
+"""model.py: cached decode equals an uncached forward, fp32 agrees with fp64, presets have the published sizes,
+and a bad checkpoint is refused with a clear message."""
+import pytest
+import torch
+from conftest import make_tiny_checkpoint, tiny_args
+
+from model import ModelArgs, Transformer, UsageError
+
+CONFIGS = {
+    "gqa-tied": {},
+    "mha-untied": dict(n_kv_heads=4, tie_embeddings=False),
+    "llama3-scaling": dict(rope_theta=500000.0, rope_scaling=dict(
+        factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16)),
+}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_cached_decode_equals_uncached_forward(name):
+    torch.manual_seed(0)
+    model = Transformer(tiny_args(**CONFIGS[name])).eval()
+    idx = torch.randint(0, 320, (2, 40))
+    with torch.no_grad():
+        ref = model(idx)
+        model.setup_caches(max_batch_size=2, max_seq_len=64)
+        # a 7-token prefill, then a 5-token chunk (as a speculative verifier sends), then one token at a time
+        outs = [model(idx[:, :7], torch.arange(7)), model(idx[:, 7:12], torch.arange(7, 12))]
+        outs += [model(idx[:, t:t + 1], torch.tensor([t])) for t in range(12, 40)]
+    torch.testing.assert_close(torch.cat(outs, 1), ref, atol=1e-5, rtol=0)
+
+
+def test_fp32_matches_fp64():
+    torch.manual_seed(0)
+    model = Transformer(tiny_args()).eval()
+    idx = torch.randint(0, 320, (1, 32))
+    with torch.no_grad():
+        lo = model(idx)
+        hi = model.double()(idx)
+    torch.testing.assert_close(lo.double(), hi, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name,params", [("llama-2-7b", 6_738_415_616), ("llama-3-8b", 8_030_261_248),
+                                         ("llama-3.2-1b", 1_235_814_400), ("smollm2-135m", 134_515_008)])
+def test_presets_have_published_sizes(name, params):
+    with torch.device("meta"):
+        model = Transformer(ModelArgs.from_name(name))
+    assert sum(p.numel() for p in model.parameters()) == params  # parameters() counts a tied head once
+
+
+def test_unknown_preset():
+    with pytest.raises(UsageError, match="unknown model preset"):
+        ModelArgs.from_name("llama-9")
+
+
+def test_from_checkpoint_roundtrip(tiny_ckpt):
+    model = Transformer.from_checkpoint(tiny_ckpt)
+    assert model.output.weight is model.tok_embeddings.weight
+    torch.manual_seed(0)
+    ref = Transformer(tiny_args())  # make_tiny_checkpoint seeds 0 the same way
+    idx = torch.randint(0, 320, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(model(idx), ref(idx))
+
+
+def test_from_checkpoint_refuses_bad_input(tmp_path, tiny_ckpt):
+    with pytest.raises(UsageError, match="not found; convert a model first"):
+        Transformer.from_checkpoint(tmp_path / "nowhere")
+    truncated = make_tiny_checkpoint(tmp_path / "truncated")
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UsageError, match="unreadable"):
+        Transformer.from_checkpoint(truncated)
+    wider = make_tiny_checkpoint(tmp_path / "wider", hidden_dim=128)
+    (wider / "config.json").write_text((tiny_ckpt / "config.json").read_text())
+    with pytest.raises(UsageError, match="has shape"):
+        Transformer.from_checkpoint(wider)
+    untied = make_tiny_checkpoint(tmp_path / "untied", tie_embeddings=False)
+    (untied / "config.json").write_text((tiny_ckpt / "config.json").read_text())
+    with pytest.raises(UsageError, match="unexpected \\['output.weight'\\]"):
+        Transformer.from_checkpoint(untied)
