@@ -92,11 +92,9 @@ class Tokenizer:
             raise UsageError(f"{path} has no tokenizer.json or tokenizer.model; convert the model with convert_hf.py")
         if self.sp is None:
             self.vocab_size = max([*ranks.values(), *self.special.values()]) + 1
-            # tiktoken panics on a byte that has no token of its own (SmolLM2 lacks e.g. 0x04); give such bytes ids
-            # past the vocab that encode() drops, as HF's BPE drops characters it has no token for
-            missing = [b for b in range(256) if bytes([b]) not in ranks]
-            ranks.update({bytes([b]): self.vocab_size + k for k, b in enumerate(missing)})
             self.tt = tiktoken.Encoding(path.name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=self.special)
+            self.pattern = pattern
+            self.missing = bytes(b for b in range(256) if bytes([b]) not in ranks)  # SmolLM2 lacks e.g. 0x04
             self.bos_id = self._token_id(config.get("bos_token"), ["<|begin_of_text|>", "<s>", "<|im_start|>"])
             self.eos_id = self._token_id(config.get("eos_token"), ["<|end_of_text|>", "</s>", "<|im_end|>",
                                                                     "<|endoftext|>"])
@@ -125,7 +123,17 @@ class Tokenizer:
     def _encode_ordinary(self, text: str) -> list:
         if self.sp is not None:
             return self.sp.encode(text)
-        return [i for i in self.tt.encode_ordinary(text) if i < self.vocab_size]
+        raw = text.encode("utf-8", "surrogatepass")
+        if len(raw.translate(None, self.missing)) == len(raw):
+            return self.tt.encode_ordinary(text)
+        # tiktoken panics on a byte that has no token of its own; HF's BPE drops such bytes from each pre-tokenized
+        # piece before merging, so do just that, piece by piece
+        import regex
+        ids = []
+        for piece in regex.findall(self.pattern, text):
+            piece = piece.encode("utf-8", "surrogatepass").translate(None, self.missing)
+            ids += self.tt._encode_single_piece(piece) if piece else []
+        return ids
 
     def encode(self, text: str, bos: bool = False, eos: bool = False, allowed_special=()) -> list:
         """Token ids of text; special tokens are plain text unless listed in allowed_special (or it is "all")."""
