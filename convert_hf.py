@@ -16,13 +16,15 @@ import os
 import re
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from model import ModelArgs, UsageError
+from model import ModelArgs, UsageError, rope_inv_freq
+from tokenizer import LLAMA3_PATTERN
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_OUT = ROOT / "checkpoints" / "smollm2-135m-instruct"
@@ -57,6 +59,7 @@ GGUF_WEIGHT_MAP = {
     "blk.{}.ffn_norm.weight": "layers.{}.ffn_norm.weight",
     "output_norm.weight": "norm.weight",
     "output.weight": "output.weight",
+    "rope_freqs.weight": None,  # Llama-3.1's RoPE scaling, read into ModelArgs.rope_scaling by gguf_args
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json")
@@ -157,15 +160,27 @@ def gguf_args(reader) -> ModelArgs:
         raise UsageError(f"GGUF architecture {arch!r} is not supported; only 'llama' is")
     n_vocab = len(reader.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in reader.fields \
         else get("llama.vocab_size")
-    return ModelArgs(
+    as_decimal = lambda x: float(str(np.float32(x)))  # metadata floats are float32: 1e-5 reads 9.99999974e-06
+    args = ModelArgs(
         dim=get("llama.embedding_length"), n_layers=get("llama.block_count"),
         n_heads=get("llama.attention.head_count"), n_kv_heads=get("llama.attention.head_count_kv", 0) or None,
         vocab_size=n_vocab, hidden_dim=get("llama.feed_forward_length"),
         head_dim=get("llama.attention.key_length", 0) or None,
-        norm_eps=round(float(get("llama.attention.layer_norm_rms_epsilon")), 12),  # stored as float32: 9.99e-06
-        rope_theta=float(get("llama.rope.freq_base", 10000.0)), max_seq_len=get("llama.context_length"),
+        norm_eps=as_decimal(get("llama.attention.layer_norm_rms_epsilon")),
+        rope_theta=as_decimal(get("llama.rope.freq_base", 10000.0)), max_seq_len=get("llama.context_length"),
         tie_embeddings=not any(t.name == "output.weight" for t in reader.tensors),
     )
+    rope_freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if rope_freqs is not None:
+        # Llama-3.1/3.2 GGUFs store the per-frequency divisors, not the scaling parameters; those are Meta's
+        # published ones with factor = the largest divisor. Check they reproduce the stored divisors.
+        divisors = torch.from_numpy(np.array(rope_freqs.data, dtype=np.float32))
+        args.rope_scaling = dict(factor=divisors.max().item(), low_freq_factor=1.0, high_freq_factor=4.0,
+                                 original_max_position_embeddings=8192)
+        if not torch.allclose(rope_inv_freq(replace(args, rope_scaling=None)) / divisors, rope_inv_freq(args),
+                              rtol=1e-4):
+            raise UsageError("rope_freqs.weight is not Llama-3.1's RoPE scaling; this GGUF is not supported")
+    return args
 
 
 def gguf_tokenizer(reader) -> dict:
@@ -182,8 +197,12 @@ def gguf_tokenizer(reader) -> dict:
         pre_tokenizer = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]}
     elif pre in ("gpt2", "default"):
         pre_tokenizer = byte_level
+    elif pre == "llama-bpe":  # Llama-3: its own split regex, then bytes only
+        pre_tokenizer = {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated", "invert": False},
+            dict(byte_level, use_regex=False)]}
     else:
-        raise UsageError(f"GGUF pre-tokenizer {pre!r} is not supported (known: smollm, gpt2)")
+        raise UsageError(f"GGUF pre-tokenizer {pre!r} is not supported (known: smollm, gpt2, llama-bpe)")
     control = [i for i, t in enumerate(types) if t == 3]  # llama.cpp token type 3 = control (special) token
     tokenizer = {
         "version": "1.0", "truncation": None, "padding": None,
@@ -197,7 +216,8 @@ def gguf_tokenizer(reader) -> dict:
                   "vocab": {t: i for i, t in enumerate(tokens)},
                   "merges": [m.split(" ") for m in f["tokenizer.ggml.merges"].contents()]},
     }
-    config = {"add_bos_token": False, "add_eos_token": False}
+    add_bos = f["tokenizer.ggml.add_bos_token"].contents() if "tokenizer.ggml.add_bos_token" in f else False
+    config = {"add_bos_token": add_bos, "add_eos_token": False}
     for key, name in (("bos", "bos_token"), ("eos", "eos_token"), ("unknown", "unk_token")):
         if f"tokenizer.ggml.{key}_token_id" in f:
             config[name] = tokens[f[f"tokenizer.ggml.{key}_token_id"].contents()]
@@ -217,6 +237,8 @@ def convert_gguf(src: Path):
     def tensors():
         for t in reader.tensors:
             ours = rename(t.name, GGUF_WEIGHT_MAP, args.n_layers)
+            if ours is None:
+                continue
             try:
                 w = gguf.quants.dequantize(t.data, t.tensor_type)
             except NotImplementedError:

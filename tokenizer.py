@@ -5,7 +5,8 @@ The tokenizer of a converted checkpoint, with two backends and no jinja:
   writes for GGUF models) or Llama-3's tiktoken-format tokenizer.model (base64 token + rank per line);
 - sentencepiece for a Llama-2 style tokenizer.model.
 
-encode() never parses special tokens out of plain text unless told to (allowed_special="all", or encode_chat);
+encode() never parses special tokens out of plain text unless told to (allowed_special="all", or encode_chat), and
+adds BOS only when asked: `add_bos` says whether the model expects one before raw text (Llama: yes, SmolLM2: no).
 apply_chat_template() writes ChatML (SmolLM2) or Llama-3's header format in Python, picked by the special tokens.
 """
 import base64
@@ -77,17 +78,19 @@ class Tokenizer:
             byte_of = gpt2_byte_decoder()
             ranks = {bytes(byte_of[c] for c in tok): i for tok, i in model["vocab"].items() if tok not in self.special}
             pattern = bytelevel_pattern(tj["pre_tokenizer"])
+            # Llama-3's tokenizer.json prepends <|begin_of_text|> with a TemplateProcessing post-processor
+            self.add_bos = config.get("add_bos_token", "TemplateProcessing" in json.dumps(tj.get("post_processor")))
         elif model_file.is_file() and re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+", model_file.open("rb").readline().strip()):
             ranks = {base64.b64decode(tok): int(rank) for tok, rank in
                      (line.split() for line in model_file.read_text().splitlines() if line)}
             self.special = {s: len(ranks) + i for i, s in enumerate(LLAMA3_SPECIALS)}
-            pattern = LLAMA3_PATTERN
+            pattern, self.add_bos = LLAMA3_PATTERN, True
         elif model_file.is_file():
             import sentencepiece
             self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
             self.vocab_size = self.sp.get_piece_size()
             self.special = {self.sp.id_to_piece(i): i for i in range(self.vocab_size) if self.sp.is_control(i)}
-            self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+            self.bos_id, self.eos_id, self.add_bos = self.sp.bos_id(), self.sp.eos_id(), True
         else:
             raise UsageError(f"{path} has no tokenizer.json or tokenizer.model; convert the model with convert_hf.py")
         if self.sp is None:

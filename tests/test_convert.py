@@ -90,7 +90,22 @@ def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(path, hf, tokenizer_json, qtypes: dict):
+def llama_cpp_rope_freqs(c) -> np.ndarray:
+    # what llama.cpp's convert writes for Llama-3.1 RoPE scaling: a divisor per frequency
+    s, hd = c.rope_parameters, c.hidden_size // c.num_attention_heads
+    freqs = 1.0 / (s["rope_theta"] ** (np.arange(0, hd, 2) / hd))
+    low_wavelen = s["original_max_position_embeddings"] / s["low_freq_factor"]
+    high_wavelen = s["original_max_position_embeddings"] / s["high_freq_factor"]
+    factors = []
+    for wavelen in 2 * np.pi / freqs:
+        smooth = (s["original_max_position_embeddings"] / wavelen - s["low_freq_factor"]) / \
+            (s["high_freq_factor"] - s["low_freq_factor"])
+        factors.append(1 if wavelen < high_wavelen else s["factor"] if wavelen > low_wavelen else
+                       1 / ((1 - smooth) / s["factor"] + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+def write_gguf(path, hf, tokenizer_json, qtypes: dict, pre="smollm"):
     """A llama GGUF of hf's weights, quantised per llama.cpp name suffix; returns {hf name: dequantised weight}."""
     import gguf
     from gguf.quants import dequantize, quantize
@@ -108,12 +123,14 @@ def write_gguf(path, hf, tokenizer_json, qtypes: dict):
     tokens = sorted(tj["model"]["vocab"], key=tj["model"]["vocab"].get)
     special = {t["content"] for t in tj["added_tokens"]}
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
+    w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types([3 if t in special else 1 for t in tokens])
     w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tj["model"]["merges"]])
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
+    if c.rope_parameters.get("rope_type") == "llama3":
+        w.add_tensor("rope_freqs.weight", llama_cpp_rope_freqs(c))
     dequantised = {}
     for name, t in hf.state_dict().items():
         if name == "lm_head.weight" and c.tie_word_embeddings:
@@ -136,26 +153,41 @@ def write_gguf(path, hf, tokenizer_json, qtypes: dict):
     return dequantised
 
 
-def test_gguf_round_trip(tmp_path):
+GGUF_CASES = {  # name: (LlamaConfig overrides, llama.cpp pre-tokenizer)
+    "smollm2-style": (dict(num_key_value_heads=2, rope_theta=100000.0), "smollm"),
+    "llama3.1-style": (dict(num_key_value_heads=2, rope_theta=500000.0, tie_word_embeddings=True,
+                            max_position_embeddings=16384,
+                            rope_scaling=dict(LLAMA3_SCALING, original_max_position_embeddings=8192)), "llama-bpe"),
+}
+
+
+@pytest.mark.parametrize("case", GGUF_CASES)
+def test_gguf_round_trip(tmp_path, case):
     import gguf
-    from tokenizers import Tokenizer as HFTokenizer, pre_tokenizers
-    from tokenizer import Tokenizer
+    from tokenizers import Regex, Tokenizer as HFTokenizer, pre_tokenizers as pt
+    from tokenizer import LLAMA3_PATTERN, Tokenizer
     Q = gguf.GGMLQuantizationType
     qtypes = {"token_embd": Q.F16, "output": Q.Q8_0, "attn_q": Q.Q8_0, "attn_k": Q.Q4_0, "attn_v": Q.Q4_1,
               "attn_output": Q.BF16, "ffn_gate": Q.Q8_0, "ffn_up": Q.Q5_0, "ffn_down": Q.F32}
-    hf = hf_model(num_key_value_heads=2, rope_theta=100000.0)
+    overrides, pre = GGUF_CASES[case]
+    hf = hf_model(**overrides)
     tok_json = write_tiny_tokenizer(tmp_path / "tokenizer.json")
-    dequantised = write_gguf(tmp_path / "tiny.gguf", hf, tok_json, qtypes)
+    dequantised = write_gguf(tmp_path / "tiny.gguf", hf, tok_json, qtypes, pre)
     hf.load_state_dict(dequantised, strict=False)
     out = convert(tmp_path / "tiny.gguf", tmp_path / "ckpt")
     assert max_logit_diff(hf, out) < 1e-4
     args = json.loads((out / "config.json").read_text())
-    assert (args["rope_theta"], args["norm_eps"], args["n_kv_heads"], args["vocab_size"]) == (1e5, 1e-5, 2, 300)
+    assert (args["rope_theta"], args["norm_eps"], args["n_kv_heads"], args["vocab_size"]) == \
+        (overrides["rope_theta"], 1e-5, 2, 300)
+    if pre == "llama-bpe":  # Meta's Llama-3.1 scaling, recovered from rope_freqs.weight
+        assert args["rope_scaling"] == dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                            original_max_position_embeddings=8192)
 
-    # the tokenizer written from GGUF metadata: same ids as HF's for the source vocab with SmolLM2's digit split
+    # the tokenizer written from GGUF metadata: same ids as HF's for the source vocab with llama.cpp's pre-tokenizer
     ref = HFTokenizer.from_file(str(tok_json))
-    ref.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    ref.pre_tokenizer = pt.Sequence([pt.Digits(individual_digits=True), pt.ByteLevel(add_prefix_space=False)]) \
+        if pre == "smollm" else pt.Sequence([pt.Split(Regex(LLAMA3_PATTERN), "isolated"),
+                                             pt.ByteLevel(add_prefix_space=False, use_regex=False)])
     ours = Tokenizer.from_checkpoint(out)
     text = "To be, or not 2 be: 1234 arrows  of  fortune!\n\n  0.5"
     assert ours.encode(text) == ref.encode(text).ids and ours.decode(ours.encode(text)) == text
