@@ -164,13 +164,19 @@ def test_end_to_end_on_arc_arrow_file(tiny_ckpt, tmp_path):
     assert "| full |" in r.stdout
 
 
-@pytest.mark.parametrize("argv", [["--tasks", "nosuch"], ["--tasks", "ppl", "--data", "/nonexistent.txt"],
-                                  ["--exits", "15,abc"], ["--num-fewshot", "mmlu=x"], ["--limit", "nosuch=3"]])
+@pytest.mark.parametrize("argv", [["--tasks", "nosuch"], ["--tasks", "ppl", "--data", "/nonexistent.txt"]])
 def test_bad_cli_input_exits_2(argv):
     r = subprocess.run([sys.executable, "eval.py", *argv], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.startswith("eval.py: error: ") and len(r.stderr.strip().splitlines()) == 1
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("argv", [["--exits", "15,abc"], ["--num-fewshot", "mmlu=x"], ["--num-fewshot", "lambada=2"],
+                                  ["--limit", "nosuch=3"], ["--limit", "0"]])
+def test_bad_lists_are_usage_errors(argv):
+    with pytest.raises(ev.UsageError):
+        ev.parse_args_lists(ev.get_parser().parse_args(argv))
 
 
 def test_missing_balcony_exits_2(tiny_ckpt):
