@@ -1,7 +1,7 @@
 """
 Convert a Hugging Face LLaMA folder or a llama.cpp GGUF file into our checkpoint format:
 
-    python convert_hf.py --default                              # SmolLM2-135M-Instruct (GGUF) -> checkpoints/smollm2-135m-instruct
+    python convert_hf.py --default      # SmolLM2-135M-Instruct's GGUF -> checkpoints/smollm2-135m-instruct
     python convert_hf.py path/to/Llama-3.2-1B --out checkpoints/llama-3.2-1b --dtype bfloat16
     python convert_hf.py model.Q8_0.gguf --out checkpoints/mine
 
@@ -13,6 +13,7 @@ writes a GGUF's dequantised weights as float32 (quantised values with fp16 scale
 import argparse
 import json
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -107,9 +108,7 @@ def hf_tensors(src: Path):
                         yield name, st.get_tensor(name)
             else:
                 yield from torch.load(path, map_location="cpu", weights_only=True, mmap=True).items()
-        except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as e:
-            if isinstance(e, UsageError):
-                raise
+        except (SafetensorError, RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
             raise UsageError(f"{path} is unreadable ({str(e).splitlines()[0]}); is the file complete?") from None
 
 
@@ -194,7 +193,8 @@ def gguf_tokenizer(reader) -> dict:
     pre = f["tokenizer.ggml.pre"].contents() if "tokenizer.ggml.pre" in f else "default"
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
     if pre == "smollm":  # llama.cpp's 'smollm': every digit is its own piece, then GPT-2's regex
-        pre_tokenizer = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]}
+        pre_tokenizer = {"type": "Sequence",
+                         "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]}
     elif pre in ("gpt2", "default"):
         pre_tokenizer = byte_level
     elif pre == "llama-bpe":  # Llama-3: its own split regex, then bytes only
@@ -313,7 +313,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", nargs="?", type=Path, help="Hugging Face model folder or .gguf file")
     parser.add_argument("--out", type=Path, help="output checkpoint folder")
-    parser.add_argument("--default", action="store_true", help=f"fetch SmolLM2-135M-Instruct, write {DEFAULT_OUT.relative_to(ROOT)}")
+    parser.add_argument("--default", action="store_true",
+                        help=f"fetch SmolLM2-135M-Instruct and write {DEFAULT_OUT.relative_to(ROOT)}")
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                         help="weights dtype (auto: the source's for HF, float32 for GGUF)")
     try:

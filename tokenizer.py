@@ -69,11 +69,10 @@ class Tokenizer:
         self.sp, self.chat_template = None, config.get("chat_template")
         if isinstance(self.chat_template, list):  # some configs list named templates
             self.chat_template = next((t["template"] for t in self.chat_template if t["name"] == "default"), None)
-        if json_file.is_file():
-            tj = json.loads(json_file.read_text())
+        tj = json.loads(json_file.read_text()) if json_file.is_file() else {}
+        # a Llama-2 folder's tokenizer.json is sentencepiece-style BPE: its tokenizer.model is read instead
+        if tj.get("model", {}).get("type") == "BPE" and (tj.get("decoder") or {}).get("type") == "ByteLevel":
             model = tj["model"]
-            if model["type"] != "BPE" or (tj.get("decoder") or {}).get("type") != "ByteLevel":
-                raise UsageError(f"{json_file}: only byte-level BPE tokenizer.json is supported")
             self.special = {t["content"]: t["id"] for t in tj["added_tokens"]}  # HF matches all added tokens
             byte_of = gpt2_byte_decoder()
             ranks = {bytes(byte_of[c] for c in tok): i for tok, i in model["vocab"].items() if tok not in self.special}
@@ -91,6 +90,8 @@ class Tokenizer:
             self.vocab_size = self.sp.get_piece_size()
             self.special = {self.sp.id_to_piece(i): i for i in range(self.vocab_size) if self.sp.is_control(i)}
             self.bos_id, self.eos_id, self.add_bos = self.sp.bos_id(), self.sp.eos_id(), True
+        elif tj:
+            raise UsageError(f"{json_file}: only byte-level BPE tokenizer.json is supported (or a tokenizer.model)")
         else:
             raise UsageError(f"{path} has no tokenizer.json or tokenizer.model; convert the model with convert_hf.py")
         if self.sp is None:
@@ -120,7 +121,7 @@ class Tokenizer:
     def from_checkpoint(cls, path) -> "Tokenizer":
         path = Path(path)
         if not path.is_dir():
-            raise UsageError(f"{path} is not a checkpoint folder; convert a model first: python convert_hf.py --default")
+            raise UsageError(f"{path} is not a checkpoint folder; convert one first: python convert_hf.py --default")
         return cls(path)
 
     def _encode_ordinary(self, text: str) -> list:
@@ -166,8 +167,8 @@ class Tokenizer:
             text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
             return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
         if "<|start_header_id|>" in self.special:  # Llama-3 (Meta's ChatFormat)
-            text = "<|begin_of_text|>" + "".join(
-                f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>" for m in messages)
+            text = "<|begin_of_text|>" + "".join(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n"
+                                                 f"{m['content'].strip()}<|eot_id|>" for m in messages)
             return text + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else "")
         raise UsageError("this tokenizer has no chat format (no ChatML <|im_start|> or Llama-3 <|start_header_id|> "
                          "tokens); prompt it with plain text")

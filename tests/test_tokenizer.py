@@ -124,7 +124,9 @@ def hf_from_sentencepiece(sp):
 def test_sentencepiece_matches_hf(tmp_path):
     sp = tiny_sentencepiece(tmp_path)
     hf = hf_from_sentencepiece(sp)
+    hf.save(str(tmp_path / "tokenizer.json"))  # as in a Llama-2 folder: not byte-level, so tokenizer.model is read
     tok = Tokenizer.from_checkpoint(tmp_path)
+    assert tok.sp is not None
     assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (sp.get_piece_size(), 1, 2)
     for name, text in TEXTS.items():
         ids = tok.encode(text)
@@ -143,7 +145,8 @@ def test_llama3_tiktoken_file(tmp_path):
     vocab = json.loads((path / "tokenizer.json").read_text())["model"]["vocab"]
     pieces = [bytes(byte_of[c] for c in t) for t in sorted(vocab, key=vocab.get) if not t.startswith("<|")]
     (path / "tokenizer.json").unlink()
-    (path / "tokenizer.model").write_text("".join(f"{base64.b64encode(p).decode()} {i}\n" for i, p in enumerate(pieces)))
+    lines = [f"{base64.b64encode(p).decode()} {i}\n" for i, p in enumerate(pieces)]
+    (path / "tokenizer.model").write_text("".join(lines))
     ref = tiktoken.Encoding("ref", pat_str=LLAMA3_PATTERN, mergeable_ranks={p: i for i, p in enumerate(pieces)},
                             special_tokens={})
     tok = Tokenizer.from_checkpoint(path)
