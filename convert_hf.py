@@ -185,10 +185,13 @@ def gguf_args(reader) -> ModelArgs:
 def gguf_tokenizer(reader) -> dict:
     """tokenizer.json + tokenizer_config.json (HF's format, so HF's tokenizers can read it) from tokenizer.ggml.*"""
     f = reader.fields
-    kind = f["tokenizer.ggml.model"].contents()
+    kind = f["tokenizer.ggml.model"].contents() if "tokenizer.ggml.model" in f else None
     if kind != "gpt2":
         raise UsageError(f"GGUF tokenizer model {kind!r} is not supported (only byte-level BPE, 'gpt2'); "
-                         "copy the model's tokenizer.model into the output folder")
+                         "convert the model's Hugging Face folder instead")
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges"):
+        if key not in f:
+            raise UsageError(f"GGUF metadata {key} is missing")
     tokens, types = f["tokenizer.ggml.tokens"].contents(), f["tokenizer.ggml.token_type"].contents()
     pre = f["tokenizer.ggml.pre"].contents() if "tokenizer.ggml.pre" in f else "default"
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
