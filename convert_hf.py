@@ -117,12 +117,7 @@ def convert_hf(src: Path):
     if not config.is_file():
         raise UsageError(f"{config} not found; SRC must be a Hugging Face model folder or a .gguf file")
     try:
-        cfg = json.loads(config.read_text())
-        rope = cfg.get("rope_parameters")  # transformers >= 5 writes rope_theta and rope_scaling inside this dict
-        if rope:
-            cfg.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
-            cfg.setdefault("rope_scaling", rope)  # from_hf_config reads rope_type 'default' as no scaling
-        args = ModelArgs.from_hf_config(cfg)
+        args = ModelArgs.from_hf_config(json.loads(config.read_text()))
     except (KeyError, json.JSONDecodeError) as e:
         raise UsageError(f"{config} is not a LLaMA config ({e!r})") from None
 

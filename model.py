@@ -59,7 +59,9 @@ class ModelArgs:
             config = json.loads(Path(config).read_text())
         if config.get("model_type", "llama") != "llama":
             raise UsageError(f"model_type {config['model_type']!r} is not supported; only 'llama' is")
-        scaling = config.get("rope_scaling")
+        # transformers >= 5 writes rope_theta and the scaling inside one rope_parameters dict
+        rope = config.get("rope_parameters") or {}
+        scaling = config.get("rope_scaling") or rope or None
         if scaling is not None:
             kind = scaling.get("rope_type", scaling.get("type"))
             if kind == "default":
@@ -78,7 +80,7 @@ class ModelArgs:
             hidden_dim=config["intermediate_size"],
             head_dim=config.get("head_dim"),
             norm_eps=config.get("rms_norm_eps", 1e-6),
-            rope_theta=config.get("rope_theta", 10000.0),
+            rope_theta=config.get("rope_theta", rope.get("rope_theta", 10000.0)),
             rope_scaling=scaling,
             max_seq_len=config.get("max_position_embeddings", 2048),
             tie_embeddings=config.get("tie_word_embeddings", False),
