@@ -192,3 +192,10 @@ def test_limit_and_fewshot_parsing():
     assert tasks == ["arc_easy", "mmlu", "ppl"] and exits == [15, None]
     assert shots["mmlu"] == 0 and shots["hellaswag"] == 10
     assert limits == {"arc_easy": 200, "mmlu": 50, "ppl": 200}
+
+
+def test_speed_reports_every_exit(setup):
+    bm, _ = setup
+    full, ex = ev.eval_speed(bm, [None, 1], prompt_len=8, new_tokens=4)
+    assert full["speedup"] == 1 and ex["speedup"] > 0
+    assert all(r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 for r in (full, ex))
