@@ -1,0 +1,474 @@
+"""
+Train Balcony exits on a frozen converted checkpoint: the self-distillation loss of the paper's Eq. 2 (section 3).
+
+    python train.py --exit-layers 15,18,21                  # SmolLM2-135M, Shakespeare, ~15 min on 2 CPU cores
+    torchrun --nproc_per_node 8 train.py --exit-layers 15,18,21 --data corpus/ --seq-len 4096 --batch-size 4
+
+Only the exits learn; the backbone and the shared LM head are frozen, so every batch costs one no-grad backbone pass
+plus a block and the head per exit. The loop is nanoGPT's (DDP from torchrun's env, gradient accumulation, warmup
+then cosine, clipping, periodic validation) cut into functions. Text is tokenised once into a cached memmap.
+"""
+import argparse
+import contextlib
+import fnmatch
+import functools
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+from balcony import BalconyModel, distillation_kl, model_fingerprint
+from model import Transformer, UsageError
+
+ROOT = Path(__file__).resolve().parent
+CORPUS, CACHE_DIR = ROOT / "data" / "shakespeare", ROOT / "data" / "tokens"
+# The corpus holds each play twice (modern and First Folio spelling), so whole plays are held out, both editions.
+VAL_FILES = "hamlet_*,macbeth_*,tempest_*"
+# Fixed text whose encoding keys the token cache, so a different tokenizer re-tokenises.
+PROBE = "The quick brown fox, 1234567890 times!\n\tdef f(x): return x**2  # ÆØÅ naïve café 東京 🙂 <|endoftext|>"
+
+
+# ------------------------------------------------------------------------------------------------------------ data
+def data_files(data) -> list:
+    """The .txt / .jsonl files named by --data (files or folders); by default the Shakespeare plays."""
+    if not data:
+        if not (CORPUS / ".complete").exists():
+            raise UsageError(f"{CORPUS} not found; fetch the corpus first: python fetch.py corpus")
+        return sorted(CORPUS.glob("*_gut*.txt"))  # the plays, not metadata.txt
+    files = []
+    for p in map(Path, data):
+        if not p.exists():
+            raise UsageError(f"--data {p} not found")
+        files += sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".jsonl") and f.is_file()) if p.is_dir() else [p]
+    if not files:
+        raise UsageError(f"no .txt or .jsonl files in {', '.join(map(str, data))}")
+    return files
+
+
+def read_documents(path: Path):
+    if path.suffix != ".jsonl":
+        yield path.read_text(encoding="utf-8", errors="replace")  # a plain-text file is one document
+        return
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)["text"]
+                except (ValueError, KeyError, TypeError):
+                    raise UsageError(f"{path}:{i}: not a JSON object with a 'text' field") from None
+
+
+def tokenize_corpus(files, tokenizer, val_files=VAL_FILES, cache_dir=CACHE_DIR) -> Path:
+    """Tokenise every document once, each followed by EOS, into <cache_dir>/<key>/tokens.bin: training files first,
+    then the files matching val_files (or, if none or all match, the last 5% of tokens). Returns the folder."""
+    patterns = val_files.split(",")
+    stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    probe = tokenizer.encode(PROBE, bos=True, eos=True)
+    key = hashlib.sha256(json.dumps([probe, patterns, stats]).encode()).hexdigest()[:16]
+    folder = Path(cache_dir) / key
+    if (folder / "meta.json").exists():
+        return folder
+    val = [any(fnmatch.fnmatch(f.name, p) for p in patterns) for f in files]
+    ordered = [(f, v) for f, v in zip(files, val) if not v] + [(f, v) for f, v in zip(files, val) if v]
+    chunks, n_train = [], 0
+    with tqdm(total=sum(s for _, s, _ in stats), unit="B", unit_scale=True, desc="tokenising") as bar:
+        for f, is_val in ordered:
+            for doc in read_documents(f):
+                chunks.append(np.array(tokenizer.encode(doc, eos=True), dtype=np.uint32))
+                n_train += 0 if is_val else len(chunks[-1])
+            bar.update(f.stat().st_size)
+    tokens = np.concatenate(chunks)
+    val_start = n_train if 0 < n_train < len(tokens) else int(0.95 * len(tokens))
+    dtype = np.uint16 if tokens.max() < 2 ** 16 else np.uint32
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "tokens.bin.tmp"
+    tokens.astype(dtype).tofile(tmp)
+    os.replace(tmp, folder / "tokens.bin")
+    meta = {"dtype": np.dtype(dtype).name, "n_tokens": len(tokens), "val_start": val_start, "files": stats}
+    (folder / "meta.json").write_text(json.dumps(meta))  # written last: its presence marks a complete cache
+    return folder
+
+
+def open_tokens(folder: Path, split: str) -> np.ndarray:
+    """The 'train' or 'val' part of a tokenize_corpus folder, as a read-only memmap."""
+    meta = json.loads((folder / "meta.json").read_text())
+    tokens = np.memmap(folder / "tokens.bin", dtype=meta["dtype"], mode="r")
+    return tokens[:meta["val_start"]] if split == "train" else tokens[meta["val_start"]:]
+
+
+def load_tokens(data, tokenizer, split: str, val_files=VAL_FILES, cache_dir=CACHE_DIR) -> np.ndarray:
+    """The 'train' or 'val' tokens of --data (a list of paths; None: Shakespeare), tokenising once."""
+    return open_tokens(tokenize_corpus(data_files(data), tokenizer, val_files, cache_dir), split)
+
+
+def n_windows(tokens, seq_len: int) -> int:
+    return (len(tokens) - 1) // seq_len  # each window also needs the token after it as a target
+
+
+def get_batch(tokens, windows, seq_len: int, device):
+    """Windows i (tokens packed back to back, seq_len each) -> inputs x and next-token targets y, both (B, T)."""
+    rows = np.stack([tokens[i * seq_len: (i + 1) * seq_len + 1] for i in windows]).astype(np.int64)
+    rows = torch.from_numpy(rows).to(device)
+    return rows[:, :-1], rows[:, 1:]
+
+
+def iter_batches(tokens, seq_len: int, batch_size: int, device, max_windows=None, rank=0, world_size=1):
+    """The first max_windows windows in order (all if None), batch by batch; rank r gets every world_size-th batch."""
+    n = min(n_windows(tokens, seq_len), max_windows or float("inf"))
+    for b, s in enumerate(range(0, n, batch_size)):
+        if b % world_size == rank:
+            yield get_batch(tokens, range(s, min(s + batch_size, n)), seq_len, device)
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def step_windows(step: int, n: int, global_batch: int, seed: int) -> np.ndarray:
+    """The windows of one step's global batch: a fresh shuffle every epoch, so the step alone fixes the position."""
+    g = np.arange(step * global_batch, (step + 1) * global_batch)
+    return np.array([epoch_order(n, seed, e)[i] for e, i in zip(g // n, g % n)])
+
+
+# ------------------------------------------------------------------------------------------------------- objective
+def _ce_chunk(weight, h, y):
+    return F.cross_entropy(F.linear(h, weight).float(), y, reduction="sum")
+
+
+class ExitLoss(nn.Module):
+    """The training objective as one module, so DDP and torch.compile can wrap it: per exit, Eq. 2's KL averaged
+    over tokens, plus (--loss kl+ce) ce_weight times the exit's cross-entropy against the next token."""
+
+    def __init__(self, bm: BalconyModel, chunk_size: int, ce_weight: float):
+        super().__init__()
+        self.bm, self.chunk_size, self.ce_weight = bm, chunk_size, ce_weight
+
+    def forward(self, x, y):
+        h_full, h_exits = self.bm.forward_train(x)  # (B, T, D), [(B, T, D)] * n_exits
+        kl = distillation_kl(self.bm.model.output, h_full, h_exits, self.chunk_size) / x.numel()  # (n_exits,)
+        if not self.ce_weight:
+            return kl.sum(), kl.detach(), None
+        w, y, c = self.bm.model.output.weight, y.reshape(-1), self.chunk_size
+        ce = torch.stack([sum(checkpoint(_ce_chunk, w, h.reshape(len(y), -1)[s:s + c], y[s:s + c], use_reentrant=False)
+                              for s in range(0, len(y), c)) for h in h_exits]) / x.numel()  # chunked like the KL
+        return kl.sum() + self.ce_weight * ce.sum(), kl.detach(), ce.detach()
+
+
+def baseline_states(bm: BalconyModel, x):
+    """No balconies: the final norm applied straight to the layer-k hidden states, as forward_train's outputs."""
+    h, prev, normed = bm.model.tok_embeddings(x), 0, []
+    for k in bm.exit_layers + [bm.n_layers]:
+        h, prev = bm.run_layers(h, prev, k), k
+        normed.append(bm.model.norm(h))
+    return normed[-1], normed[:-1]
+
+
+def top1_agreement(output: nn.Linear, h_full, h_exits, chunk_size: int):
+    """Per exit, how many tokens' argmax equals the full model's, a chunk of logits at a time: (n_exits,)."""
+    D = h_full.size(-1)
+    h_full, h_exits = h_full.reshape(-1, D), [h.reshape(-1, D) for h in h_exits]
+    hits = h_full.new_zeros(len(h_exits), dtype=torch.float32)
+    for s in range(0, len(h_full), chunk_size):
+        teacher = output(h_full[s:s + chunk_size]).argmax(-1)
+        hits += torch.stack([(output(h[s:s + chunk_size]).argmax(-1) == teacher).sum() for h in h_exits])
+    return hits
+
+
+@torch.no_grad()
+def evaluate(bm, val, args, ctx, rank=0, world_size=1, baseline=False):
+    """Validation KL(p_full || p_exit) per token and top-1 agreement with the full model, one list each per exit."""
+    device = bm.model.output.weight.device
+    sums = torch.zeros(3, len(bm.exit_layers), device=device)  # KL, top-1 hits, tokens
+    for x, _ in iter_batches(val, args.seq_len, args.batch_size, device, args.eval_windows, rank, world_size):
+        with ctx:
+            h_full, h_exits = baseline_states(bm, x) if baseline else bm.forward_train(x)
+            sums[0] += distillation_kl(bm.model.output, h_full, h_exits, args.chunk_size)
+            sums[1] += top1_agreement(bm.model.output, h_full, h_exits, args.chunk_size)
+        sums[2] += x.numel()
+    if world_size > 1:
+        dist.all_reduce(sums)
+    return (sums[0] / sums[2]).tolist(), (sums[1] / sums[2]).tolist()
+
+
+def get_lr(step: int, max_lr: float, warmup_steps: int, max_steps: int) -> float:
+    """Linear warmup, then cosine decay to max_lr / 10 at max_steps (nanoGPT's schedule)."""
+    min_lr = max_lr / 10
+    if step < warmup_steps:
+        return max_lr * (step + 1) / (warmup_steps + 1)
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+# ---------------------------------------------------------------------------------------------- training state
+def run_config(args, global_batch: int, data_key: str) -> dict:
+    """What a resumed run must share with the saved one to continue exactly (the data position is the step)."""
+    keys = ("seq_len", "lr", "warmup_steps", "max_steps", "weight_decay", "grad_clip", "init", "loss", "ce_weight",
+            "seed")
+    return {**{k: getattr(args, k) for k in keys}, "global_batch": global_batch, "data": data_key}
+
+
+def save_state(path: Path, bm, opt, step: int, fingerprint: str, config: dict):
+    state = {"exits": bm.exits.state_dict(), "optimizer": opt.state_dict(), "step": step,
+             "rng": torch.get_rng_state(), "fingerprint": fingerprint, "exit_layers": bm.exit_layers, "config": config}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a crash mid-write never leaves a half-written state behind
+
+
+def load_state(path: Path, fingerprint: str, exit_layers: list, config: dict) -> dict:
+    """A saved state, refused (one line) if unreadable or saved for another model, other exits or settings."""
+    if not path.is_file():
+        raise UsageError(f"{path} not found; nothing to resume (train without --resume)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load fails in many ways on a damaged file; they all mean the same to the user
+        raise UsageError(f"{path} is not a readable training state ({type(e).__name__}); delete it and train "
+                         f"without --resume") from None
+    if not isinstance(state, dict) or not {"fingerprint", "exit_layers", "config"} <= set(state):
+        raise UsageError(f"{path} is not a train.py training state")
+    if state["fingerprint"] != fingerprint:
+        raise UsageError(f"{path} was saved for another base model (fingerprint {state['fingerprint']}, this "
+                         f"checkpoint's is {fingerprint})")
+    if state["exit_layers"] != exit_layers:
+        raise UsageError(f"{path} trains exits {state['exit_layers']}, not --exit-layers {exit_layers}")
+    diff = [f"{k} {state['config'].get(k)!r} -> {v!r}" for k, v in config.items() if state["config"].get(k) != v]
+    if diff:
+        raise UsageError(f"{path} was saved with other settings, so resuming would not continue exactly: "
+                         + ", ".join(diff))
+    return state
+
+
+STOP = []  # signals received; the loop finishes the step in flight, saves the state and exits, so resuming is exact
+
+
+def _request_stop(signum, frame):
+    STOP.append(signum)
+    signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C stops at once
+
+
+def stop_requested(ddp: bool, device) -> bool:
+    flag = torch.tensor(float(bool(STOP)), device=device)
+    if ddp:  # torchrun signals every rank, but they must agree on the step to stop at
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() > 0
+
+
+def exit_table(exit_layers, baseline, trained) -> str:
+    rows = ["exit | val KL: no balcony -> balcony | top-1 agreement with full model: no balcony -> balcony"]
+    rows += [f"{k:>4} | {baseline[0][j]:>16.3f} -> {trained[0][j]:<9.3f} | {baseline[1][j]:>34.1%} -> {trained[1][j]:.1%}"
+             for j, k in enumerate(exit_layers)]
+    return "\n".join(rows)
+
+
+# ---------------------------------------------------------------------------------------------------------- main
+def main(args) -> int:
+    ddp = "RANK" in os.environ  # launched by torchrun
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else "cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+    else:
+        rank, world_size, device = 0, 1, torch.device(args.device)
+    try:
+        return train(args, rank, world_size, device)
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+def train(args, rank: int, world_size: int, device) -> int:
+    from tokenizer import Tokenizer
+
+    master, ddp = rank == 0, world_size > 1
+    say = tqdm.write if master else (lambda *a: None)
+    ckpt = Path(args.checkpoint)
+    out = Path(args.out) if args.out else ckpt / "balcony.safetensors"
+    state_path, log_path = out.with_suffix(".state.pt"), out.with_suffix(".log.jsonl")
+    try:
+        exit_layers = [int(k) for k in args.exit_layers.split(",")]
+    except ValueError:
+        raise UsageError(f"--exit-layers {args.exit_layers!r} is not a comma-separated list of layers") from None
+    torch.manual_seed(args.seed)  # the same random exits on every rank (--init random)
+    bm = BalconyModel(Transformer.from_checkpoint(ckpt, device=device), exit_layers, init=args.init)
+    if args.seq_len > bm.model.args.max_seq_len:
+        raise UsageError(f"--seq-len {args.seq_len} exceeds the model's context of {bm.model.args.max_seq_len}")
+    fingerprint = model_fingerprint(bm.model)
+
+    # rank 0 tokenises first; the other ranks then find the cache
+    files, tokenizer = data_files(args.data), Tokenizer.from_checkpoint(ckpt)
+    if master:
+        tokenize_corpus(files, tokenizer, args.val_files, args.cache_dir)
+    if ddp:
+        dist.barrier()
+    folder = tokenize_corpus(files, tokenizer, args.val_files, args.cache_dir)
+    train_tokens, val_tokens = open_tokens(folder, "train"), open_tokens(folder, "val")
+    global_batch = args.batch_size * args.grad_accum * world_size  # windows per optimiser step
+    n_train = n_windows(train_tokens, args.seq_len)
+    if n_train < global_batch or n_windows(val_tokens, args.seq_len) < 1:
+        raise UsageError(f"--data has {len(train_tokens)} training and {len(val_tokens)} validation tokens: too few "
+                         f"for a global batch of {global_batch} x {args.seq_len} and one validation window")
+
+    params = list(bm.exits.parameters())  # the optimiser sees the exits only; the backbone has requires_grad False
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay,
+                            fused=device.type == "cuda")
+    config, step = run_config(args, global_batch, folder.name), 0
+    if args.resume:
+        state = load_state(state_path, fingerprint, bm.exit_layers, config)
+        bm.exits.load_state_dict(state["exits"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        step = state["step"]
+
+    loss_fn = ExitLoss(bm, args.chunk_size, args.ce_weight if args.loss == "kl+ce" else 0.0)
+    if device.type == "cuda" if args.compile is None else args.compile:
+        loss_fn = torch.compile(loss_fn, dynamic=False)  # compiles on the first step
+    if ddp:  # DDP averages the exits' gradients; broadcasting the frozen inv_freq buffer every step would be waste
+        loss_fn = DDP(loss_fn, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "a" if args.resume else "w") if master else None
+
+    def record(obj):
+        if log:
+            log.write(json.dumps(obj) + "\n")
+            log.flush()
+
+    say(f"{sum(p.numel() for p in params):,} trainable parameters in exits {bm.exit_layers}; "
+        f"{n_train} training windows of {args.seq_len} tokens, {global_batch} per step; from step {step}")
+    baseline = evaluate(bm, val_tokens, args, ctx, rank, world_size, baseline=True)
+    record({"step": step, "eval": "no_balcony", "val_kl": baseline[0], "val_top1": baseline[1]})
+    say("no balcony (final norm + head on layer-k states): val KL " +
+        ", ".join(f"{k}: {v:.3f}" for k, v in zip(bm.exit_layers, baseline[0])))
+
+    STOP.clear()
+    handlers = {s: signal.signal(s, _request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    bar = tqdm(total=args.max_steps, initial=step, desc="train", disable=not master, dynamic_ncols=True)
+    t_start, start_step, first_step_s, final = time.time(), step, None, None
+    try:
+        while step < args.max_steps:
+            t0 = time.time()
+            lr = get_lr(step, args.lr, args.warmup_steps, args.max_steps)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            windows = step_windows(step, n_train, global_batch, args.seed)
+            stats = torch.zeros(2, len(exit_layers), device=device)  # per exit: KL, CE, averaged over the step
+            for micro in range(args.grad_accum):
+                first = (micro * world_size + rank) * args.batch_size  # this rank's slice of the global batch
+                x, y = get_batch(train_tokens, windows[first:first + args.batch_size], args.seq_len, device)
+                # DDP averages gradients across ranks on the last micro-step only
+                sync = loss_fn.no_sync() if ddp and micro < args.grad_accum - 1 else contextlib.nullcontext()
+                with sync:
+                    with ctx:
+                        loss, kl, ce = loss_fn(x, y)
+                    (loss / args.grad_accum).backward()
+                stats[0] += kl / args.grad_accum
+                if ce is not None:
+                    stats[1] += ce / args.grad_accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            if ddp:
+                dist.all_reduce(stats)
+                stats /= world_size
+            dt = time.time() - t0
+            first_step_s = first_step_s or dt
+            kl = stats[0].tolist()
+            tok_s = global_batch * args.seq_len / dt
+            bar.update()
+            bar.set_postfix_str(" ".join(f"kl{k}={v:.3f}" for k, v in zip(exit_layers, kl)) + f" tok/s={tok_s:.0f}")
+            entry = {"step": step, "lr": lr, "kl": kl, "grad_norm": grad_norm.item(), "tokens_per_s": tok_s, "dt": dt}
+            record({**entry, "ce": stats[1].tolist()} if args.loss == "kl+ce" else entry)
+            if step % args.eval_every == 0 or step == args.max_steps:
+                final = evaluate(bm, val_tokens, args, ctx, rank, world_size)
+                record({"step": step, "eval": "balcony", "val_kl": final[0], "val_top1": final[1]})
+                say(f"step {step}: val KL " + ", ".join(f"{k}: {v:.3f}" for k, v in zip(exit_layers, final[0])))
+            if step < args.max_steps:
+                stop = stop_requested(ddp, device)  # a collective: every rank asks every step
+                if master and (stop or step % args.save_every == 0):
+                    save_state(state_path, bm, opt, step, fingerprint, config)
+                if stop:
+                    say(f"stopped at step {step}; state saved to {state_path}; continue with --resume")
+                    return 130
+    finally:
+        bar.close()
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        if log:
+            log.close()
+    if master:
+        bm.save_exits(out)
+        say(f"{args.max_steps - start_step} steps in {time.time() - t_start:.0f} s (first step {first_step_s:.1f} s, "
+            f"includes any compile); exits saved to {out}")
+        say(exit_table(exit_layers, baseline, final))
+    return 0
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = " (default: %(default)s)"
+    p.add_argument("--exit-layers", required=True, help="comma-separated layers to put balconies after, e.g. 15,18,21")
+    p.add_argument("--checkpoint", default="checkpoints/smollm2-135m-instruct", help="converted model folder" + d)
+    p.add_argument("--out", default=None, help="trained exits (default: <checkpoint>/balcony.safetensors); the "
+                   "training state and JSONL log go next to it as .state.pt and .log.jsonl")
+    p.add_argument("--data", nargs="+", default=None, help=".txt files, .jsonl files with a 'text' field, or folders "
+                   "of them (default: the Shakespeare plays of python fetch.py corpus)")
+    p.add_argument("--val-files", default=VAL_FILES, help="comma-separated name patterns of the held-out files; if "
+                   "none or all match, the last 5%% of tokens" + d)
+    p.add_argument("--cache-dir", default=CACHE_DIR, type=Path, help="token cache" + d)
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per window" + d)
+    p.add_argument("--batch-size", type=int, default=2, help="windows per micro-batch per process" + d)
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step" + d)
+    p.add_argument("--max-steps", type=int, default=150, help="optimiser steps" + d)
+    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (paper: 5e-4)" + d)
+    p.add_argument("--warmup-steps", type=int, default=10, help="linear warmup, then cosine to lr/10" + d)
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay" + d)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm" + d)
+    p.add_argument("--init", choices=["last", "random"], default="last", help="balcony init: copy of the last "
+                   "layer (paper) or random" + d)
+    p.add_argument("--loss", choices=["kl", "kl+ce"], default="kl", help="kl: Eq. 2; kl+ce adds each exit's "
+                   "next-token cross-entropy" + d)
+    p.add_argument("--ce-weight", type=float, default=1.0, help="weight of the CE term with --loss kl+ce" + d)
+    p.add_argument("--chunk-size", type=int, default=1024, help="tokens whose logits exist at once in the loss" + d)
+    p.add_argument("--eval-every", type=int, default=75, help="validate every N steps, and at the end" + d)
+    p.add_argument("--eval-windows", type=int, default=16, help="validation windows per evaluation" + d)
+    p.add_argument("--save-every", type=int, default=50, help="write the training state every N steps" + d)
+    p.add_argument("--resume", action="store_true", help="continue from the training state next to --out")
+    p.add_argument("--seed", type=int, default=1337, help="exit init and data order" + d)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the training step (default: on with CUDA)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="without torchrun" + d)
+    args = p.parse_args(argv)
+    for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "chunk_size", "eval_every", "eval_windows",
+                 "save_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(parse_args()))
+    except UsageError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:  # before training started: nothing to save
+        sys.exit(130)
