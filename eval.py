@@ -285,11 +285,12 @@ def eval_speed(bm, exits: list, prompt_len: int, new_tokens: int) -> list:
     for e in tqdm(exits, desc="speed"):
         r = generate(bm, prompt.tolist(), new_tokens, exit=e)
         out.append(dict(prefill_tok_s=prompt_len / r["prefill_s"], decode_tok_s=r["tokens_per_s"]))
-    full = next((o for e, o in zip(exits, out) if e is None), None)
-    for o in out:
-        if full is not None:
-            o["speedup"] = o["decode_tok_s"] / full["decode_tok_s"]
+    if None in exits:  # Table 3's speedup: decode throughput relative to full depth
+        full = out[exits.index(None)]["decode_tok_s"]
+        for o in out:
+            o["speedup"] = o["decode_tok_s"] / full
     return out
+
 
 # ----------------------------------------------------------------------------- report
 
@@ -326,14 +327,11 @@ def markdown_table(results: dict, exits: list) -> str:
 
 def plot(results: dict, exits: list, n_layers: int, path: str):
     """Average accuracy against decode speedup (if measured) or against the share of layers each exit runs."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
-    if "average" not in results:
-        raise UsageError("--plot needs at least one accuracy task in --tasks")
+    import matplotlib  # optional; parse_args_lists checked it is there
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     speed = results.get("speed", {}).get("exits", {})
     if speed and "speedup" in speed.get("full", {}):
         xs, xlabel = [speed[label(e)]["speedup"] for e in exits], "decode speedup vs full depth"
@@ -380,6 +378,13 @@ def parse_args_lists(args):
             raise UsageError(f"--limit takes N or task=N (N > 0), not {t + _ + n!r}")
     default = next((int(n) for t, _, n in limits if not t), None)  # None: the whole split
     limits = {t: default for t in tasks} | {t: int(n) for t, _, n in limits if t}
+    if args.plot:
+        if not any(t in TASKS for t in tasks):
+            raise UsageError("--plot needs at least one accuracy task in --tasks")
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
     if "ppl" in tasks and args.data is not None and not Path(args.data).exists():
         raise UsageError(f"--data {args.data} not found")
     return tasks, exits, shots, limits

@@ -1,5 +1,6 @@
 """eval.py on a tiny random model: scores equal an independent uncached forward, at full depth and at each exit,
 batched or one by one; metrics are lm-eval's; prompts follow lm-eval's task definitions; bad input exits 2."""
+import importlib.util
 import json
 import math
 import subprocess
@@ -154,11 +155,13 @@ def test_end_to_end_on_arc_arrow_file(tiny_ckpt, tmp_path):
     table = pa.Table.from_pylist(rows)
     with pa.OSFile(str(split / "data-00000-of-00001.arrow"), "wb") as f, pa.ipc.new_stream(f, table.schema) as w:
         w.write_table(table)
-    out = tmp_path / "eval.json"
+    out, png = tmp_path / "eval.json", tmp_path / "plot.png"
+    plot = ["--plot", str(png)] if importlib.util.find_spec("matplotlib") else []  # optional dependency
     r = subprocess.run([sys.executable, "eval.py", "--checkpoint", str(tiny_ckpt), "--exits", "full", "--tasks",
-                        "arc_easy", "--evals-dir", str(tmp_path / "evals"), "--limit", "4", "--json", str(out)],
+                        "arc_easy", "--evals-dir", str(tmp_path / "evals"), "--limit", "4", "--json", str(out), *plot],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    assert png.exists() or not plot
     res = json.loads(out.read_text())["results"]["arc_easy"]
     assert res["n"] == 4 and set(res["exits"]["full"]) == {"acc", "acc_norm"}
     assert "| full |" in r.stdout
