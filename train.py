@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from balcony import BalconyModel, distillation_kl, model_fingerprint
 from model import Transformer, UsageError
+from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent
 CORPUS, CACHE_DIR = ROOT / "data" / "shakespeare", ROOT / "data" / "tokens"
@@ -293,8 +294,6 @@ def main(args) -> int:
 
 
 def train(args, rank: int, world_size: int, device) -> int:
-    from tokenizer import Tokenizer
-
     master, ddp = rank == 0, world_size > 1
     say = tqdm.write if master else (lambda *a: None)
     ckpt = Path(args.checkpoint)
