@@ -38,7 +38,7 @@ def model_fingerprint(model: Transformer) -> str:
     h = hashlib.sha256(json.dumps(model.args.__dict__, sort_keys=True).encode())
     for name, t in sorted(model.checkpoint_state_dict().items()):
         flat = t.detach().reshape(-1)
-        idx = torch.linspace(0, flat.numel() - 1, 64, device=flat.device).long()
+        idx = torch.linspace(0, flat.numel() - 1, 64, dtype=torch.float64, device=flat.device).long()  # fp32 rounds past 2**24
         h.update(name.encode())
         h.update(flat[idx].to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
     return h.hexdigest()[:16]

@@ -121,3 +121,10 @@ def test_fingerprint_is_the_same_in_fp32_and_bf16(tiny_ckpt):
     fp32 = Transformer.from_checkpoint(tiny_ckpt, dtype=torch.float32)
     bf16 = Transformer.from_checkpoint(tiny_ckpt, dtype=torch.bfloat16)
     assert model_fingerprint(fp32) == model_fingerprint(bf16)
+
+
+def test_fingerprint_of_a_tensor_past_2_to_the_24_elements():
+    # float32 index arithmetic rounds numel - 1 up to numel past 2**24 (SmolLM2's embedding has 28M elements)
+    model = Transformer(tiny_args(dim=16, n_heads=2, n_kv_heads=1, hidden_dim=16, n_layers=1, vocab_size=2**20 + 1))
+    assert model.tok_embeddings.weight.numel() > 2**24
+    assert len(model_fingerprint(model)) == 16
