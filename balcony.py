@@ -186,12 +186,17 @@ class BalconyModel(nn.Module):
         return bm.eval()
 
 
+def _log_probs(output_weight, h):
+    return F.log_softmax(F.linear(h, output_weight).float(), dim=-1)  # (N, D) -> (N, vocab), in fp32
+
+
+def _kl(teacher, student):
+    return (teacher.exp() * (teacher - student)).sum()  # sum over tokens of KL(p || q), from log-probs
+
+
 def _kl_chunk(output_weight, h_full, *h_exits):
-    # (N, D) hidden states -> per-exit sum over tokens of KL(p_full || p_exit), logits in fp32
-    teacher = F.log_softmax(F.linear(h_full, output_weight).float(), dim=-1)
-    p = teacher.exp()
-    return torch.stack([(p * (teacher - F.log_softmax(F.linear(h, output_weight).float(), dim=-1))).sum()
-                        for h in h_exits])
+    teacher = _log_probs(output_weight, h_full)
+    return torch.stack([_kl(teacher, _log_probs(output_weight, h)) for h in h_exits])
 
 
 def distillation_kl(output: nn.Linear, h_full, h_exits, chunk_size: int = 1024):
@@ -207,3 +212,21 @@ def distillation_kl(output: nn.Linear, h_full, h_exits, chunk_size: int = 1024):
         args = (output.weight, h_full[s:s + chunk_size], *[h[s:s + chunk_size] for h in h_exits])
         total = total + (checkpoint(_kl_chunk, *args, use_reentrant=False) if grad else _kl_chunk(*args))
     return total
+
+
+@torch.no_grad()
+def exit_metrics(output: nn.Linear, h_full, hs, targets, chunk_size: int = 1024):
+    """Held-out quality of each normalised hidden state in hs (an exit's, or h_full itself for full depth), summed
+    over tokens: a (3, len(hs)) tensor of KL(p_full || p), top-1 agreement with the full model, and the negative
+    log-likelihood of targets (B, T), so exp(nll / tokens) is the perplexity. Chunked like distillation_kl."""
+    D, w = h_full.size(-1), output.weight
+    h_full, hs, targets = h_full.reshape(-1, D), [h.reshape(-1, D) for h in hs], targets.reshape(-1, 1)
+    sums = torch.zeros(3, len(hs), device=h_full.device)
+    for s in range(0, h_full.size(0), chunk_size):
+        teacher = _log_probs(w, h_full[s:s + chunk_size])
+        for j, h in enumerate(hs):
+            logp = _log_probs(w, h[s:s + chunk_size])
+            sums[0, j] += _kl(teacher, logp)
+            sums[1, j] += (logp.argmax(-1) == teacher.argmax(-1)).sum()
+            sums[2, j] -= logp.gather(1, targets[s:s + chunk_size]).sum()
+    return sums

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from balcony import BalconyModel, distillation_kl
+from balcony import BalconyModel, exit_metrics
 from model import UsageError
 
 Task = namedtuple("Task", "load metric shots")  # load(root, shots) -> items [(contexts, choices, gold)]
@@ -250,29 +250,21 @@ def choice_metrics(items: list, ll: torch.Tensor, greedy: torch.Tensor) -> dict:
 
 @torch.no_grad()
 def eval_ppl(bm, tokens: torch.Tensor, exits: list, block: int, limit, batch_size: int, chunk: int = 1024) -> list:
-    """Perplexity of each exit on non-overlapping windows of `block` tokens, KL(full || exit) per token (Eq. 2's
-    distillation_kl) and how often the exit's top-1 token is the full model's."""
+    """Perplexity of each exit on non-overlapping windows of `block` tokens, KL(full || exit) per token and how often
+    the exit's top-1 token is the full model's (balcony.exit_metrics)."""
     n = (tokens.numel() - 1) // block
     if n == 0:
         raise UsageError(f"the --data text has {tokens.numel()} tokens, fewer than --block-size {block} + 1")
     n = min(n, limit or n)
-    device, out = bm.model.tok_embeddings.weight.device, bm.model.output
-    nll, agree, kl = torch.zeros(len(exits)), torch.zeros(len(exits)), torch.zeros(len(exits))
+    device, sums = bm.model.tok_embeddings.weight.device, torch.zeros(3, len(exits))
     for s in tqdm(range(0, n, batch_size), desc="ppl"):
         w = torch.stack([tokens[i * block:(i + 1) * block + 1] for i in range(s, min(s + batch_size, n))])
-        x, y = w[:, :-1].to(device), w[:, 1:].reshape(-1).to(device)
-        hs = exit_hidden(bm, x, [None] + exits)
-        hs = [h.reshape(-1, h.size(-1)) for h in hs]
-        kl += distillation_kl(out, hs[0], hs[1:], chunk).cpu()
-        for c in range(0, y.numel(), chunk):
-            full_top = out(hs[0][c:c + chunk]).argmax(-1)
-            for e, h in enumerate(hs[1:]):
-                logp = F.log_softmax(out(h[c:c + chunk]).float(), dim=-1)
-                nll[e] -= logp.gather(1, y[c:c + chunk, None]).sum().item()
-                agree[e] += (logp.argmax(-1) == full_top).sum().item()
+        x, y = w[:, :-1].to(device), w[:, 1:].to(device)
+        h_full, *hs = exit_hidden(bm, x, [None] + exits)
+        sums += exit_metrics(bm.model.output, h_full, hs, y, chunk).cpu()
     T = n * block
-    return [dict(ppl=math.exp(nll[e] / T), kl=kl[e].item() / T, top1_agree=agree[e].item() / T, tokens=T)
-            for e in range(len(exits))]
+    kl, agree, nll = (sums / T).tolist()
+    return [dict(ppl=math.exp(nll[e]), kl=kl[e], top1_agree=agree[e], tokens=T) for e in range(len(exits))]
 
 
 def eval_speed(bm, exits: list, prompt_len: int, new_tokens: int) -> list:

@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from balcony import BalconyModel, distillation_kl, model_fingerprint
+from balcony import BalconyModel, distillation_kl, exit_metrics, model_fingerprint
 from model import Transformer, UsageError
 from tokenizer import Tokenizer
 
@@ -88,7 +88,7 @@ def tokenize_corpus(files, tokenizer, val_files=VAL_FILES, cache_dir=CACHE_DIR) 
     with tqdm(total=sum(s for _, s, _ in stats), unit="B", unit_scale=True, desc="tokenising") as bar:
         for f, is_val in ordered:
             for doc in read_documents(f):
-                chunks.append(np.array(tokenizer.encode(doc, eos=True), dtype=np.uint32))
+                chunks.append(np.array(tokenizer.encode(doc, bos=tokenizer.add_bos, eos=True), dtype=np.uint32))
                 n_train += 0 if is_val else len(chunks[-1])
             bar.update(f.stat().st_size)
     tokens = np.concatenate(chunks)
@@ -178,31 +178,21 @@ def baseline_states(bm: BalconyModel, x):
     return normed[-1], normed[:-1]
 
 
-def top1_agreement(output: nn.Linear, h_full, h_exits, chunk_size: int):
-    """Per exit, how many tokens' argmax equals the full model's, a chunk of logits at a time: (n_exits,)."""
-    D = h_full.size(-1)
-    h_full, h_exits = h_full.reshape(-1, D), [h.reshape(-1, D) for h in h_exits]
-    hits = h_full.new_zeros(len(h_exits), dtype=torch.float32)
-    for s in range(0, len(h_full), chunk_size):
-        teacher = output(h_full[s:s + chunk_size]).argmax(-1)
-        hits += torch.stack([(output(h[s:s + chunk_size]).argmax(-1) == teacher).sum() for h in h_exits])
-    return hits
-
-
 @torch.no_grad()
 def evaluate(bm, val, args, ctx, rank=0, world_size=1, baseline=False):
-    """Validation KL(p_full || p_exit) per token and top-1 agreement with the full model, one list each per exit."""
+    """Validation KL(p_full || p) per token, top-1 agreement with the full model and perplexity: three lists, one value
+    per exit and a last one for full depth. baseline: no balconies (the final norm straight on layer-k states)."""
     device = bm.model.output.weight.device
-    sums = torch.zeros(3, len(bm.exit_layers), device=device)  # KL, top-1 hits, tokens
-    for x, _ in iter_batches(val, args.seq_len, args.batch_size, device, args.eval_windows, rank, world_size):
+    sums = torch.zeros(4, len(bm.exit_layers) + 1, device=device)  # KL, top-1 hits, NLL, tokens
+    for x, y in iter_batches(val, args.seq_len, args.batch_size, device, args.eval_windows, rank, world_size):
         with ctx:
             h_full, h_exits = baseline_states(bm, x) if baseline else bm.forward_train(x)
-            sums[0] += distillation_kl(bm.model.output, h_full, h_exits, args.chunk_size)
-            sums[1] += top1_agreement(bm.model.output, h_full, h_exits, args.chunk_size)
-        sums[2] += x.numel()
+            sums[:3] += exit_metrics(bm.model.output, h_full, h_exits + [h_full], y, args.chunk_size)
+        sums[3] += x.numel()
     if world_size > 1:
         dist.all_reduce(sums)
-    return (sums[0] / sums[2]).tolist(), (sums[1] / sums[2]).tolist()
+    kl, top1, nll = (sums[:3] / sums[3]).tolist()
+    return kl, top1, [math.exp(v) for v in nll]
 
 
 def get_lr(step: int, max_lr: float, warmup_steps: int, max_steps: int) -> float:
@@ -268,10 +258,18 @@ def stop_requested(ddp: bool, device) -> bool:
     return flag.item() > 0
 
 
+def metrics_by_exit(exit_layers, metrics) -> dict:
+    """evaluate()'s lists as {"val_kl": {"15": .., "full": ..}, ...} for the JSONL log."""
+    names = [*map(str, exit_layers), "full"]
+    return {key: dict(zip(names, vals)) for key, vals in zip(("val_kl", "val_top1", "val_ppl"), metrics)}
+
+
 def exit_table(exit_layers, baseline, trained) -> str:
-    rows = ["exit | val KL: no balcony -> balcony | top-1 agreement with full model: no balcony -> balcony"]
-    rows += [f"{k:>4} | {baseline[0][j]:>16.3f} -> {trained[0][j]:<9.3f} | {baseline[1][j]:>34.1%} -> {trained[1][j]:.1%}"
-             for j, k in enumerate(exit_layers)]
+    """Held-out quality per exit, without and with its balcony, and the full model's for reference."""
+    rows = ["| exit | val KL, no balcony -> balcony | top-1 agreement | perplexity |", "|---|---|---|---|"]
+    rows += [f"| {k} | {baseline[0][j]:.3f} -> {trained[0][j]:.3f} | {baseline[1][j]:.1%} -> {trained[1][j]:.1%} "
+             f"| {baseline[2][j]:.1f} -> {trained[2][j]:.1f} |" for j, k in enumerate(exit_layers)]
+    rows.append(f"| full | 0 | 100% | {trained[2][-1]:.1f} |")
     return "\n".join(rows)
 
 
@@ -352,7 +350,7 @@ def train(args, rank: int, world_size: int, device) -> int:
     say(f"{sum(p.numel() for p in params):,} trainable parameters in exits {bm.exit_layers}; "
         f"{n_train} training windows of {args.seq_len} tokens, {global_batch} per step; from step {step}")
     baseline = evaluate(bm, val_tokens, args, ctx, rank, world_size, baseline=True)
-    record({"step": step, "eval": "no_balcony", "val_kl": baseline[0], "val_top1": baseline[1]})
+    record({"step": step, "eval": "no_balcony", **metrics_by_exit(exit_layers, baseline)})
     say("no balcony (final norm + head on layer-k states): val KL " +
         ", ".join(f"{k}: {v:.3f}" for k, v in zip(bm.exit_layers, baseline[0])))
 
@@ -397,7 +395,7 @@ def train(args, rank: int, world_size: int, device) -> int:
             record({**entry, "ce": stats[1].tolist()} if args.loss == "kl+ce" else entry)
             if step % args.eval_every == 0 or step == args.max_steps:
                 final = evaluate(bm, val_tokens, args, ctx, rank, world_size)
-                record({"step": step, "eval": "balcony", "val_kl": final[0], "val_top1": final[1]})
+                record({"step": step, "eval": "balcony", **metrics_by_exit(exit_layers, final)})
                 say(f"step {step}: val KL " + ", ".join(f"{k}: {v:.3f}" for k, v in zip(exit_layers, final[0])))
             if step < args.max_steps:
                 stop = stop_requested(ddp, device)  # a collective: every rank asks every step
@@ -420,7 +418,7 @@ def train(args, rank: int, world_size: int, device) -> int:
     return 0
 
 
-def parse_args(argv=None):
+def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = " (default: %(default)s)"
     p.add_argument("--exit-layers", required=True, help="comma-separated layers to put balconies after, e.g. 15,18,21")
@@ -455,6 +453,11 @@ def parse_args(argv=None):
                    help="torch.compile the training step (default: on with CUDA)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="without torchrun" + d)
+    return p
+
+
+def parse_args(argv=None):
+    p = get_parser()
     args = p.parse_args(argv)
     for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "chunk_size", "eval_every", "eval_windows",
                  "save_every"):

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from conftest import make_tiny_checkpoint, tiny_args
 
-from balcony import BalconyModel, distillation_kl, model_fingerprint
+from balcony import BalconyModel, distillation_kl, exit_metrics, model_fingerprint
 from model import Transformer, UsageError
 
 
@@ -128,3 +128,20 @@ def test_fingerprint_of_a_tensor_past_2_to_the_24_elements():
     model = Transformer(tiny_args(dim=16, n_heads=2, n_kv_heads=1, hidden_dim=16, n_layers=1, vocab_size=2**20 + 1))
     assert model.tok_embeddings.weight.numel() > 2**24
     assert len(model_fingerprint(model)) == 16
+
+
+@pytest.mark.parametrize("chunk", [7, 1000])
+def test_exit_metrics_equal_plain_formulas(chunk):
+    torch.manual_seed(0)
+    bm = BalconyModel(Transformer(tiny_args()), [1, 2], init="random")
+    x, y = torch.randint(0, 320, (2, 12)), torch.randint(0, 320, (2, 12))
+    h_full, h_exits = bm.forward_train(x)
+    kl, top1, nll = exit_metrics(bm.model.output, h_full, h_exits + [h_full], y, chunk_size=chunk)
+    with torch.no_grad():
+        full = bm(x).flatten(0, 1)
+        for j, logits in enumerate([bm(x, exit=1).flatten(0, 1), bm(x, exit=2).flatten(0, 1), full]):
+            ref_kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(full, -1), log_target=True, reduction="sum")
+            torch.testing.assert_close(kl[j], ref_kl, atol=1e-4, rtol=1e-4)
+            assert top1[j] == (logits.argmax(-1) == full.argmax(-1)).sum()
+            torch.testing.assert_close(nll[j], F.cross_entropy(logits, y.flatten(), reduction="sum"), atol=1e-3, rtol=1e-5)
+    assert kl[-1].abs() < 1e-4 and top1[-1] == 24 and top1[0] < 24

@@ -80,7 +80,7 @@ def test_loss_goes_down(setup, tmp_path):
     first, last = np.mean([r["kl"] for r in steps[:5]], axis=0), np.mean([r["kl"] for r in steps[-5:]], axis=0)
     assert (last < 0.5 * first).all(), (first, last)
     final = [r for r in log if r.get("eval") == "balcony"][-1]
-    assert final["step"] == 30 and len(final["val_kl"]) == 2
+    assert final["step"] == 30 and list(final["val_kl"]) == ["1", "2", "full"] and final["val_kl"]["full"] < 1e-5
 
 
 def test_resume_continues_exactly(setup, tmp_path):
@@ -149,7 +149,7 @@ def test_split_by_file_and_cache_keyed_by_tokenizer(tmp_path):
     assert val.dtype == np.uint16
 
     class Bytes:  # another tokenizer: must not reuse the first one's cache
-        eos_id, bos_id = 256, 256
+        eos_id, bos_id, add_bos = 256, 256, False
 
         def encode(self, text, bos=False, eos=False):
             return [self.bos_id] * bos + list(text.encode()) + [self.eos_id] * eos
