@@ -232,7 +232,7 @@ def main(args):
     if args.chat:
         prompt_ids = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
     else:
-        prompt_ids = tokenizer.encode(args.prompt)
+        prompt_ids = tokenizer.encode(args.prompt, bos=tokenizer.add_bos)  # Llama: BOS; SmolLM2: none
 
     kw = dict(exit=args.exit, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
               eos_id=tokenizer.stop_ids, draft_exit=args.draft_exit, speculate_k=args.speculate_k)
