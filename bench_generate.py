@@ -10,14 +10,13 @@ for every layer). Every run decodes exactly --max-new-tokens greedy tokens (eos 
 """
 import argparse
 import statistics
-import sys
 import time
 
 import torch
 
 from balcony import BalconyModel
 from generate import DTYPES, compile_steps, generate
-from model import UsageError
+from model import run_cli
 
 PROMPT = "Explain in a few paragraphs why the sky is blue, and why sunsets are red."
 
@@ -94,8 +93,4 @@ def get_parser():
 
 
 if __name__ == "__main__":
-    try:
-        main(get_parser().parse_args())
-    except UsageError as e:
-        print(f"bench_generate.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main, get_parser().parse_args)

@@ -11,14 +11,13 @@ torch.cuda.max_memory_allocated; on CPU, the peak resident set size (VmHWM, rese
 above the resident size before the step. Weights are random: memory and speed do not depend on their values.
 """
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from balcony import BalconyModel, distillation_kl
-from model import ModelArgs, Transformer, UsageError
+from model import ModelArgs, Transformer, run_cli
 from train import ExitLoss
 
 # dense bf16 peak of the GPU, for MFU (H100 SXM; pass --peak-tflops for another)
@@ -168,8 +167,4 @@ def get_parser():
 
 
 if __name__ == "__main__":
-    try:
-        main(get_parser().parse_args())
-    except UsageError as e:
-        print(f"bench_train.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main, get_parser().parse_args)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model import ModelArgs, UsageError, rope_inv_freq
+from model import ModelArgs, UsageError, rope_inv_freq, run_cli
 from tokenizer import LLAMA3_PATTERN
 
 ROOT = Path(__file__).resolve().parent
@@ -319,8 +319,4 @@ def get_parser():
 
 
 if __name__ == "__main__":
-    try:
-        main(get_parser().parse_args())
-    except UsageError as e:
-        print(f"convert_hf.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main, get_parser().parse_args)

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from balcony import BalconyModel, exit_metrics
-from model import UsageError
+from model import UsageError, run_cli
 
 Task = namedtuple("Task", "load metric shots")  # load(root, shots) -> items [(contexts, choices, gold)]
 
@@ -459,8 +459,4 @@ def get_parser():
 
 
 if __name__ == "__main__":
-    try:
-        main(get_parser().parse_args())
-    except UsageError as e:
-        print(f"eval.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main, get_parser().parse_args)

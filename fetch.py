@@ -16,7 +16,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from model import UsageError
+from model import UsageError, run_cli
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
@@ -89,8 +89,4 @@ def get_parser():
 
 
 if __name__ == "__main__":
-    try:
-        main(get_parser().parse_args())
-    except UsageError as e:
-        print(f"fetch.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main, get_parser().parse_args)

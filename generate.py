@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import torch
 
 from balcony import BalconyModel
-from model import Transformer, UsageError
+from model import Transformer, UsageError, run_cli
 
 
 def logits_to_probs(logits, temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None):
@@ -298,8 +298,4 @@ def get_parser():
 
 
 if __name__ == "__main__":
-    try:
-        main(get_parser().parse_args())
-    except UsageError as e:
-        print(f"generate.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main, get_parser().parse_args)

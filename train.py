@@ -17,7 +17,6 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from balcony import BalconyModel, distillation_kl, exit_metrics, model_fingerprint
-from model import Transformer, UsageError
+from model import Transformer, UsageError, run_cli
 from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent
@@ -467,10 +466,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(parse_args()))
-    except UsageError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:  # before training started: nothing to save
-        sys.exit(130)
+    run_cli(main, parse_args)
