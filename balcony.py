@@ -179,11 +179,16 @@ class BalconyModel(nn.Module):
         return json.loads(meta["exit_layers"])
 
     @classmethod
-    def from_checkpoint(cls, ckpt_dir, exits_path, device="cpu", dtype=torch.float32) -> "BalconyModel":
-        exit_layers = cls.read_exit_layers(exits_path)
-        bm = cls(Transformer.from_checkpoint(ckpt_dir, device=device, dtype=dtype), exit_layers)
+    def from_exits_file(cls, model: Transformer, exits_path) -> "BalconyModel":
+        """Wrap a loaded base model with the exits of a file written by save_exits."""
+        bm = cls(model, cls.read_exit_layers(exits_path))
         bm.load_exits(exits_path)
         return bm.eval()
+
+    @classmethod
+    def from_checkpoint(cls, ckpt_dir, exits_path, device="cpu", dtype=torch.float32) -> "BalconyModel":
+        cls.read_exit_layers(exits_path)  # a missing or foreign exits file fails before the base model loads
+        return cls.from_exits_file(Transformer.from_checkpoint(ckpt_dir, device=device, dtype=dtype), exits_path)
 
 
 def _log_probs(output_weight, h):

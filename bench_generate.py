@@ -15,8 +15,8 @@ import time
 import torch
 
 from balcony import BalconyModel
-from generate import DTYPES, compile_steps, generate
-from model import run_cli
+from generate import compile_steps, generate
+from model import DTYPES, run_cli
 
 PROMPT = "Explain in a few paragraphs why the sky is blue, and why sunsets are red."
 

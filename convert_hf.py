@@ -24,12 +24,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model import ModelArgs, UsageError, rope_inv_freq, run_cli
+from model import DTYPES, ModelArgs, UsageError, rope_inv_freq, run_cli
 from tokenizer import LLAMA3_PATTERN
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_OUT = ROOT / "checkpoints" / "smollm2-135m-instruct"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # source name -> our name, {} is the layer index (gpt-fast's weight_map); None: a buffer we recompute, skipped
 HF_WEIGHT_MAP = {

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from balcony import BalconyModel, exit_metrics
-from model import UsageError, run_cli
+from model import DTYPES, UsageError, run_cli
 
 Task = namedtuple("Task", "load metric shots")  # load(root, shots) -> items [(contexts, choices, gold)]
 
@@ -383,7 +383,7 @@ def parse_args_lists(args):
 
 
 def main(args):
-    from generate import DTYPES, load_model
+    from generate import load_model
     from tokenizer import Tokenizer
 
     tasks, exits, shots, limits = parse_args_lists(args)

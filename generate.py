@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import torch
 
 from balcony import BalconyModel
-from model import Transformer, UsageError, run_cli
+from model import DTYPES, Transformer, UsageError, run_cli
 
 
 def logits_to_probs(logits, temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None):
@@ -208,13 +208,8 @@ def load_model(checkpoint, balcony=None, exits=(), device="cpu", dtype=torch.flo
             raise UsageError(f"exit {e} is outside 1..{n} (the model has {n} layers)")
     if all(e in (None, n) for e in exits):
         return BalconyModel(base, []).eval()
-    balcony = Path(balcony if balcony is not None else Path(checkpoint) / "balcony.safetensors")
-    model = BalconyModel(base, BalconyModel.read_exit_layers(balcony))
-    model.load_exits(balcony)
-    return model.eval()
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    balcony = balcony if balcony is not None else Path(checkpoint) / "balcony.safetensors"
+    return BalconyModel.from_exits_file(base, balcony)
 
 
 def main(args):

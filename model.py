@@ -18,6 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # --dtype choices
+
+
 class UsageError(Exception):
     """A problem the user can fix (bad path, wrong flag, mismatched checkpoint); CLIs print it as one line."""
 
