@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-from conftest import ROOT
+from convert_hf import DEFAULT_OUT
 from model import Transformer, UsageError
 from tokenizer import Tokenizer
 
-CKPT = ROOT / "checkpoints" / "smollm2-135m-instruct"
+CKPT = DEFAULT_OUT
 TEXTS = {
     "prose": "The quick brown fox jumps over the lazy dog. It's a well-known pangram; they'd say it's 'classic'.",
     "code": "def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)  # slow\n",
