@@ -17,7 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from model import KVCache, ModelArgs, RMSNorm, Transformer, TransformerBlock, UsageError
+from cli import UsageError
+from model import KVCache, ModelArgs, RMSNorm, Transformer, TransformerBlock
 
 
 class BalconyExit(nn.Module):
@@ -32,16 +33,50 @@ class BalconyExit(nn.Module):
         return self.norm(self.layer(x, cos, sin, input_pos))
 
 
-def model_fingerprint(model: Transformer) -> str:
-    """A short hash of the base model's config and weights, stored with trained exits so they refuse other models.
-    It samples 64 values of every tensor, rounded to bf16, so the same checkpoint loaded in fp32 or bf16 agrees."""
-    h = hashlib.sha256(json.dumps(model.args.__dict__, sort_keys=True).encode())
-    for name, t in sorted(model.checkpoint_state_dict().items()):
-        flat = t.detach().reshape(-1)
-        idx = torch.linspace(0, flat.numel() - 1, 64, dtype=torch.float64, device=flat.device).long()  # fp32 rounds past 2**24
-        h.update(name.encode())
-        h.update(flat[idx].to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+def _log_probs(output_weight, h):
+    return F.log_softmax(F.linear(h, output_weight).float(), dim=-1)  # (N, D) -> (N, vocab), in fp32
+
+
+def _kl(teacher, student):
+    return (teacher.exp() * (teacher - student)).sum()  # sum over tokens of KL(p || q), from log-probs
+
+
+def _kl_chunk(output_weight, h_full, *h_exits):
+    teacher = _log_probs(output_weight, h_full)
+    return torch.stack([_kl(teacher, _log_probs(output_weight, h)) for h in h_exits])
+
+
+def distillation_kl(output: nn.Linear, h_full, h_exits, chunk_size: int = 1024):
+    """Eq. 2, per exit: KL(p_full || p_exit) summed over tokens, as a tensor of shape (n_exits,).
+    h_full, h_exits[j]: (B, T, D) normalised hidden states. Logits never exist for more than `chunk_size` tokens at
+    once: with autograd on, each chunk is checkpointed and its logits recomputed in the backward pass."""
+    D = h_full.size(-1)
+    h_full = h_full.reshape(-1, D)
+    h_exits = [h.reshape(-1, D) for h in h_exits]
+    total = h_full.new_zeros(len(h_exits), dtype=torch.float32)
+    grad = torch.is_grad_enabled() and any(h.requires_grad for h in h_exits)
+    for s in range(0, h_full.size(0), chunk_size):
+        args = (output.weight, h_full[s:s + chunk_size], *[h[s:s + chunk_size] for h in h_exits])
+        total = total + (checkpoint(_kl_chunk, *args, use_reentrant=False) if grad else _kl_chunk(*args))
+    return total
+
+
+@torch.no_grad()
+def exit_metrics(output: nn.Linear, h_full, hs, targets, chunk_size: int = 1024):
+    """Held-out quality of each normalised hidden state in hs (an exit's, or h_full itself for full depth), summed
+    over tokens: a (3, len(hs)) tensor of KL(p_full || p), top-1 agreement with the full model, and the negative
+    log-likelihood of targets (B, T), so exp(nll / tokens) is the perplexity. Chunked like distillation_kl."""
+    D, w = h_full.size(-1), output.weight
+    h_full, hs, targets = h_full.reshape(-1, D), [h.reshape(-1, D) for h in hs], targets.reshape(-1, 1)
+    sums = torch.zeros(3, len(hs), device=h_full.device)
+    for s in range(0, h_full.size(0), chunk_size):
+        teacher = _log_probs(w, h_full[s:s + chunk_size])
+        for j, h in enumerate(hs):
+            logp = _log_probs(w, h[s:s + chunk_size])
+            sums[0, j] += _kl(teacher, logp)
+            sums[1, j] += (logp.argmax(-1) == teacher.argmax(-1)).sum()
+            sums[2, j] -= logp.gather(1, targets[s:s + chunk_size]).sum()
+    return sums
 
 
 class BalconyModel(nn.Module):
@@ -130,6 +165,8 @@ class BalconyModel(nn.Module):
         h_exits = [self.exit_hidden(k, t) for k, t in zip(self.exit_layers, taps)]
         return h_full, h_exits
 
+    # File I/O: the exit weights alone, tagged with the base model's fingerprint so they refuse other models.
+
     def save_exits(self, path):
         """Write the exit weights alone (safetensors, atomically) with the exit layers and the base's fingerprint."""
         from safetensors.torch import save_file
@@ -191,47 +228,13 @@ class BalconyModel(nn.Module):
         return cls.from_exits_file(Transformer.from_checkpoint(ckpt_dir, device=device, dtype=dtype), exits_path)
 
 
-def _log_probs(output_weight, h):
-    return F.log_softmax(F.linear(h, output_weight).float(), dim=-1)  # (N, D) -> (N, vocab), in fp32
-
-
-def _kl(teacher, student):
-    return (teacher.exp() * (teacher - student)).sum()  # sum over tokens of KL(p || q), from log-probs
-
-
-def _kl_chunk(output_weight, h_full, *h_exits):
-    teacher = _log_probs(output_weight, h_full)
-    return torch.stack([_kl(teacher, _log_probs(output_weight, h)) for h in h_exits])
-
-
-def distillation_kl(output: nn.Linear, h_full, h_exits, chunk_size: int = 1024):
-    """Eq. 2, per exit: KL(p_full || p_exit) summed over tokens, as a tensor of shape (n_exits,).
-    h_full, h_exits[j]: (B, T, D) normalised hidden states. Logits never exist for more than `chunk_size` tokens at
-    once: with autograd on, each chunk is checkpointed and its logits recomputed in the backward pass."""
-    D = h_full.size(-1)
-    h_full = h_full.reshape(-1, D)
-    h_exits = [h.reshape(-1, D) for h in h_exits]
-    total = h_full.new_zeros(len(h_exits), dtype=torch.float32)
-    grad = torch.is_grad_enabled() and any(h.requires_grad for h in h_exits)
-    for s in range(0, h_full.size(0), chunk_size):
-        args = (output.weight, h_full[s:s + chunk_size], *[h[s:s + chunk_size] for h in h_exits])
-        total = total + (checkpoint(_kl_chunk, *args, use_reentrant=False) if grad else _kl_chunk(*args))
-    return total
-
-
-@torch.no_grad()
-def exit_metrics(output: nn.Linear, h_full, hs, targets, chunk_size: int = 1024):
-    """Held-out quality of each normalised hidden state in hs (an exit's, or h_full itself for full depth), summed
-    over tokens: a (3, len(hs)) tensor of KL(p_full || p), top-1 agreement with the full model, and the negative
-    log-likelihood of targets (B, T), so exp(nll / tokens) is the perplexity. Chunked like distillation_kl."""
-    D, w = h_full.size(-1), output.weight
-    h_full, hs, targets = h_full.reshape(-1, D), [h.reshape(-1, D) for h in hs], targets.reshape(-1, 1)
-    sums = torch.zeros(3, len(hs), device=h_full.device)
-    for s in range(0, h_full.size(0), chunk_size):
-        teacher = _log_probs(w, h_full[s:s + chunk_size])
-        for j, h in enumerate(hs):
-            logp = _log_probs(w, h[s:s + chunk_size])
-            sums[0, j] += _kl(teacher, logp)
-            sums[1, j] += (logp.argmax(-1) == teacher.argmax(-1)).sum()
-            sums[2, j] -= logp.gather(1, targets[s:s + chunk_size]).sum()
-    return sums
+def model_fingerprint(model: Transformer) -> str:
+    """A short hash of the base model's config and weights, stored with trained exits so they refuse other models.
+    It samples 64 values of every tensor, rounded to bf16, so the same checkpoint loaded in fp32 or bf16 agrees."""
+    h = hashlib.sha256(json.dumps(model.args.__dict__, sort_keys=True).encode())
+    for name, t in sorted(model.checkpoint_state_dict().items()):
+        flat = t.detach().reshape(-1)
+        idx = torch.linspace(0, flat.numel() - 1, 64, dtype=torch.float64, device=flat.device).long()  # fp32 rounds past 2**24
+        h.update(name.encode())
+        h.update(flat[idx].to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
+    return h.hexdigest()[:16]

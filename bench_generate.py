@@ -16,7 +16,7 @@ import torch
 
 from balcony import BalconyModel
 from generate import compile_steps, generate
-from model import DTYPES, run_cli
+from cli import DTYPES, run_cli
 
 PROMPT = "Explain in a few paragraphs why the sky is blue, and why sunsets are red."
 

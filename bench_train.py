@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from balcony import BalconyModel, distillation_kl
-from model import ModelArgs, Transformer, run_cli
+from cli import run_cli
+from model import ModelArgs, Transformer
 from train import ExitLoss
 
 # dense bf16 peak of the GPU, for MFU (H100 SXM; pass --peak-tflops for another)

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model import DTYPES, ModelArgs, UsageError, rope_inv_freq, run_cli
+from cli import DTYPES, UsageError, run_cli
+from model import ModelArgs, rope_inv_freq
 from tokenizer import LLAMA3_PATTERN
 
 ROOT = Path(__file__).resolve().parent

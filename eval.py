@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from balcony import BalconyModel, exit_metrics
-from model import DTYPES, UsageError, run_cli
+from cli import DTYPES, UsageError, run_cli
 
 Task = namedtuple("Task", "load metric shots")  # load(root, shots) -> items [(contexts, choices, gold)]
 

@@ -16,7 +16,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from model import UsageError, run_cli
+from cli import UsageError, run_cli
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 

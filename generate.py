@@ -20,7 +20,8 @@ from typing import Callable, Optional
 import torch
 
 from balcony import BalconyModel
-from model import DTYPES, Transformer, UsageError, run_cli
+from cli import DTYPES, UsageError, run_cli
+from model import Transformer
 
 
 def logits_to_probs(logits, temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None):

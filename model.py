@@ -8,7 +8,6 @@ decode step always has the same shapes (torch.compile with CUDA graphs likes tha
 """
 import json
 import math
-import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
@@ -17,24 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # --dtype choices
-
-
-class UsageError(Exception):
-    """A problem the user can fix (bad path, wrong flag, mismatched checkpoint); CLIs print it as one line."""
-
-
-def run_cli(main, parse_args):
-    """Every script's __main__: main(parse_args()). A UsageError ends as one line and exit code 2, like argparse's own
-    errors, and Ctrl-C as exit code 130: never a traceback."""
-    try:
-        sys.exit(main(parse_args()))
-    except UsageError as e:
-        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
+from cli import UsageError
 
 
 @dataclass

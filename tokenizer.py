@@ -14,7 +14,7 @@ import json
 import re
 from pathlib import Path
 
-from model import UsageError
+from cli import UsageError
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # SmolLM2 (llama.cpp's 'smollm', HF's Sequence[Digits(individual), ByteLevel]): each digit is its own piece, then

@@ -30,7 +30,8 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from balcony import BalconyModel, distillation_kl, exit_metrics, model_fingerprint
-from model import Transformer, UsageError, run_cli
+from cli import UsageError, run_cli
+from model import Transformer
 from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from conftest import make_tiny_checkpoint, tiny_args
 
 from balcony import BalconyModel, distillation_kl, exit_metrics, model_fingerprint
-from model import Transformer, UsageError
+from cli import UsageError
+from model import Transformer
 
 
 @pytest.fixture

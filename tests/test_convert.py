@@ -11,7 +11,8 @@ import torch
 
 from conftest import ROOT, write_tiny_tokenizer
 from convert_hf import convert
-from model import Transformer, UsageError
+from cli import UsageError
+from model import Transformer
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 64}

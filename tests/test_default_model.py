@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from convert_hf import DEFAULT_OUT
-from model import Transformer, UsageError
+from cli import UsageError
+from model import Transformer
 from tokenizer import Tokenizer
 
 CKPT = DEFAULT_OUT

@@ -13,7 +13,8 @@ import torch
 from balcony import BalconyModel
 from conftest import ROOT, tiny_args
 from generate import decode_one_token, generate, get_parser, logits_to_probs, main, prefill
-from model import Transformer, UsageError
+from cli import UsageError
+from model import Transformer
 
 PROMPT = [5, 17, 33, 100, 7, 250, 12]
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 from conftest import make_tiny_checkpoint, tiny_args
 
-from model import ModelArgs, Transformer, UsageError
+from cli import UsageError
+from model import ModelArgs, Transformer
 
 CONFIGS = {
     "gqa-tied": {},

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import CORPUS, write_tiny_tokenizer
-from model import UsageError
+from cli import UsageError
 from tokenizer import LLAMA3_PATTERN, Tokenizer, gpt2_byte_decoder
 
 TEXTS = {

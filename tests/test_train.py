@@ -12,7 +12,8 @@ from conftest import CORPUS, ROOT, make_tiny_checkpoint, write_tiny_tokenizer
 
 import train
 from balcony import BalconyModel
-from model import Transformer, UsageError
+from cli import UsageError
+from model import Transformer
 from tokenizer import Tokenizer
 
 
