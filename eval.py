@@ -272,10 +272,10 @@ def eval_speed(bm, exits: list, prompt_len: int, new_tokens: int) -> list:
     from generate import generate
 
     prompt = torch.randint(0, bm.model.args.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(0))
-    generate(bm, prompt.tolist(), 4, exit=exits[0])  # warm-up
+    generate(bm, [prompt.tolist()], 4, exit=exits[0])  # warm-up
     out = []
     for e in tqdm(exits, desc="speed"):
-        r = generate(bm, prompt.tolist(), new_tokens, exit=e)
+        r = generate(bm, [prompt.tolist()], new_tokens, exit=e)[0]
         out.append(dict(prefill_tok_s=prompt_len / r["prefill_s"], decode_tok_s=r["tokens_per_s"]))
     if None in exits:  # Table 3's speedup: decode throughput relative to full depth
         full = out[exits.index(None)]["decode_tok_s"]
@@ -402,7 +402,7 @@ def main(args):
         if t == "speed":
             scores, info = eval_speed(bm, exits, args.speed_prompt, args.speed_tokens), {}
         elif t == "ppl":
-            from train import load_tokens
+            from data import load_tokens
             tokens = torch.from_numpy(load_tokens(args.data and [args.data], tok, "val").astype("int64"))
             scores = eval_ppl(bm, tokens, exits, args.block_size, limits[t], args.batch_size)
             info = dict(n=scores[0]["tokens"], data=f"{args.data or 'Shakespeare'}, train.py's held-out split")
