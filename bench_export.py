@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from cli import UsageError, run_cli
-from export import export
+from export import export, parse_exit
 from generate import generate, load_model
 
 PROMPT = "Write a short story about a cat who lives on a balcony."
@@ -46,7 +46,7 @@ def main(args):
     from tokenizer import Tokenizer
 
     torch.set_num_threads(args.threads)
-    exit = None if args.exit == "full" else int(args.exit)
+    exit = parse_exit(args.exit)
     bm = load_model(args.checkpoint, args.balcony, (exit,))
     tok = Tokenizer.from_checkpoint(args.checkpoint)
     text = tok.apply_chat_template([{"role": "user", "content": args.prompt}])
@@ -58,7 +58,7 @@ def main(args):
         cpp_prompt = llm.tokenize(text.encode(), add_bos=False, special=True)
         runs = [llama_cpp_greedy(llm, prompt_ids, args.max_new_tokens) for _ in range(args.reps)]
     cpp_tokens, cpp_tps = runs[-1][0], statistics.median(r[1] for r in runs)
-    ours = [generate(bm, prompt_ids, args.max_new_tokens, exit=exit) for _ in range(args.reps)]
+    ours = [generate(bm, [prompt_ids], args.max_new_tokens, exit=exit)[0] for _ in range(args.reps)]
     our_tokens, our_tps = ours[-1]["tokens"], statistics.median(r["tokens_per_s"] for r in ours)
     same = next((i for i, (a, b) in enumerate(zip(cpp_tokens, our_tokens)) if a != b), len(our_tokens))
 

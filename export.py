@@ -41,7 +41,12 @@ def exit_as_llama(bm, exit):
     ex = bm.exits[str(exit)]
     sd.update({f"layers.{exit}.{k}": v for k, v in ex.layer.state_dict().items()})  # the balcony is layer k + 1
     sd["norm.weight"] = ex.norm.weight  # and its norm the final norm
-    assert set(sd) == set(expected_shapes(args))
+    shapes = expected_shapes(args)
+    for name in sorted(set(shapes) - set(sd)):
+        # a half-block balcony (attention-only, MLP-only): a Llama block whose other half is zero and so adds
+        # nothing to the residual (w2 = 0, wo = 0), exactly; its norm is ones, as it does not matter
+        sd[name] = (torch.ones if name.endswith("norm.weight") else torch.zeros)(shapes[name], dtype=ex.norm.weight.dtype)
+    assert set(sd) == set(shapes)
     return args, sd
 
 
@@ -207,13 +212,17 @@ def export(bm, exit, ckpt, out, fmt: str = "hf", dtype: str = "float32", force: 
     return out
 
 
+def parse_exit(s: str):
+    if s != "full" and not s.isdigit():
+        raise UsageError(f"--exit takes a layer number or 'full', not {s!r}")
+    return None if s == "full" else int(s)
+
+
 def main(args):
     from generate import load_model
 
-    if args.exit != "full" and not args.exit.isdigit():
-        raise UsageError(f"--exit takes a layer number or 'full', not {args.exit!r}")
+    exit = parse_exit(args.exit)
     check_out(args.out, args.format, args.dtype, args.force)  # before loading anything
-    exit = None if args.exit == "full" else int(args.exit)
     bm = load_model(args.checkpoint, args.balcony, (exit,))  # float32: every --dtype is cast from it
     out = export(bm, exit, args.checkpoint, args.out, args.format, args.dtype, args.force)
     n = bm.n_layers if exit in (None, bm.n_layers) else exit + 1
