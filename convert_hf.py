@@ -24,12 +24,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cli import DTYPES, UsageError, run_cli
+from cli import DEFAULT_CHECKPOINT, DTYPES, ROOT, UsageError, run_cli
 from model import ModelArgs, rope_inv_freq
 from tokenizer import LLAMA3_PATTERN
-
-ROOT = Path(__file__).resolve().parent
-DEFAULT_OUT = ROOT / "checkpoints" / "smollm2-135m-instruct"
 
 # source name -> our name, {} is the layer index (gpt-fast's weight_map); None: a buffer we recompute, skipped
 HF_WEIGHT_MAP = {
@@ -308,7 +305,7 @@ def convert(src: Path, out: Path, dtype: str = "auto") -> Path:
 def main(args):
     if args.default:
         from fetch import DEFAULT_GGUF, fetch
-        src, out = fetch("model") / DEFAULT_GGUF, args.out or DEFAULT_OUT
+        src, out = fetch("model") / DEFAULT_GGUF, args.out or DEFAULT_CHECKPOINT
     elif args.src is None or args.out is None:
         raise UsageError("give SRC and --out DIR, or --default")
     else:
@@ -322,7 +319,7 @@ def get_parser():
     parser.add_argument("src", nargs="?", type=Path, help="Hugging Face model folder or .gguf file")
     parser.add_argument("--out", type=Path, help="output checkpoint folder")
     parser.add_argument("--default", action="store_true",
-                        help=f"fetch SmolLM2-135M-Instruct and write {DEFAULT_OUT.relative_to(ROOT)}")
+                        help=f"fetch SmolLM2-135M-Instruct and write {DEFAULT_CHECKPOINT.relative_to(ROOT)}")
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                         help="weights dtype (auto: the source's for HF, float32 for GGUF)")
     return parser

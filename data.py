@@ -15,9 +15,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cli import UsageError
+from cli import ROOT, UsageError
 
-ROOT = Path(__file__).resolve().parent
 CORPUS, CACHE_DIR = ROOT / "data" / "shakespeare", ROOT / "data" / "tokens"
 # The corpus holds each play twice (modern and First Folio spelling), so whole plays are held out, both editions.
 VAL_FILES = "hamlet_*,macbeth_*,tempest_*"

@@ -17,9 +17,9 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from cli import UsageError, run_cli
+from cli import ROOT, UsageError, run_cli
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+DATA_DIR = ROOT / "data"
 
 # name: (pip requirement, archive member prefix to keep, folder under the data dir)
 ASSETS = {
