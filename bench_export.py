@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from cli import UsageError, run_cli
+from cli import DEFAULT_CHECKPOINT, UsageError, run_cli
 from export import export, parse_exit
 from generate import generate, load_model
 
@@ -78,7 +78,7 @@ def main(args):
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", default="checkpoints/smollm2-135m-instruct", help="converted model folder")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="converted model folder")
     p.add_argument("--balcony", default=None, help="trained exits (default: <checkpoint>/balcony.safetensors)")
     p.add_argument("--exit", default="21", help="exit layer, or 'full'")
     p.add_argument("--prompt", default=PROMPT, help="user message, wrapped in the chat template")

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cli import DTYPES, UsageError, run_cli
+from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, run_cli
 from convert_hf import (GGUF_PRE_TOKENIZERS, GGUF_WEIGHT_MAP, HF_WEIGHT_MAP, TOKENIZER_FILES, atomic_write,
                         expected_shapes, gguf_pre_tokenizer, permute, rename)
 from model import ModelArgs, rope_inv_freq
@@ -161,6 +161,7 @@ def write_gguf(out: Path, args: ModelArgs, sd: dict, ckpt: Path, tok, dtype: str
     tensors = renamed(sd, GGUF_WEIGHT_MAP, args.n_layers)
     if args.rope_scaling is not None:  # Llama-3.1 scaling as llama.cpp stores it: one divisor per frequency
         tensors["rope_freqs.weight"] = rope_inv_freq(replace(args, rope_scaling=None)) / rope_inv_freq(args)
+        w.add_rope_scaling_orig_ctx_len(args.rope_scaling["original_max_position_embeddings"])  # for convert_hf.py
     for name, t in tensors.items():
         x = t.detach().float()
         if name.endswith(("attn_q.weight", "attn_k.weight")):  # back to llama.cpp's interleaved RoPE rows
@@ -232,7 +233,7 @@ def main(args):
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", default="checkpoints/smollm2-135m-instruct", help="converted model folder")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="converted model folder")
     p.add_argument("--balcony", default=None, help="trained exits (default: <checkpoint>/balcony.safetensors); "
                                                    "not needed for --exit full")
     p.add_argument("--exit", default="full", help="exit layer to export, or 'full' for the base model")

@@ -19,9 +19,9 @@ from model import ModelArgs, Transformer
 
 EXIT = 2  # of the tiny model's 4 layers
 CASES = {  # tiny_args overrides
-    "llama3.1-untied-rope-scaling": dict(tie_embeddings=False, rope_theta=500000.0, max_seq_len=16384,
+    "llama3.1-untied-rope-scaling": dict(tie_embeddings=False, rope_theta=500000.0,  # wavelengths > 16 scaled
                                          rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                                           original_max_position_embeddings=8192)),
+                                                           original_max_position_embeddings=64)),
     "smollm2-tied": dict(tie_embeddings=True, rope_theta=100000.0, n_kv_heads=1),
 }
 
@@ -197,3 +197,27 @@ def test_half_block_balcony_exports_exactly(built, tmp_path, half):
             assert (plain(IDX) - logits(bm, EXIT)).abs().max() < 1e-5
     finally:
         ex.layer = block
+
+
+def test_gguf_tokenizer_metadata_equals_llama_cpp_s(tmp_path):
+    # the default model came from a GGUF that llama.cpp's converter wrote: export.py's tokenizer.ggml.* from the
+    # converted checkpoint must give the same metadata back (tokens, types, merges, pre-tokenizer, special ids)
+    import gguf
+    from cli import DEFAULT_CHECKPOINT
+    from export import add_gguf_tokenizer
+    from fetch import DEFAULT_GGUF
+    from tokenizer import Tokenizer
+    src = ROOT / "data" / "smollm2" / DEFAULT_GGUF
+    if not (src.is_file() and (DEFAULT_CHECKPOINT / "tokenizer.json").is_file()):
+        pytest.skip("the default model is not fetched and converted")
+    w = gguf.GGUFWriter(str(tmp_path / "tok.gguf"), "llama")
+    add_gguf_tokenizer(w, DEFAULT_CHECKPOINT, Tokenizer.from_checkpoint(DEFAULT_CHECKPOINT), 49152)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    ours, ref = gguf.GGUFReader(tmp_path / "tok.gguf").fields, gguf.GGUFReader(src).fields
+    # not written: the padding id (convert_hf.py does not keep it) and add_space_prefix (False, llama.cpp's default)
+    keys = sorted(k for k in ref if k.startswith("tokenizer.") and not k.endswith(("padding_token_id", "space_prefix")))
+    assert sorted(k for k in ours if k.startswith("tokenizer.")) == keys
+    for k in keys:
+        assert ours[k].contents() == ref[k].contents(), k
