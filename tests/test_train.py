@@ -207,3 +207,23 @@ def test_lr_schedule():
     assert max(lrs) == pytest.approx(5e-4, rel=0.01)
     assert lrs[100] == pytest.approx(5e-5)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_bench_authors_formulation_is_the_same_objective():
+    """bench_train.py's peer: the transformers model with all hidden states and F.kl_div per exit gives ExitLoss's
+    value and the same exit gradients (compared by norm: the two hold their exits under different names)."""
+    import bench_train
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_args()).requires_grad_(False)  # fp32: the authors' loss casts logits with .float()
+    x = torch.randint(0, 320, (2, 12))
+    bm = BalconyModel(model, [1, 2])
+    ours = train.ExitLoss(bm, 5, 0.0)(x, x)[0]
+    ours.backward()
+    authors = bench_train.AuthorsLoss(bench_train.hf_model(model), [1, 2])
+    theirs = authors(x)
+    theirs.backward()
+    assert ours > 1e-3
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=0)
+    norms = lambda ps: sorted(p.grad.norm().item() for p in ps if p.grad is not None)  # noqa: E731
+    torch.testing.assert_close(norms(authors.parameters()), norms(bm.exits.parameters()), rtol=1e-4, atol=0)
