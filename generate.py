@@ -1,14 +1,18 @@
 """
-Generate text from a Balcony model at one exit, or at full depth with self-speculative decoding.
+Generate text from a Balcony model at one exit, token by token at the first confident exit, or at full depth with
+self-speculative decoding.
 
 Exit k (paper section 3) runs backbone layers 1..k, balcony k and the shared head; deeper layers never run and get
 no KV cache. With --draft-exit d, balcony d drafts --speculate-k tokens and the full model verifies them in one
 forward (LayerSkip/Kangaroo style). Draft and verifier share layers 1..d and their KV cache, so the verifier resumes
 from the drafts' layer-d hidden states and runs only layers d+1..N. Greedy output is the full model's, token for
 token; sampled output follows the full model's distribution (speculative rejection sampling, Leviathan et al. 2023).
+With --exit auto, each token leaves at the first exit whose confidence reaches --confidence (CALM's rule); tokens
+that left early get their deeper KV back-filled, exactly, when a later token goes deeper (ConfidenceCascade).
 
     python generate.py --prompt "The capital of France is" --exit 15
     python generate.py --chat --prompt "Write a haiku about balconies." --draft-exit 15 --speculate-k 4
+    python generate.py --chat --prompt "What is the capital of France?" --exit auto --confidence 0.9
 """
 import argparse
 import json
@@ -83,6 +87,66 @@ def prefill(model: BalconyModel, idx, exit=None, draft_exit=None):
     return verify(model, h, input_pos, draft_exit)[:, -1]
 
 
+CONFIDENCE = ("prob", "margin")  # CALM's softmax measures: the top probability, or top-1 minus top-2
+
+
+def exit_confidence(logits, measure: str = "prob") -> float:
+    # logits: (1, vocab) -> how sure the exit is of its top token, from the untempered softmax
+    probs = logits.float().softmax(-1)
+    if measure == "prob":
+        return probs.max().item()
+    top2 = probs.topk(2, dim=-1).values[0]
+    return (top2[0] - top2[1]).item()
+
+
+class ConfidenceCascade:
+    """Token-level confidence exits with exact KV back-fill (batch 1; the paper's limitations section, CALM's exit
+    rule, FREE's and Apparate's exactness). A token runs layers 1..e1 and balcony e1; if the exit's confidence
+    reaches `threshold` it leaves there, else it goes on to the next exit, and full depth always emits.
+
+    A token that left at exit j has no KV in layers or balconies deeper than j. It waits in `pending[j]` with its
+    layer-j hidden state, and the next token that goes past j takes it along: the waiting positions ride in the same
+    forward as that token through layers j+1..j' and balcony j' (input_pos lists their positions, not necessarily
+    contiguous: each query row is masked to the slots <= its own position, and every slot it may read is written in
+    this pass or an earlier one). So a token at depth l reads layer-l KV of every earlier position, exactly what a
+    full-depth run writes there, and each (layer, position) is computed once. The caches hold every layer and
+    every balcony (setup_caches(..., exit=None))."""
+
+    def __init__(self, model: BalconyModel, threshold: float, measure: str = "prob"):
+        self.model, self.threshold, self.measure = model, threshold, measure
+        self.ladder = [*model.exit_layers, model.n_layers]
+        self.pending = {}  # exit j -> (positions (k,), layer-j hidden states (1, k, D)) of tokens waiting there
+        self.exits = []  # the exit that emitted each token
+        self.backfilled = 0  # backbone (layer, position) pairs run for earlier tokens' positions
+
+    def __call__(self, idx, input_pos):
+        """idx (1, T) at positions input_pos (T,) -> (1, vocab) logits for the last position, from the first exit
+        confident enough (the prefill is a T-token step whose other positions ride along)."""
+        m = self.model
+        h, pos, prev = m.model.tok_embeddings(idx), input_pos, 0
+        for e in self.ladder:
+            h = m.run_layers(h, prev, e, pos)  # (1, riders, D), this step's tokens last
+            self.backfilled += (pos.numel() - idx.size(1)) * (e - prev)
+            if e == m.n_layers:
+                self.exits.append(e)
+                return m.model.output(m.model.norm(h[:, -1]))
+            # balcony e runs on every rider: its cache must hold them for later tokens that leave at e
+            logits = m.model.output(m.exit_hidden(e, h, pos)[:, -1])
+            if exit_confidence(logits, self.measure) >= self.threshold:
+                self.pending[e] = self._join(e, pos, h)
+                self.exits.append(e)
+                return logits
+            pos, h = self._join(e, pos, h)  # going deeper: the positions waiting at e come along
+            prev = e
+
+    def _join(self, e, pos, h):
+        # the positions waiting at exit e (no longer waiting), then pos: (k + T,) positions, (1, k + T, D) states
+        if e not in self.pending:
+            return pos, h
+        old_pos, old_h = self.pending.pop(e)
+        return torch.cat([old_pos, pos]), torch.cat([old_h, h], 1)
+
+
 def speculative_accept(p_logits, drafts, qs, temperature=0.0, top_k=None, top_p=None, generator=None):
     """Verify k drafted tokens. p_logits: (k+1, vocab) full-model logits at the round's k+1 inputs; drafts: (k,);
     qs: (k, vocab) draft probabilities (None if greedy). Returns (n accepted, (n+1,) tokens to emit): the accepted
@@ -106,17 +170,27 @@ def speculative_accept(p_logits, drafts, qs, temperature=0.0, top_k=None, top_p=
 
 
 @torch.no_grad()
-def generate(model: BalconyModel, prompt_ids: list, max_new_tokens: int, exit: Optional[int] = None,
+def generate(model: BalconyModel, prompt_ids: list, max_new_tokens: int, exit=None,
              temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
              eos_id=None, draft_exit: Optional[int] = None, speculate_k: int = 4,
+             confidence: Optional[float] = None, confidence_measure: str = "prob",
              on_token: Optional[Callable[[int], None]] = None, generator: Optional[torch.Generator] = None) -> dict:
     """Up to max_new_tokens tokens after prompt_ids (batch 1), stopping after eos_id (an id or a set of ids).
-    Plain decoding at `exit` (None: full depth), or self-speculative full-depth decoding drafted by balcony
-    `draft_exit`. on_token(id) is called as each token is produced. Returns tokens, timings and, when speculating,
-    acceptance stats."""
+    Plain decoding at `exit` (None: full depth), self-speculative full-depth decoding drafted by balcony
+    `draft_exit`, or with exit="auto" a confidence cascade (ConfidenceCascade: each token leaves at the first exit
+    whose confidence_measure reaches `confidence`). on_token(id) is called as each token is produced. Returns tokens,
+    timings and, when speculating, acceptance stats; with the cascade, the exit of each token."""
     device = model.model.tok_embeddings.weight.device
     n, T = model.n_layers, len(prompt_ids)
-    if exit is not None and not 1 <= exit <= n:
+    auto = exit == "auto"
+    if auto:
+        if confidence is None:
+            raise UsageError("exit 'auto' needs a confidence threshold (e.g. 0.9)")
+        if confidence_measure not in CONFIDENCE:
+            raise UsageError(f"confidence measure {confidence_measure!r} is not one of {', '.join(CONFIDENCE)}")
+        if draft_exit is not None:
+            raise UsageError("the confidence cascade and speculative decoding do not combine; drop one of them")
+    elif exit is not None and not 1 <= exit <= n:
         raise UsageError(f"exit {exit} is outside 1..{n} (the model has {n} layers)")
     if draft_exit is not None:
         if exit not in (None, n):
@@ -136,7 +210,9 @@ def generate(model: BalconyModel, prompt_ids: list, max_new_tokens: int, exit: O
     # The cache holds just this request: attention reads every slot, so a cache of max_seq_len slots would make each
     # step read the whole context. (Speculation may write one draft past the last token kept.)
     S = T + max_new_tokens
-    if draft_exit is None:
+    if auto:
+        model.setup_caches(1, S)  # a token may go to any depth: every layer and every balcony
+    elif draft_exit is None:
         model.setup_caches(1, S, exit=exit)  # layers 1..exit and balcony `exit` only
     else:
         model.setup_caches(1, S, exit=draft_exit)  # layers 1..d and the draft balcony ...
@@ -157,13 +233,16 @@ def generate(model: BalconyModel, prompt_ids: list, max_new_tokens: int, exit: O
 
     t0 = time.perf_counter()
     idx = torch.tensor([prompt_ids], device=device)
-    cur, _ = sample(prefill(model, idx, exit, draft_exit), temperature, top_k, top_p, generator)
+    cascade = ConfidenceCascade(model, confidence, confidence_measure) if auto else None
+    logits = cascade(idx, torch.arange(T, device=device)) if cascade else prefill(model, idx, exit, draft_exit)
+    cur, _ = sample(logits, temperature, top_k, top_p, generator)
     sync()
     t1 = time.perf_counter()
     going = emit([cur.item()])
     pos = T  # position of `cur`, the newest token, not yet in any cache
     while going and draft_exit is None:
-        logits = decode_one_token(model, cur, torch.tensor([pos], device=device), exit)
+        input_pos = torch.tensor([pos], device=device)
+        logits = cascade(cur, input_pos) if cascade else decode_one_token(model, cur, input_pos, exit)
         cur, _ = sample(logits, temperature, top_k, top_p, generator)
         going, pos = emit([cur.item()]), pos + 1
     while going and draft_exit is not None:
@@ -197,15 +276,19 @@ def generate(model: BalconyModel, prompt_ids: list, max_new_tokens: int, exit: O
         result.update(stats, draft_exit=draft_exit, speculate_k=speculate_k,
                       acceptance_rate=stats["accepted"] / max(stats["drafted"], 1),
                       tokens_per_round=(len(out) - 1) / max(stats["rounds"], 1))
+    if auto:
+        result.update(confidence=confidence, confidence_measure=confidence_measure, exits=cascade.exits,
+                      avg_layers=sum(cascade.exits) / len(cascade.exits), backfilled=cascade.backfilled)
     return result
 
 
 def load_model(checkpoint, balcony=None, exits=(), device="cpu", dtype=torch.float32) -> BalconyModel:
-    """The base model, with the balcony file loaded only if `exits` names a balcony exit (full depth needs none)."""
+    """The base model, with the balcony file loaded only if `exits` names a balcony exit or "auto" (full depth needs
+    none)."""
     base = Transformer.from_checkpoint(checkpoint, device=device, dtype=dtype)
     n = base.args.n_layers
     for e in exits:
-        if e is not None and not 1 <= e <= n:
+        if e not in (None, "auto") and not 1 <= e <= n:
             raise UsageError(f"exit {e} is outside 1..{n} (the model has {n} layers)")
     if all(e in (None, n) for e in exits):
         return BalconyModel(base, []).eval()
@@ -222,6 +305,13 @@ def main(args):
         raise UsageError(f"--top-p must be in (0, 1], not {args.top_p}")
     if args.top_k is not None and args.top_k < 1:
         raise UsageError(f"--top-k must be at least 1, not {args.top_k}")
+    if args.exit == "auto":
+        if args.compile:
+            raise UsageError("--compile applies to fixed exits and speculative decoding; the cascade's passes change "
+                             "size from token to token")
+        args.confidence = 0.9 if args.confidence is None else args.confidence
+    elif args.confidence is not None:
+        raise UsageError("--confidence applies to --exit auto only")
     device = torch.device(args.device)
     model = load_model(args.checkpoint, args.balcony, (args.exit, args.draft_exit), device, DTYPES[args.dtype])
     tokenizer = Tokenizer.from_checkpoint(args.checkpoint)
@@ -231,7 +321,8 @@ def main(args):
         prompt_ids = tokenizer.encode(args.prompt, bos=tokenizer.add_bos)  # Llama: BOS; SmolLM2: none
 
     kw = dict(exit=args.exit, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-              eos_id=tokenizer.stop_ids, draft_exit=args.draft_exit, speculate_k=args.speculate_k)
+              eos_id=tokenizer.stop_ids, draft_exit=args.draft_exit, speculate_k=args.speculate_k,
+              confidence=args.confidence, confidence_measure=args.confidence_measure)
     compile_s = None
     if args.compile:  # the first run compiles (and records CUDA graphs); time it apart from the real run
         compile_steps()
@@ -265,9 +356,22 @@ def main(args):
     if args.draft_exit is not None:
         line += (f", draft exit {args.draft_exit} k={args.speculate_k}: acceptance {r['acceptance_rate']:.1%}, "
                  f"{r['tokens_per_round']:.2f} tokens per full-model forward")
+    if args.exit == "auto":
+        share = ", ".join(f"{e}: {r['exits'].count(e) / len(r['exits']):.0%}" for e in sorted(set(r["exits"])))
+        line += (f" ({args.confidence_measure} >= {args.confidence}): {r['avg_layers']:.1f} layers per token on "
+                 f"average, tokens per exit {share}, {r['backfilled']} layer-positions back-filled")
     if compile_s is not None:
         line += f", compile {compile_s:.1f} s"
     print(line, file=sys.stderr)
+
+
+def exit_arg(s: str):
+    if s == "auto":
+        return s
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"an exit layer or 'auto', not {s!r}") from None
 
 
 def get_parser():
@@ -276,7 +380,12 @@ def get_parser():
     p.add_argument("--checkpoint", default="checkpoints/smollm2-135m-instruct", help="converted model folder")
     p.add_argument("--balcony", default=None, help="trained exits (default: <checkpoint>/balcony.safetensors); "
                                                    "needed only for --exit or --draft-exit below full depth")
-    p.add_argument("--exit", type=int, default=None, help="exit layer; omitted: full depth, the untouched model")
+    p.add_argument("--exit", type=exit_arg, default=None,
+                   help="exit layer; 'auto': each token leaves at the first exit whose confidence reaches "
+                        "--confidence; omitted: full depth, the untouched model")
+    p.add_argument("--confidence", type=float, default=None, help="--exit auto: threshold (default 0.9)")
+    p.add_argument("--confidence-measure", default="prob", choices=CONFIDENCE,
+                   help="--exit auto: the top probability, or top-1 minus top-2 probability")
     p.add_argument("--prompt", default="Once upon a time,")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--max-new-tokens", type=int, default=200)
