@@ -90,13 +90,10 @@ def prefill(model: BalconyModel, idx, exit=None, draft_exit=None):
 CONFIDENCE = ("prob", "margin")  # CALM's softmax measures: the top probability, or top-1 minus top-2
 
 
-def exit_confidence(logits, measure: str = "prob") -> float:
-    # logits: (1, vocab) -> how sure the exit is of its top token, from the untempered softmax
-    probs = logits.float().softmax(-1)
-    if measure == "prob":
-        return probs.max().item()
-    top2 = probs.topk(2, dim=-1).values[0]
-    return (top2[0] - top2[1]).item()
+def exit_confidence(logits, measure: str = "prob"):
+    # logits: (..., vocab) -> (...) how sure an exit is of its top token, from the untempered softmax
+    top2 = logits.float().softmax(-1).topk(2, dim=-1).values
+    return top2[..., 0] if measure == "prob" else top2[..., 0] - top2[..., 1]
 
 
 class ConfidenceCascade:
@@ -132,7 +129,7 @@ class ConfidenceCascade:
                 return m.model.output(m.model.norm(h[:, -1]))
             # balcony e runs on every rider: its cache must hold them for later tokens that leave at e
             logits = m.model.output(m.exit_hidden(e, h, pos)[:, -1])
-            if exit_confidence(logits, self.measure) >= self.threshold:
+            if exit_confidence(logits, self.measure).item() >= self.threshold:
                 self.pending[e] = self._join(e, pos, h)
                 self.exits.append(e)
                 return logits

@@ -84,7 +84,7 @@ def test_each_token_leaves_at_the_first_confident_exit(temperature, measure):
     with torch.no_grad():  # uncached, every exit over every position: what a token sees there is context-independent
         logits = {e: model(seq, exit=e)[0, len(PROMPT) - 1:] for e in [*model.exit_layers, model.n_layers]}
     for i, got in enumerate(r["exits"]):
-        want = next((e for e in model.exit_layers if exit_confidence(logits[e][i:i + 1], measure) >= threshold),
+        want = next((e for e in model.exit_layers if exit_confidence(logits[e][i], measure) >= threshold),
                     model.n_layers)
         assert got == want, i
         if temperature == 0:
@@ -108,7 +108,7 @@ def scripted(monkeypatch):
         state["tried"] += 1
         if sure or state["tried"] == n_balconies:  # this step ends: at the planned exit, or at full depth
             state.update(step=state["step"] + 1, tried=0)
-        return float(sure)
+        return torch.tensor(float(sure))
 
     monkeypatch.setattr(generate_module, "exit_confidence", fake_confidence)
     return model, state
