@@ -515,7 +515,7 @@ def main(args):
         if t == "speed":
             scores, info = eval_speed(bm, exits, args.speed_prompt, args.speed_tokens, args.confidence_measure), {}
         elif t == "ppl":
-            from train import load_tokens
+            from data import load_tokens
             tokens = torch.from_numpy(load_tokens(args.data and [args.data], tok, "val").astype("int64"))
             scores = eval_ppl(bm, tokens, exits, args.block_size, limits[t], args.batch_size,
                               measure=args.confidence_measure)
