@@ -318,10 +318,10 @@ def eval_speed(bm, exits: list, prompt_len: int, new_tokens: int, measure: str =
     from generate import generate
 
     prompt = torch.randint(0, bm.model.args.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(0))
-    generate(bm, prompt.tolist(), 4, **generate_kw(exits[0], measure))  # warm-up
+    generate(bm, [prompt.tolist()], 4, **generate_kw(exits[0], measure))  # warm-up
     out = []
     for e in tqdm(exits, desc="speed"):
-        r = generate(bm, prompt.tolist(), new_tokens, **generate_kw(e, measure))
+        r = generate(bm, [prompt.tolist()], new_tokens, **generate_kw(e, measure))[0]
         out.append(dict(prefill_tok_s=prompt_len / r["prefill_s"], decode_tok_s=r["tokens_per_s"],
                         layers=r.get("avg_layers", bm.n_layers if e is None else e)))
     add_speedup(out, exits)
@@ -349,8 +349,8 @@ def eval_chat(bm, tok, exits: list, n_prompts, new_tokens: int, measure: str = "
     device = bm.model.tok_embeddings.weight.device
     sums = torch.zeros(2, len(exits))  # agreeing tokens, layers
     n_tok = 0
-    for ids in tqdm(prompts, desc="chat answers"):
-        answer = generate(bm, ids, new_tokens, eos_id=tok.stop_ids)["tokens"]
+    answers = [r["tokens"] for r in generate(bm, prompts, new_tokens, eos_id=tok.stop_ids)]  # one batch
+    for ids, answer in zip(prompts, answers):
         x = torch.tensor([ids + answer[:-1]], device=device)
         target = torch.tensor(answer, device=device)
         for e, (h, depth) in enumerate(exit_hidden(bm, x, exits, measure)):
@@ -358,10 +358,10 @@ def eval_chat(bm, tok, exits: list, n_prompts, new_tokens: int, measure: str = "
             sums[0, e] += (bm.model.output(h).argmax(-1) == target).sum().item()
             sums[1, e] += depth.sum().item()
         n_tok += len(answer)
-    generate(bm, prompts[0], 4, **generate_kw(exits[0], measure))  # warm-up
+    generate(bm, prompts[:1], 4, **generate_kw(exits[0], measure))  # warm-up
     out = []
     for e, (agree, layers) in zip(exits, (sums / n_tok).T.tolist()):
-        runs = [generate(bm, ids, new_tokens, **generate_kw(e, measure)) for ids in prompts]  # eos ignored
+        runs = [generate(bm, [ids], new_tokens, **generate_kw(e, measure))[0] for ids in prompts]  # batch 1, no eos
         decoded = sum(len(r["tokens"]) - 1 for r in runs)
         run_exits = [k for r in runs for k in r.get("exits", [])]  # the cascade's, token by token
         gen_layers = sum(run_exits) / len(run_exits) if run_exits else layers

@@ -16,6 +16,17 @@ from test_generate import PROMPT, one_thread, tiny_balcony, tiny_with_balcony  #
 N_NEW = 40
 
 
+def gen(model, max_new_tokens, **kw) -> dict:  # one prompt, PROMPT, on fresh caches
+    drop_caches(model)
+    return generate(model, [PROMPT], max_new_tokens, **kw)[0]
+
+
+def drop_caches(model):
+    # generate() reuses caches that are big enough; fresh ones start at zero, so unwritten slots are visible
+    for att in [*(l.attention for l in model.model.layers), *(e.layer.attention for e in model.exits.values())]:
+        att.kv_cache = None
+
+
 def sharp_balcony():
     # Random exits are unsure of everything (top probability ~1/vocab); sharper exit norms spread the confidences,
     # so that a middle threshold sends tokens to several exits.
@@ -39,7 +50,8 @@ def full_depth_caches(model, tokens):
     states of all positions: {name: (k, v)} restricted to len(tokens) slots."""
     idx, L = torch.tensor([tokens]), len(tokens)
     pos = torch.arange(L)
-    model.setup_caches(1, L)
+    drop_caches(model)
+    model.setup_caches(1, L, exits=[None, *model.exit_layers])
     with torch.no_grad():
         h, prev = model.model.tok_embeddings(idx), 0
         for e in model.exit_layers:
@@ -58,18 +70,18 @@ def caches(model, L):
 
 def test_threshold_above_one_is_full_depth_greedy():
     model = tiny_balcony()
-    ref = generate(model, PROMPT, N_NEW)["tokens"]
+    ref = gen(model, N_NEW)["tokens"]
     for measure in ("prob", "margin"):
-        r = generate(model, PROMPT, N_NEW, exit="auto", confidence=1.01, confidence_measure=measure)
+        r = gen(model, N_NEW, exit="auto", confidence=1.01, confidence_measure=measure)
         assert r["tokens"] == ref and r["exits"] == [model.n_layers] * N_NEW and r["avg_layers"] == model.n_layers
         assert r["backfilled"] == 0
 
 
 def test_threshold_zero_is_first_exit_greedy():
     model = tiny_balcony()
-    ref = generate(model, PROMPT, N_NEW, exit=1)["tokens"]
+    ref = gen(model, N_NEW, exit=1)["tokens"]
     for measure in ("prob", "margin"):
-        r = generate(model, PROMPT, N_NEW, exit="auto", confidence=0.0, confidence_measure=measure)
+        r = gen(model, N_NEW, exit="auto", confidence=0.0, confidence_measure=measure)
         assert r["tokens"] == ref and r["exits"] == [1] * N_NEW and r["backfilled"] == 0
 
 
@@ -78,7 +90,7 @@ def test_threshold_zero_is_first_exit_greedy():
 def test_each_token_leaves_at_the_first_confident_exit(temperature, measure):
     model = sharp_balcony()
     threshold = 0.6
-    r = generate(model, PROMPT, N_NEW, exit="auto", confidence=threshold, confidence_measure=measure,
+    r = gen(model, N_NEW, exit="auto", confidence=threshold, confidence_measure=measure,
                  temperature=temperature, generator=torch.Generator().manual_seed(0))  # sampled: varied contexts
     seq = torch.tensor([PROMPT + r["tokens"][:-1]])
     with torch.no_grad():  # uncached, every exit over every position: what a token sees there is context-independent
@@ -121,7 +133,7 @@ def test_kv_caches_equal_full_depth_forward(scripted):
     # the whole plan, then the plan cut at its last full-depth token, where every KV has been written
     for n_new in (len(PLAN), last_full + 1):
         state.update(step=0, tried=0)
-        r = generate(model, PROMPT, n_new, exit="auto", confidence=0.5)
+        r = gen(model, n_new, exit="auto", confidence=0.5)
         assert r["exits"] == PLAN[:n_new]
         fed = PROMPT + r["tokens"][:-1]  # the last token is emitted, never fed
         got = caches(model, len(fed))
@@ -152,10 +164,10 @@ def test_layers_run_per_token_match_the_exits(scripted):
         ex.register_forward_hook(count(f"balcony{k}"))
     model.model.output.register_forward_hook(count("head"))
 
-    def on_token(_):  # backbone layers run for this token: the layers called since the previous one
+    def on_token(i, token):  # backbone layers run for this token: the layers called since the previous one
         per_token.append(sum(calls.get(i + 1, 0) for i in range(model.n_layers)) - sum(per_token))
 
-    r = generate(model, PROMPT, len(PLAN), exit="auto", confidence=0.5, on_token=on_token)
+    r = gen(model, len(PLAN), exit="auto", confidence=0.5, on_token=on_token)
     exits, ladder = r["exits"], [*model.exit_layers, model.n_layers]
     assert per_token == exits == PLAN
     depth = final_depths(exits, model.n_layers)

@@ -225,8 +225,8 @@ def test_teacher_forced_cascade_is_generates_cascade(tiny_ckpt, measure):
     from generate import generate
     bm, _ = cascade_setup(tiny_ckpt)
     prompt = [5, 17, 33, 100, 7, 250, 12]
-    r = generate(bm, prompt, 30, exit="auto", confidence=0.6, confidence_measure=measure, temperature=1.0,
-                 generator=torch.Generator().manual_seed(0))
+    r = generate(bm, [prompt], 30, exit="auto", confidence=0.6, confidence_measure=measure, temperature=1.0,
+                 generator=torch.Generator().manual_seed(0))[0]
     assert len(set(r["exits"])) >= 2
     x = torch.tensor([prompt + r["tokens"][:-1]])
     with torch.no_grad():
