@@ -49,7 +49,7 @@ def logged_steps(log_path) -> list:
     return [json.loads(line)["step"] for line in lines if '"lr"' in line]
 
 
-def wait_for_steps(proc, log_path, after: int, timeout=120):
+def wait_for_steps(proc, log_path, after: int, timeout=600):
     """Wait until the run has logged a training step past `after`; None if it ended first."""
     t0 = time.time()
     while not [s for s in logged_steps(log_path) if s > after]:
@@ -135,7 +135,7 @@ def test_ctrl_c_saves_the_state_and_exits_130(setup, tmp_path):
     proc = start_training(train_argv(tmp_path, ckpt, data, "run.safetensors"))
     assert wait_for_steps(proc, log, 0) is not None
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=600)
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
     saved = torch.load(tmp_path / "run.state.pt", weights_only=True)["step"]
     assert saved == max(logged_steps(log)) and f"stopped at step {saved}" in out  # the step in flight finished
@@ -149,5 +149,5 @@ def test_ctrl_c_in_generate_exits_130_without_traceback(tiny_ckpt):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout.read(1)  # generating
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=600)
     assert proc.returncode == 130 and b"Traceback" not in err, err.decode()[-2000:]
