@@ -209,10 +209,10 @@ def test_speed_times_each_exit_at_its_own_depth(setup, monkeypatch):
         ex.layer.register_forward_hook(lambda m, a, o, k=k: blocks.append(("balcony", int(k), a[0].size(1))))
     runs, real = [], generate.generate
 
-    def spy(model, prompt, n, exit=None, **kw):
+    def spy(model, prompts, n, exit=None, **kw):
         start = len(blocks)
-        r = real(model, prompt, n, exit=exit, **kw)
-        runs.append((exit, r, {b[:2] for b in blocks[start:] if b[2] == 1}))  # the blocks of one-token steps
+        r = real(model, prompts, n, exit=exit, **kw)
+        runs.append((exit, r[0], {b[:2] for b in blocks[start:] if b[2] == 1}))  # the blocks of one-token steps
         return r
     monkeypatch.setattr(generate, "generate", spy)
     full, ex = ev.eval_speed(bm, [None, 1], prompt_len=8, new_tokens=4)
