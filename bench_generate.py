@@ -16,7 +16,7 @@ import torch
 
 from balcony import BalconyModel
 from generate import compile_steps, generate
-from cli import DTYPES, run_cli
+from cli import DEFAULT_CHECKPOINT, DTYPES, run_cli
 
 PROMPT = "Explain in a few paragraphs why the sky is blue, and why sunsets are red."
 
@@ -31,8 +31,8 @@ def weights_per_token(model, exit) -> int:
 def bench(model, prompt_ids, args, **kw):
     """Median decode tokens/s over --reps runs after --warmup runs, and the last run's result."""
     for _ in range(args.warmup):
-        generate(model, prompt_ids, args.max_new_tokens, **kw)
-    runs = [generate(model, prompt_ids, args.max_new_tokens, **kw) for _ in range(args.reps)]
+        generate(model, [prompt_ids], args.max_new_tokens, **kw)
+    runs = [generate(model, [prompt_ids], args.max_new_tokens, **kw)[0] for _ in range(args.reps)]
     return statistics.median(r["tokens_per_s"] for r in runs), runs[-1]
 
 
@@ -51,7 +51,7 @@ def main(args):
     if args.compile:
         compile_steps()
         t = time.perf_counter()
-        generate(model, prompt_ids, args.max_new_tokens)
+        generate(model, [prompt_ids], args.max_new_tokens)
         print(f"compile (first full-depth run): {time.perf_counter() - t:.1f} s\n")
 
     full_tps, full = bench(model, prompt_ids, args)
@@ -78,7 +78,7 @@ def main(args):
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", default="checkpoints/smollm2-135m-instruct")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     p.add_argument("--balcony", default=None, help="trained exits (default: <checkpoint>/balcony.safetensors)")
     p.add_argument("--prompt", default=PROMPT, help="user message, wrapped in the chat template")
     p.add_argument("--max-new-tokens", type=int, default=128)
