@@ -12,14 +12,14 @@ clip and take an AdamW step on the exits alone.
 
 Each formulation runs in a fresh process, so their memory does not mix: step peak is the memory a step adds above
 what is resident before it (CUDA: max_memory_allocated; CPU: peak RSS, VmHWM reset through /proc/self/clear_refs),
-process peak the whole process's (weights included). Seconds per step are the median of --steps steps after one
-warm-up (which includes compiling). On CUDA, MFU counts the model FLOPs of flops_per_token. Weights are random:
+process peak the whole process's (weights included). Seconds per step are the fastest of --steps steps after one
+warm-up (which includes compiling), over --rounds runs of each formulation in the order A B B A: on a shared machine
+the fastest step is the one least slowed by others. On CUDA, MFU counts the model FLOPs of flops_per_token. Weights are random:
 speed and memory do not depend on their values.
 """
 import argparse
 import contextlib
 import multiprocessing as mp
-import statistics
 import time
 from pathlib import Path
 
@@ -170,7 +170,7 @@ def run(name: str, args) -> dict:
     process = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else _rss_kb("VmHWM") / 1024
     if device.type != "cuda":  # VmHWM was reset before each step: the peak since start-up is the max of both
         process = max(process, _rss_kb("VmRSS") / 1024 + max(peaks))
-    return dict(s=statistics.median(times), first=first, step_mib=max(peaks), process_mib=process,
+    return dict(s=min(times), first=first, step_mib=max(peaks), process_mib=process,
                 flops=flops_per_token(margs, len(exits), args.seq_len))
 
 
@@ -179,11 +179,15 @@ def main(args) -> int:
     tokens = args.batch_size * args.seq_len
     print(f"{args.preset}{f' ({args.n_layers} layers)' if args.n_layers else ''}, exits {args.exits}, batch "
           f"{args.batch_size} x {args.seq_len}, {args.dtype}, chunk {args.chunk_size}, {args.device}, "
-          f"{torch.get_num_threads()} threads, compile {args.compile}; median of {args.steps} steps after a warm-up")
-    results = {}
-    with mp.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:  # a fresh process for each formulation
-        for name in args.formulations.split(","):
-            results[name] = pool.apply(run, (name, args))
+          f"{torch.get_num_threads()} threads, compile {args.compile}; fastest of {args.steps} steps after a warm-up, "
+          f"{args.rounds} rounds")
+    names, results = args.formulations.split(","), {}
+    order = [n for r in range(args.rounds) for n in (names if r % 2 == 0 else names[::-1])]  # ABBA: drift cancels
+    with mp.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:  # a fresh process for each run
+        for name in order:
+            r = pool.apply(run, (name, args))
+            best = results.setdefault(name, r)
+            results[name] = {k: (min if k in ("s", "first") else max)(best[k], r[k]) for k in r}
     print("| formulation | s/step | tokens/s | step peak MiB | process peak MiB | first step s |" +
           (" MFU |" if args.device.startswith("cuda") else ""))
     print("|---|---|---|---|---|---|" + ("---|" if args.device.startswith("cuda") else ""))
@@ -213,6 +217,7 @@ def get_parser():
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="the frozen model's weights (default: "
                    "bfloat16 on CUDA, float32 on CPU); exits fp32 under autocast when not float32")
     p.add_argument("--steps", type=int, default=3, help="timed steps per formulation" + d)
+    p.add_argument("--rounds", type=int, default=2, help="runs of each formulation, alternating" + d)
     p.add_argument("--formulations", default="ours,authors", help="which to run, in order" + d)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=cuda,
                    help="torch.compile the loss (default: on with CUDA)")

@@ -262,9 +262,9 @@ def train(args, rank: int, world_size: int, device) -> int:
     config, step = run_config(args, global_batch, folder.name), 0
     if args.resume:
         state = load_state(state_path, fingerprint, bm.exit_layers, config)
-        if state["step"] >= args.max_steps:
-            raise UsageError(f"{state_path} is already at step {state['step']}; to train on, resume with a larger "
-                             f"--max-steps")
+        if state["step"] > args.max_steps:
+            raise UsageError(f"{state_path} is at step {state['step']}, past --max-steps {args.max_steps}; to train "
+                             f"on, resume with a larger --max-steps")
         bm.exits.load_state_dict(state["exits"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
@@ -297,7 +297,7 @@ def train(args, rank: int, world_size: int, device) -> int:
     STOP.clear()
     handlers = {s: signal.signal(s, _request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     bar = tqdm(total=args.max_steps, initial=step, desc="train", disable=not master, dynamic_ncols=True)
-    t_start, start_step, first_step_s, final = time.time(), step, None, None
+    t_start, start_step, first_step_s, final = time.time(), step, 0.0, None
     try:
         while step < args.max_steps:
             t0 = time.time()
@@ -349,6 +349,8 @@ def train(args, rank: int, world_size: int, device) -> int:
             signal.signal(s, h)
         if log:
             log.close()
+    if final is None:  # resumed at the last step (killed after its state was saved, before the exits were)
+        final = evaluate(bm, val_tokens, args, ctx, rank, world_size)
     if master:
         bm.save_exits(out, fingerprint)
         say(f"{args.max_steps - start_step} steps in {time.time() - t_start:.0f} s (first step {first_step_s:.1f} s, "

@@ -126,6 +126,12 @@ def test_finished_run_resumes_with_more_steps(setup, tmp_path, monkeypatch):
     extra = ("--eval-every", "100", "--warmup-steps", "1")
     assert train.main(train.parse_args(argv(tmp_path, ckpt, data, "b.safetensors", *extra, "--max-steps", "4"))) == 0
     assert torch.load(tmp_path / "b.state.pt", weights_only=True)["step"] == 4
+    # killed after the last state but before the exits were written: resuming at the same --max-steps writes them
+    written = read_exits(tmp_path / "b.safetensors")
+    (tmp_path / "b.safetensors").unlink()
+    assert train.main(train.parse_args(argv(tmp_path, ckpt, data, "b.safetensors", *extra, "--max-steps", "4",
+                                            "--resume"))) == 0
+    assert all(torch.equal(t, read_exits(tmp_path / "b.safetensors")[k]) for k, t in written.items())
     resumed = argv(tmp_path, ckpt, data, "b.safetensors", *extra, "--max-steps", "6", "--resume")
     assert train.main(train.parse_args(resumed)) == 0
 
@@ -194,7 +200,7 @@ def test_bad_state_is_refused_in_one_line(setup, tmp_path):
     assert train.main(train.parse_args(base)) == 0
     other_model = str(make_tiny_checkpoint(tmp_path / "other", seed=1))
     cases = {"another base model": ["--checkpoint", other_model], "not --exit-layers [1, 3]": ["--exit-layers", "1,3"],
-             "lr 0.0005 -> 0.001": ["--lr", "1e-3"], "already at step 4": ["--eval-every", "100"],
+             "lr 0.0005 -> 0.001": ["--lr", "1e-3"], "at step 4, past --max-steps 3": ["--max-steps", "3"],
              "not a readable training state": []}
     for expected, change in cases.items():
         if not change:  # last: damage the file
