@@ -102,11 +102,12 @@ def verify(model: BalconyModel, h, input_pos, draft_exit: int):
 
 
 def compile_steps():
-    """Compile the one-token steps (gpt-fast style); on CUDA they are replayed as CUDA graphs."""
+    """Compile the one-token steps (gpt-fast style); on CUDA they are replayed as CUDA graphs. Static shapes: each
+    batch size and mix of exits gets its own graph (dynamic=False; a batch-1 or fixed-mix server compiles once)."""
     global decode_one_token, draft_one_token, _compiled
     mode = "reduce-overhead" if torch.cuda.is_available() else "default"
-    decode_one_token = torch.compile(decode_one_token, mode=mode, fullgraph=True)
-    draft_one_token = torch.compile(draft_one_token, mode=mode, fullgraph=True)
+    decode_one_token = torch.compile(decode_one_token, mode=mode, fullgraph=True, dynamic=False)
+    draft_one_token = torch.compile(draft_one_token, mode=mode, fullgraph=True, dynamic=False)
     _compiled = True
 
 
