@@ -60,13 +60,15 @@ def exit_plan(depths: list) -> tuple:
 
 
 def prepare_head(model: BalconyModel):
-    """On CPU, keep a transposed copy of the LM head's weight for lm_head(), made once per weight (remade if the
-    weight changes, in place or by .to()): at batch 1, F.linear reads SmolLM2's 49152 x 576 head at half the speed of
-    x @ its (576, 49152) transpose (22.6 against 9.7 ms, 1 thread, this machine). Never saved."""
+    """fp32 on CPU: keep a transposed copy of the LM head's weight for lm_head(), made once per weight (remade if the
+    weight changes, in place or by .to()). At batch 1, F.linear reads SmolLM2's 49152 x 576 head at half the speed of
+    x @ its (576, 49152) transpose (22.6 against 9.7 ms, 1 thread, this machine); in bf16 the transpose is 50x slower
+    (222 against 4.7 ms), so bf16 keeps F.linear. Never saved."""
     w = model.model.output.weight
-    key = (w.data_ptr(), w._version, w.dtype)
-    if w.device.type == "cpu" and getattr(model, "_head_key", None) != key:
-        model._head_t, model._head_key = w.detach().t().contiguous(), key
+    key = (w.data_ptr(), w._version, w.dtype, w.device)
+    if getattr(model, "_head_key", None) != key:
+        fp32_cpu = w.device.type == "cpu" and w.dtype == torch.float32
+        model._head_t, model._head_key = w.detach().t().contiguous() if fp32_cpu else None, key
 
 
 def lm_head(model: BalconyModel, h):
