@@ -17,7 +17,7 @@ import time
 import torch
 
 from balcony import BalconyModel
-from cli import DTYPES, UsageError, run_cli
+from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, run_cli
 from generate import compile_steps, generate
 
 PROMPT = "Explain in a few paragraphs why the sky is blue, and why sunsets are red."
@@ -203,7 +203,7 @@ def main(args):
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", default="checkpoints/smollm2-135m-instruct")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     p.add_argument("--balcony", default=None, help="trained exits (default: <checkpoint>/balcony.safetensors)")
     p.add_argument("--tables", nargs="+", default=TABLES, help=f"which tables, of {TABLES}")
     p.add_argument("--prompt", default=PROMPT, help="batch-1 user message, wrapped in the chat template")
