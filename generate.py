@@ -403,9 +403,9 @@ class ConfidenceCascade:
             self.backfilled += (pos.numel() - idx.size(1)) * (e - prev)
             if e == m.n_layers:
                 self.exits.append(e)
-                return lm_head(m, m.model.norm(h[:, -1]))
+                return m.model.output(m.model.norm(h[:, -1]))
             # balcony e runs on every rider: its cache must hold them for later tokens that leave at e
-            logits = lm_head(m, m.exit_hidden(e, h, pos)[:, -1])
+            logits = m.model.output(m.exit_hidden(e, h, pos)[:, -1])
             if exit_confidence(logits, self.measure).item() >= self.threshold:
                 self.pending[e] = self._join(e, pos, h)
                 self.exits.append(e)
