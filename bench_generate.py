@@ -1,12 +1,14 @@
 """
-Decode speed at batch 1: each Balcony exit against the ideal speedup from the work it does, then self-speculative
-decoding (draft exit x tokens drafted per round) against plain full-depth decoding.
+Decode speed: ours against transformers' `generate` on the same weights, then throughput against batch size per exit,
+a batch that mixes exits against one batch per exit, each Balcony exit at batch 1 against the ideal speedup from the
+work it does, and self-speculative decoding against plain full-depth decoding.
 
-The ideal speedup of exit k is (N layers + head) / (k layers + 1 balcony layer + head), counted in weights read per
-token: batch-1 decoding is bound by reading weights (attention over a short cache adds ~2% per layer, the same
-for every layer). Every run decodes exactly --max-new-tokens greedy tokens (eos ignored) after the same prompt.
+Every run decodes exactly --max-new-tokens greedy tokens per prompt (eos ignored). Decode tokens/s for the
+comparison with transformers is (new tokens - 1) / (time for all of them - time for one), the same clock for both, so
+the prefill cancels out; elsewhere it is generate()'s own decode clock. The ideal speedup of exit k is (N layers +
+head) / (k layers + 1 balcony layer + head), counted in weights read per token (batch-1 decoding reads weights).
 
-    python bench_generate.py --balcony checkpoints/smollm2-135m-instruct/balcony.safetensors --max-new-tokens 128
+    python bench_generate.py --balcony /work/exits/init-15-18-21.safetensors --tables hf batch mixed
 """
 import argparse
 import statistics
@@ -15,10 +17,88 @@ import time
 import torch
 
 from balcony import BalconyModel
+from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, run_cli
 from generate import compile_steps, generate
-from cli import DEFAULT_CHECKPOINT, DTYPES, run_cli
 
 PROMPT = "Explain in a few paragraphs why the sky is blue, and why sunsets are red."
+QUESTIONS = [PROMPT, "What is the capital of France?", "Write a haiku about balconies.",
+             "List three uses of a paperclip, with one sentence on each, and say which is the most surprising.",
+             "Why do cats purr?", "Summarise the plot of Hamlet in two sentences.", "What is 17 times 23?",
+             "Describe a sunrise over the sea to someone who has never seen one, in the style of a weather report."]
+TABLES = ["hf", "batch", "mixed", "exits", "speculative"]
+
+
+def transformers_model(model):
+    """transformers' LlamaForCausalLM holding our model's weights (renamed with convert_hf's table), same dtype."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from convert_hf import HF_WEIGHT_MAP, rename
+    a = model.args
+    rope = {} if a.rope_scaling is None else dict(rope_scaling=dict(a.rope_scaling, rope_type="llama3"))
+    config = LlamaConfig(hidden_size=a.dim, num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads,
+                         num_key_value_heads=a.n_kv_heads, vocab_size=a.vocab_size, intermediate_size=a.hidden_dim,
+                         head_dim=a.head_dim, rms_norm_eps=a.norm_eps, rope_theta=a.rope_theta,
+                         max_position_embeddings=a.max_seq_len, tie_word_embeddings=a.tie_embeddings, **rope)
+    with torch.device("meta"):
+        hf = LlamaForCausalLM(config)
+    ours_to_hf = {v: k for k, v in HF_WEIGHT_MAP.items() if v is not None}
+    sd = {rename(k, ours_to_hf, a.n_layers): v for k, v in model.checkpoint_state_dict().items()}
+    hf.load_state_dict(sd, strict=False, assign=True)
+    hf.tie_weights()
+    for m in hf.modules():  # the RoPE buffers, which stay on meta: ours, in fp32
+        if hasattr(m, "inv_freq"):
+            m.inv_freq = model.inv_freq.clone()
+            m.original_inv_freq = model.inv_freq.clone()
+    hf.generation_config.eos_token_id = None  # decode exactly max_new_tokens, as ours does
+    hf.generation_config.pad_token_id = 0
+    return hf.to(model.tok_embeddings.weight.dtype).eval()
+
+
+def median_rate(fn, n_new: int, reps: int):
+    """Median decode tokens/s of fn(n) -> (seconds, tokens) over reps, from end-to-end times: n_new tokens minus one
+    token (the prefill cancels); and the tokens of the last run."""
+    rates = []
+    for _ in range(reps):
+        t1, _ = fn(1)
+        tn, tokens = fn(n_new)
+        rates.append((n_new - 1) / (tn - t1))
+    return statistics.median(rates), tokens
+
+
+def table_hf(model, prompt_ids, args):
+    from transformers.utils import logging
+    logging.set_verbosity_error()
+    hf = transformers_model(model.model)
+    idx = torch.tensor([prompt_ids])
+
+    def ours(n):
+        t = time.perf_counter()
+        tokens = generate(model, [prompt_ids], n)[0]["tokens"]
+        return time.perf_counter() - t, tokens
+
+    def theirs(n):
+        t = time.perf_counter()
+        with torch.no_grad():
+            out = hf.generate(idx, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return time.perf_counter() - t, out[0, len(prompt_ids):].tolist()
+
+    for fn in (ours, theirs):  # warm-up
+        fn(4)
+    (o, o_tok), (t, t_tok) = [median_rate(fn, args.max_new_tokens, args.reps) for fn in (ours, theirs)]
+    print(f"| {args.dtype} | {o:.1f} | {t:.1f} | {o / t:.2f}x | {'yes' if o_tok == t_tok else 'no'} |", flush=True)
+
+
+def decode_rate(model, prompts, exits, args) -> float:
+    """Median over --reps of all rows' new tokens (after each row's first) per second of the batch's decode."""
+    rates = []
+    for _ in range(args.warmup + args.reps):
+        rs = generate(model, prompts, args.max_new_tokens, exit=exits)
+        rates.append(sum(len(r["tokens"]) - 1 for r in rs) / max(r["decode_s"] for r in rs))
+    return statistics.median(rates[args.warmup:])
+
+
+def batch_prompts(chat_prompts, n):
+    return [chat_prompts[i % len(chat_prompts)] for i in range(n)]
 
 
 def weights_per_token(model, exit) -> int:
@@ -29,7 +109,7 @@ def weights_per_token(model, exit) -> int:
 
 
 def bench(model, prompt_ids, args, **kw):
-    """Median decode tokens/s over --reps runs after --warmup runs, and the last run's result."""
+    """Median batch-1 decode tokens/s over --reps runs after --warmup runs, and the last run's result."""
     for _ in range(args.warmup):
         generate(model, [prompt_ids], args.max_new_tokens, **kw)
     runs = [generate(model, [prompt_ids], args.max_new_tokens, **kw)[0] for _ in range(args.reps)]
@@ -39,40 +119,85 @@ def bench(model, prompt_ids, args, **kw):
 def main(args):
     from tokenizer import Tokenizer
 
+    bad = set(args.tables) - set(TABLES)
+    if bad:
+        raise UsageError(f"unknown --tables {sorted(bad)}; choose from {TABLES}")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     balcony = args.balcony or f"{args.checkpoint}/balcony.safetensors"
     model = BalconyModel.from_checkpoint(args.checkpoint, balcony, device, DTYPES[args.dtype])
     exits = model.exit_layers
-    prompt_ids = Tokenizer.from_checkpoint(args.checkpoint).encode_chat([{"role": "user", "content": args.prompt}])
+    tok = Tokenizer.from_checkpoint(args.checkpoint)
+    chat = [tok.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
+    prompt_ids = tok.encode_chat([{"role": "user", "content": args.prompt}])
     print(f"{args.checkpoint}: {model.n_layers} layers, exits {exits}; device {device}, {args.dtype}, "
-          f"torch threads {torch.get_num_threads()}, prompt {len(prompt_ids)} tokens, {args.max_new_tokens} new "
-          f"tokens, {args.warmup} warmup + median of {args.reps} runs{', compiled' if args.compile else ''}\n")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.max_new_tokens} new tokens, "
+          f"{args.warmup} warmup + median of {args.reps}{', compiled' if args.compile else ''}\n")
     if args.compile:
         compile_steps()
         t = time.perf_counter()
         generate(model, [prompt_ids], args.max_new_tokens)
         print(f"compile (first full-depth run): {time.perf_counter() - t:.1f} s\n")
 
-    full_tps, full = bench(model, prompt_ids, args)
-    full_w = weights_per_token(model, None)
-    print("| exit | weights/token (M) | ideal speedup | tokens/s | speedup | of ideal |")
-    print("|---|---|---|---|---|---|")
-    for exit in [*exits, None]:
-        tps = full_tps if exit is None else bench(model, prompt_ids, args, exit=exit)[0]
-        w = weights_per_token(model, exit)
-        name = f"{model.n_layers} (full)" if exit is None else str(exit)
-        print(f"| {name} | {w / 1e6:.1f} | {full_w / w:.2f}x | {tps:.1f} | {tps / full_tps:.2f}x | "
-              f"{tps / full_tps / (full_w / w):.0%} |", flush=True)
+    if "hf" in args.tables:
+        print(f"Batch 1, full depth, {len(prompt_ids)}-token prompt: decode tokens/s")
+        print("| dtype | ours | transformers | ours / transformers | greedy identical |\n|---|---|---|---|---|")
+        table_hf(model, prompt_ids, args)
+        print()
 
-    print("\n| draft exit | k | acceptance | tokens/full forward | tokens/s | speedup | greedy identical |")
-    print("|---|---|---|---|---|---|---|")
-    for d in exits:
-        for k in args.speculate_k:
-            tps, r = bench(model, prompt_ids, args, draft_exit=d, speculate_k=k)
-            same = "yes" if r["tokens"] == full["tokens"] else "no"
-            print(f"| {d} | {k} | {r['acceptance_rate']:.1%} | {r['tokens_per_round']:.2f} | {tps:.1f} | "
-                  f"{tps / full_tps:.2f}x | {same} |", flush=True)
+    if "batch" in args.tables:
+        print("Decode tokens/s (all rows) against batch size; prompts of 12 to 41 tokens")
+        print("| exit | " + " | ".join(f"batch {b}" for b in args.batch_sizes) + " |")
+        print("|---|" + "---|" * len(args.batch_sizes))
+        for exit in [*exits, None]:
+            rates = [decode_rate(model, batch_prompts(chat, b), exit, args) for b in args.batch_sizes]
+            name = f"{model.n_layers} (full)" if exit is None else str(exit)
+            print(f"| {name} | " + " | ".join(f"{r:.1f}" for r in rates) + " |", flush=True)
+        print()
+
+    if "mixed" in args.tables:
+        b = args.mixed_batch
+        mix = [*exits, None]
+        prompts, row_exits = batch_prompts(chat, b), [mix[i % len(mix)] for i in range(b)]
+        t = time.perf_counter()
+        for _ in range(args.reps):
+            generate(model, prompts, args.max_new_tokens, exit=row_exits)
+        mixed_s = (time.perf_counter() - t) / args.reps
+        t = time.perf_counter()
+        for _ in range(args.reps):
+            for e in mix:
+                generate(model, [p for p, x in zip(prompts, row_exits) if x == e], args.max_new_tokens, exit=e)
+        split_s = (time.perf_counter() - t) / args.reps
+        tokens = b * args.max_new_tokens
+        print(f"{b} prompts, exits {mix} in turn, prefill and decode: wall time")
+        print("| run | seconds | tokens/s | speedup |\n|---|---|---|---|")
+        print(f"| one batch per exit ({len(mix)} batches of {b // len(mix)}) | {split_s:.2f} | {tokens / split_s:.1f} | "
+              f"1.00x |")
+        print(f"| one mixed batch of {b} | {mixed_s:.2f} | {tokens / mixed_s:.1f} | {split_s / mixed_s:.2f}x |\n",
+              flush=True)
+
+    if "exits" in args.tables or "speculative" in args.tables:
+        full_tps, full = bench(model, prompt_ids, args)
+    if "exits" in args.tables:
+        full_w = weights_per_token(model, None)
+        print("| exit | weights/token (M) | ideal speedup | tokens/s | speedup | of ideal |")
+        print("|---|---|---|---|---|---|")
+        for exit in [*exits, None]:
+            tps = full_tps if exit is None else bench(model, prompt_ids, args, exit=exit)[0]
+            w = weights_per_token(model, exit)
+            name = f"{model.n_layers} (full)" if exit is None else str(exit)
+            print(f"| {name} | {w / 1e6:.1f} | {full_w / w:.2f}x | {tps:.1f} | {tps / full_tps:.2f}x | "
+                  f"{tps / full_tps / (full_w / w):.0%} |", flush=True)
+        print()
+    if "speculative" in args.tables:
+        print("| draft exit | k | acceptance | tokens/full forward | tokens/s | speedup | greedy identical |")
+        print("|---|---|---|---|---|---|---|")
+        for d in exits:
+            for k in args.speculate_k:
+                tps, r = bench(model, prompt_ids, args, draft_exit=d, speculate_k=k)
+                same = "yes" if r["tokens"] == full["tokens"] else "no"
+                print(f"| {d} | {k} | {r['acceptance_rate']:.1%} | {r['tokens_per_round']:.2f} | {tps:.1f} | "
+                      f"{tps / full_tps:.2f}x | {same} |", flush=True)
 
 
 def get_parser():
@@ -80,8 +205,11 @@ def get_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     p.add_argument("--balcony", default=None, help="trained exits (default: <checkpoint>/balcony.safetensors)")
-    p.add_argument("--prompt", default=PROMPT, help="user message, wrapped in the chat template")
+    p.add_argument("--tables", nargs="+", default=TABLES, help=f"which tables, of {TABLES}")
+    p.add_argument("--prompt", default=PROMPT, help="batch-1 user message, wrapped in the chat template")
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--mixed-batch", type=int, default=32, help="rows of the mixed-exit batch")
     p.add_argument("--speculate-k", type=int, nargs="+", default=[2, 3, 4], help="tokens drafted per round")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--reps", type=int, default=3)

@@ -63,6 +63,24 @@ def exit_plan(depths: list) -> tuple:
     return tuple((d, sum(x >= d for x in depths), depths.count(d)) for d in sorted(set(depths)))
 
 
+def prepare_head(model: BalconyModel):
+    """fp32 on CPU: keep a transposed copy of the LM head's weight for lm_head(), made once per weight (remade if the
+    weight changes, in place or by .to()). At batch 1, F.linear reads SmolLM2's 49152 x 576 head at half the speed of
+    x @ its (576, 49152) transpose (22.6 against 9.7 ms, 1 thread, this machine); in bf16 the transpose is 50x slower
+    (222 against 4.7 ms), so bf16 keeps F.linear. Never saved."""
+    w = model.model.output.weight
+    key = (w.data_ptr(), w._version, w.dtype, w.device)
+    if getattr(model, "_head_key", None) != key:
+        fp32_cpu = w.device.type == "cpu" and w.dtype == torch.float32
+        model._head_t, model._head_key = w.detach().t().contiguous() if fp32_cpu else None, key
+
+
+def lm_head(model: BalconyModel, h):
+    # (..., D) normalised states -> (..., vocab) logits, from prepare_head's copy where there is one
+    head_t = getattr(model, "_head_t", None)
+    return model.model.output(h) if head_t is None else h @ head_t
+
+
 def forward_rows(model: BalconyModel, idx, input_pos, plan, last=None):
     """The nested-exit forward of a batch. idx, input_pos: (B, T) tokens and their positions; plan: exit_plan() of
     the rows' depths; last: (B,) the position whose logits each row wants (default: the last). Each layer runs on the
@@ -82,7 +100,7 @@ def forward_rows(model: BalconyModel, idx, input_pos, plan, last=None):
         else:  # the balcony runs on every position, to fill its KV cache
             h = model.exits[str(depth)](x[rows], cos[rows], sin[rows], input_pos[rows])
         h = h[:, -1] if last is None else h[torch.arange(n_exit, device=h.device), last[rows]]  # (n_exit, D)
-        logits.append(m.output(h))
+        logits.append(lm_head(model, h))
         prev = depth
     return torch.cat(logits[::-1])  # the deepest rows come first
 
@@ -97,7 +115,7 @@ def draft_one_token(model: BalconyModel, cur, input_pos, exit: int, head: bool =
     # verifier, and the draft logits (B, vocab). head=False only writes the caches (the draft logits go unused).
     h = model.run_layers(model.model.tok_embeddings(cur), 0, exit, input_pos)
     out = model.exit_hidden(exit, h, input_pos)
-    return h, model.model.output(out)[:, -1] if head else None
+    return h, lm_head(model, out[:, -1]) if head else None
 
 
 def verify(model: BalconyModel, h, input_pos, draft_exit: int):
@@ -106,11 +124,12 @@ def verify(model: BalconyModel, h, input_pos, draft_exit: int):
 
 
 def compile_steps():
-    """Compile the one-token steps (gpt-fast style); on CUDA they are replayed as CUDA graphs."""
+    """Compile the one-token steps (gpt-fast style); on CUDA they are replayed as CUDA graphs. Static shapes: each
+    batch size and mix of exits gets its own graph (dynamic=False; a batch-1 or fixed-mix server compiles once)."""
     global decode_one_token, draft_one_token, _compiled
     mode = "reduce-overhead" if torch.cuda.is_available() else "default"
-    decode_one_token = torch.compile(decode_one_token, mode=mode, fullgraph=True)
-    draft_one_token = torch.compile(draft_one_token, mode=mode, fullgraph=True)
+    decode_one_token = torch.compile(decode_one_token, mode=mode, fullgraph=True, dynamic=False)
+    draft_one_token = torch.compile(draft_one_token, mode=mode, fullgraph=True, dynamic=False)
     _compiled = True
 
 
@@ -237,6 +256,7 @@ def generate(model: BalconyModel, prompts: list, max_new_tokens, exit=None, temp
     model.setup_caches(B, S, exits=[None if d == n else d for d in set(depths)] +
                        ([] if draft_exit is None else [draft_exit]) + (model.exit_layers if auto else []))
 
+    prepare_head(model)
     stop = {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     out, finish = [[] for _ in range(B)], [None] * B
@@ -314,7 +334,7 @@ def speculative_decode(model: BalconyModel, prompt: list, draft_exit: int, specu
     # prefill: layers 1..d, the draft balcony (its cache only), then the verifier's layers d+1..N; head at the end
     h = model.run_layers(model.model.tok_embeddings(torch.tensor([prompt], device=device)), 0, d, input_pos)
     model.exit_hidden(d, h, input_pos)
-    cur, _ = sample(model.model.output(verify(model, h, input_pos, d)[:, -1]), **samp)
+    cur, _ = sample(lm_head(model, verify(model, h, input_pos, d)[:, -1]), **samp)
     sync()
     stats = dict(rounds=0, drafted=0, accepted=0, prefill_end=time.perf_counter())
     going, n_out = emit(0, [cur.item()]), 1
@@ -331,7 +351,7 @@ def speculative_decode(model: BalconyModel, prompt: list, draft_exit: int, specu
         # The verifier needs the last draft's layer-d hidden state too, to verify it and add a bonus token: run
         # layers 1..d (and the draft balcony, whose cache must hold every accepted token) on it, but not the head.
         hs.append(draft_one_token(model, x, torch.tensor([pos + k], device=device), d, head=False)[0].clone())
-        p_logits = model.model.output(verify(model, torch.cat(hs, 1), torch.arange(pos, pos + k + 1, device=device), d))
+        p_logits = lm_head(model, verify(model, torch.cat(hs, 1), torch.arange(pos, pos + k + 1, device=device), d))
         qs = torch.cat(qs) if samp["temperature"] != 0 else None
         n_ok, new = speculative_accept(p_logits[0], torch.cat(drafts).view(-1), qs, **samp)
         # Caches past the accepted tokens hold rejected drafts: the next round overwrites them, and the attention

@@ -71,14 +71,41 @@ def test_bf16_logits_match_fp32(tmp_path, device):
 @needs_cuda
 def test_compiled_decode_step_has_no_graph_break(device):
     bm = tiny_balcony(device)
-    step = torch.compile(generate.decode_one_token, mode="reduce-overhead", fullgraph=True)
-    bm.setup_caches(1, 32, exit=3)
+    step = torch.compile(generate.decode_one_token, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    bm.setup_caches(1, 32, exits=[3])
+    plan = generate.exit_plan([3])
     with torch.no_grad():
         for t in range(4):  # a few steps: CUDA graphs are recorded after warm-up
-            cur, pos = torch.tensor([[t + 5]], device=device), torch.tensor([t], device=device)
-            got = step(bm, cur, pos, 3).clone()
+            cur, pos = torch.tensor([[t + 5]], device=device), torch.tensor([[t]], device=device)
+            got = step(bm, cur, pos, plan).clone()
         ref = bm(torch.tensor([[5, 6, 7, 8]], device=device), exit=3)[:, -1]
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+@needs_cuda
+def test_cached_attention_avoids_the_math_kernel(device):
+    # with the math kernel excluded, SDPA raises rather than fall back to it: the masked, GQA cached path must find
+    # the memory-efficient kernel (KV heads repeated; enable_gqa with a mask would leave only math)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    bm = tiny_balcony(device, torch.bfloat16)
+    idx = torch.randint(0, 320, (2, 12), device=device)
+    bm.setup_caches(2, 16)
+    with torch.no_grad(), sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION]):
+        got = bm(idx, input_pos=torch.arange(12, device=device))
+    with torch.no_grad():
+        torch.testing.assert_close(got.float(), bm(idx).float(), atol=5e-2, rtol=0)
+
+
+@needs_cuda
+def test_compiled_speculative_decoding_equals_eager(device, monkeypatch):
+    bm = tiny_balcony(device)
+    prompt = [5, 17, 33, 100, 7]
+    ref = generate.generate(bm, [prompt], 24)[0]["tokens"]
+    for name in ("decode_one_token", "draft_one_token", "_compiled"):  # restored after the test
+        monkeypatch.setattr(generate, name, getattr(generate, name))
+    generate.compile_steps()
+    for _ in range(2):  # the second run replays the recorded graphs, whose outputs the first could still read
+        assert generate.generate(bm, [prompt], 24, draft_exit=1, speculate_k=3)[0]["tokens"] == ref
 
 
 @needs_cuda

@@ -154,6 +154,17 @@ def test_speculative_greedy_equals_full_depth(draft_exit, k):
     assert 0 <= r["accepted"] <= r["drafted"] and r["rounds"] >= 39 / (k + 1)
 
 
+def test_compiled_speculative_decoding_equals_eager(monkeypatch):
+    # CPU inductor (compiling takes most of this test's time): the compiled draft steps give the eager tokens
+    import generate as g
+    model = tiny_balcony()
+    ref = generate(model, [PROMPT], 10)[0]["tokens"]
+    for name in ("decode_one_token", "draft_one_token", "_compiled"):  # restored after the test
+        monkeypatch.setattr(g, name, getattr(g, name))
+    g.compile_steps()
+    assert g.generate(model, [PROMPT], 10, draft_exit=2, speculate_k=3)[0]["tokens"] == ref
+
+
 def test_speculative_greedy_draft_always_rejected():
     model = tiny_balcony()
     with torch.no_grad():  # the draft's logits become the negated logit lens of layer 2: its top token is never right

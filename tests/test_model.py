@@ -5,7 +5,7 @@ import torch
 from conftest import make_tiny_checkpoint, tiny_args
 
 from cli import UsageError
-from model import ModelArgs, Transformer
+from model import ModelArgs, Transformer, rope_inv_freq
 
 CONFIGS = {
     "gqa-tied": {},
@@ -27,6 +27,38 @@ def test_cached_decode_equals_uncached_forward(name):
         outs = [model(idx[:, :7], torch.arange(7)), model(idx[:, 7:12], torch.arange(7, 12))]
         outs += [model(idx[:, t:t + 1], torch.tensor([t])) for t in range(12, 40)]
     torch.testing.assert_close(torch.cat(outs, 1), ref, atol=1e-5, rtol=0)
+
+
+def test_rope_frequencies_stay_fp32_in_bf16():
+    model = Transformer(tiny_args(rope_theta=500000.0)).to(torch.bfloat16)
+    assert model.inv_freq.dtype == torch.float32 and torch.equal(model.inv_freq, rope_inv_freq(model.args))
+
+
+def test_cached_forward_under_autocast():
+    # an fp32 model under bf16 autocast: the projections come out bf16, the cache stays fp32 (and gets written)
+    torch.manual_seed(0)
+    model = Transformer(tiny_args()).eval()
+    idx = torch.randint(0, 320, (2, 20))
+    model.setup_caches(2, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(idx)
+        got = torch.cat([model(idx[:, :12], torch.arange(12)), model(idx[:, 12:], torch.arange(12, 20))], 1)
+    assert model.layers[0].attention.kv_cache.k_cache.dtype == torch.float32
+    torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=0)
+
+
+def test_per_row_positions_equal_one_row_at_a_time():
+    # rows of one batch at different positions (input_pos (B, T)) give what each row gives alone
+    torch.manual_seed(0)
+    model = Transformer(tiny_args()).eval()
+    idx = torch.randint(0, 320, (2, 10))
+    with torch.no_grad():
+        ref = [model(idx[b:b + 1, :7 + 3 * b])[0, -1] for b in range(2)]  # row 0 has 7 tokens, row 1 has 10
+        model.setup_caches(2, 16)
+        model(idx, torch.arange(10))  # a padded prefill: row 0's slots 7..9 hold padding, masked from now on
+        last = torch.tensor([[6], [9]])  # each row's last token, again, at its own position
+        got = model(idx.gather(1, last), last)[:, -1]
+    torch.testing.assert_close(got, torch.stack(ref), atol=1e-5, rtol=0)
 
 
 def test_fp32_matches_fp64():
