@@ -18,15 +18,45 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from cli import UsageError
-from model import KVCache, ModelArgs, RMSNorm, Transformer, TransformerBlock
+from model import Attention, FeedForward, KVCache, ModelArgs, RMSNorm, Transformer, TransformerBlock
 
 
-class BalconyExit(nn.Module):
-    """Eq. 1: X'_j = f_b(X_j, W'_j), a decoder block followed by an RMSNorm."""
+class AttentionOnly(nn.Module):
+    """The attention half of a decoder block: its RMSNorm, attention and residual (section 4.3's ablation)."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.layer = TransformerBlock(args)
+        self.attention = Attention(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, input_pos=None):
+        return x + self.attention(self.attention_norm(x), cos, sin, input_pos)
+
+
+class MLPOnly(nn.Module):
+    """The feed-forward half of a decoder block: its RMSNorm, SwiGLU and residual. Each token on its own: no KV
+    cache, and no use for the RoPE tables it is handed."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.feed_forward = FeedForward(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, input_pos=None):
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+# What a balcony's layer is (train.py --balcony): the paper's full decoder block, or one half of it (section 4.3,
+# Figure 5, left). The halves keep the block's parameter names, so "init from the last layer" copies matching parts.
+KINDS = {"block": TransformerBlock, "mlp": MLPOnly, "attn": AttentionOnly}
+
+
+class BalconyExit(nn.Module):
+    """Eq. 1: X'_j = f_b(X_j, W'_j), a decoder block (or, to ablate, half of one) followed by an RMSNorm."""
+
+    def __init__(self, args: ModelArgs, kind: str = "block"):
+        super().__init__()
+        self.layer = KINDS[kind](args)
         self.norm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(self, x, cos, sin, input_pos=None):
@@ -42,7 +72,8 @@ def _kl(teacher, student):
 
 
 def _kl_chunk(output_weight, h_full, *h_exits):
-    teacher = _log_probs(output_weight, h_full)
+    teacher = _log_probs(output_weight, h_full).detach()  # a target: no gradient through p_full (it matters only
+    # with train.py --train-backbone, where the shared head trains too)
     return torch.stack([_kl(teacher, _log_probs(output_weight, h)) for h in h_exits])
 
 
@@ -80,7 +111,11 @@ def exit_metrics(output: nn.Linear, h_full, hs, targets, chunk_size: int = 1024)
 
 
 class BalconyModel(nn.Module):
-    def __init__(self, model: Transformer, exit_layers, init: str = "last"):
+    """A base model with balconies of one `kind` (KINDS) at exit_layers. The backbone is frozen unless
+    train_backbone (section 4.3's "unfrozen" ablation: it then trains with the exits, and full depth changes)."""
+
+    def __init__(self, model: Transformer, exit_layers, init: str = "last", kind: str = "block",
+                 train_backbone: bool = False):
         super().__init__()
         n = model.args.n_layers
         exit_layers = [int(k) for k in exit_layers]
@@ -91,16 +126,21 @@ class BalconyModel(nn.Module):
             raise UsageError(f"exit layer(s) {bad} outside 1..{n - 1} (the model has {n} layers)")
         if init not in ("last", "random"):
             raise UsageError(f"init must be 'last' or 'random', not {init!r}")
-        self.model = model.requires_grad_(False)  # the backbone and the shared head stay frozen
+        if kind not in KINDS:
+            raise UsageError(f"balcony kind must be one of {', '.join(KINDS)}, not {kind!r}")
+        self.kind, self.train_backbone = kind, train_backbone
+        self.model = model.requires_grad_(train_backbone)  # the paper: the backbone and the shared head stay frozen
         self.exit_layers = sorted(exit_layers)
-        self.exits = nn.ModuleDict({str(k): BalconyExit(model.args) for k in self.exit_layers})
+        self.exits = nn.ModuleDict({str(k): BalconyExit(model.args, kind) for k in self.exit_layers})
         w = model.tok_embeddings.weight
         self.exits.to(device=w.device, dtype=w.dtype)
+        last = model.layers[-1].state_dict()
         for ex in self.exits.values():
             if init == "last":
-                # Section 3: start from the last decoder layer, already aligned with the LM head, and its final norm.
-                # (The authors' code copies layers[k].input_layernorm into the exit norm instead.)
-                ex.layer.load_state_dict(model.layers[-1].state_dict())
+                # Section 3: start from the last decoder layer, already aligned with the LM head, and its final norm;
+                # a half block takes that layer's matching half. (The authors' code copies layers[k].input_layernorm
+                # into the exit norm instead.)
+                ex.layer.load_state_dict({name: last[name] for name in ex.layer.state_dict()})
                 ex.norm.load_state_dict(model.norm.state_dict())
             else:
                 for name, p in ex.named_parameters():
@@ -127,6 +167,8 @@ class BalconyModel(nn.Module):
         self.model.setup_caches(max_batch_size, max_seq_len, n_layers=exit)
         a, w = self.model.args, self.model.tok_embeddings.weight
         for k, ex in self.exits.items():
+            if self.kind == "mlp":
+                continue  # no attention, nothing to cache
             keep = exit is None or int(k) == exit
             ex.layer.attention.kv_cache = KVCache(max_batch_size, a.n_kv_heads, max_seq_len, a.head_dim,
                                                   w.dtype, w.device) if keep else None
@@ -153,14 +195,16 @@ class BalconyModel(nn.Module):
 
     def forward_train(self, idx):
         """One backbone pass for training and evaluation: the full model's final hidden states (normalised, before
-        the head) and every exit's, in exit_layers order. The backbone runs without autograd; exits keep theirs."""
-        with torch.no_grad():
+        the head) and every exit's, in exit_layers order. The backbone runs without autograd (with train_backbone,
+        up to the last exit it keeps it); exits keep theirs. h_full, the teacher, never has a gradient."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_backbone):
             x = self.model.tok_embeddings(idx)
             taps, prev = [], 0
             for k in self.exit_layers:
                 x = self.run_layers(x, prev, k)
                 taps.append(x)
                 prev = k
+        with torch.no_grad():
             h_full = self.model.norm(self.run_layers(x, prev, self.n_layers))
         h_exits = [self.exit_hidden(k, t) for k, t in zip(self.exit_layers, taps)]
         return h_full, h_exits
@@ -168,40 +212,37 @@ class BalconyModel(nn.Module):
     # File I/O: the exit weights alone, tagged with the base model's fingerprint so they refuse other models.
 
     def save_exits(self, path):
-        """Write the exit weights alone (safetensors, atomically) with the exit layers and the base's fingerprint."""
+        """Write the exit weights alone (safetensors, atomically) with the exit layers, the balcony kind and the
+        base's fingerprint."""
         from safetensors.torch import save_file
 
         path = Path(path)
-        meta = {"exit_layers": json.dumps(self.exit_layers), "base_fingerprint": model_fingerprint(self.model),
-                "model_args": self.model.args.to_json()}
+        meta = {"exit_layers": json.dumps(self.exit_layers), "balcony_kind": self.kind,
+                "base_fingerprint": model_fingerprint(self.model), "model_args": self.model.args.to_json()}
         tensors = {f"exits.{k}": v.detach().contiguous().cpu() for k, v in self.exits.state_dict().items()}
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, tmp, metadata=meta)
         os.replace(tmp, path)
 
     def load_exits(self, path):
-        """Load exits written by save_exits; refuse exits trained on another base model."""
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError) as e:
-            raise UsageError(f"{path} is not a readable balcony file ({e})") from None
-        if "base_fingerprint" not in meta:
-            raise UsageError(f"{path} has no balcony metadata; was it written by train.py?")
+        """Load exits written by save_exits; refuse exits trained on another base model, or of another kind."""
+        meta, tensors = self.read_exits_file(path, tensors=True)
         if meta["base_fingerprint"] != model_fingerprint(self.model):
             raise UsageError(f"{path} was trained for another base model (fingerprint {meta['base_fingerprint']}, "
                              f"this model's is {model_fingerprint(self.model)}); train exits for this checkpoint")
-        if json.loads(meta["exit_layers"]) != self.exit_layers:
-            raise UsageError(f"{path} holds exits {json.loads(meta['exit_layers'])}, not {self.exit_layers}")
+        if meta["exit_layers"] != self.exit_layers:
+            raise UsageError(f"{path} holds exits {meta['exit_layers']}, not {self.exit_layers}")
+        if meta["kind"] != self.kind:
+            raise UsageError(f"{path} holds {meta['kind']!r} balconies (train.py --balcony {meta['kind']}), not "
+                             f"{self.kind!r} ones; load it with BalconyModel.from_exits_file, which reads the kind")
         w = self.model.tok_embeddings.weight
         sd = {k.removeprefix("exits."): v.to(device=w.device, dtype=w.dtype) for k, v in tensors.items()}
         self.exits.load_state_dict(sd)
 
     @staticmethod
-    def read_exit_layers(path) -> list:
+    def read_exits_file(path, tensors: bool = False):
+        """(metadata, tensors or None) of a file written by save_exits, with exit_layers as a list and the balcony
+        kind as "kind"; a missing, unreadable or foreign file is one UsageError line."""
         from safetensors import SafetensorError, safe_open
 
         if not Path(path).is_file():
@@ -209,22 +250,26 @@ class BalconyModel(nn.Module):
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
+                data = {k: f.get_tensor(k) for k in f.keys()} if tensors else None
         except (SafetensorError, OSError) as e:
             raise UsageError(f"{path} is not a readable balcony file ({e})") from None
-        if "exit_layers" not in meta:
+        if not {"exit_layers", "base_fingerprint"} <= set(meta):
             raise UsageError(f"{path} has no balcony metadata; was it written by train.py?")
-        return json.loads(meta["exit_layers"])
+        # files written before the ablation kinds existed hold full blocks, the only kind there was
+        meta = dict(meta, exit_layers=json.loads(meta["exit_layers"]), kind=meta.get("balcony_kind", "block"))
+        return meta, data
 
     @classmethod
     def from_exits_file(cls, model: Transformer, exits_path) -> "BalconyModel":
-        """Wrap a loaded base model with the exits of a file written by save_exits."""
-        bm = cls(model, cls.read_exit_layers(exits_path))
+        """Wrap a loaded base model with the exits of a file written by save_exits, of the kind it records."""
+        meta, _ = cls.read_exits_file(exits_path)
+        bm = cls(model, meta["exit_layers"], kind=meta["kind"])
         bm.load_exits(exits_path)
         return bm.eval()
 
     @classmethod
     def from_checkpoint(cls, ckpt_dir, exits_path, device="cpu", dtype=torch.float32) -> "BalconyModel":
-        cls.read_exit_layers(exits_path)  # a missing or foreign exits file fails before the base model loads
+        cls.read_exits_file(exits_path)  # a missing or foreign exits file fails before the base model loads
         return cls.from_exits_file(Transformer.from_checkpoint(ckpt_dir, device=device, dtype=dtype), exits_path)
 
 
