@@ -402,7 +402,7 @@ def main(args):
         if t == "speed":
             scores, info = eval_speed(bm, exits, args.speed_prompt, args.speed_tokens), {}
         elif t == "ppl":
-            from train import load_tokens
+            from data import load_tokens
             tokens = torch.from_numpy(load_tokens(args.data and [args.data], tok, "val").astype("int64"))
             scores = eval_ppl(bm, tokens, exits, args.block_size, limits[t], args.batch_size)
             info = dict(n=scores[0]["tokens"], data=f"{args.data or 'Shakespeare'}, train.py's held-out split")

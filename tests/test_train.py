@@ -1,5 +1,5 @@
 """train.py on tiny random checkpoints: frozen backbone, exits-only optimiser, loss going down, exact resume,
-2-process DDP == 1 process, one-line refusals, and the data split / token cache."""
+2-process DDP == 1 process, one-line refusals."""
 import json
 import shutil
 import subprocess
@@ -8,13 +8,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import CORPUS, ROOT, make_tiny_checkpoint, write_tiny_tokenizer
+from conftest import CORPUS, ROOT, make_tiny_checkpoint
 
 import train
 from balcony import BalconyModel
-from cli import UsageError
 from model import Transformer
-from tokenizer import Tokenizer
 
 
 @pytest.fixture
@@ -130,39 +128,6 @@ def test_bad_state_is_refused_in_one_line(setup, tmp_path):
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
         lines = [line for line in r.stderr.splitlines() if line.startswith("train.py: error:")]
         assert len(lines) == 1 and "b.state.pt" in lines[0] and expected in lines[0], r.stderr
-
-
-def test_split_by_file_and_cache_keyed_by_tokenizer(tmp_path):
-    data = tmp_path / "plays"
-    data.mkdir()
-    (data / "hamlet_gut.txt").write_text("To be, or not to be")
-    (data / "hamlet_gut_f.txt").write_text("To be, or not to be, that is the Question")
-    (data / "lear_gut.txt").write_text("Nothing will come of nothing")
-    (data / "notes.md").write_text("not a corpus file")
-    (tmp_path / "tok").mkdir()
-    tok = Tokenizer.from_checkpoint(write_tiny_tokenizer(tmp_path / "tok" / "tokenizer.json").parent)
-    val = train.load_tokens([data], tok, "val", cache_dir=tmp_path / "cache")
-    trn = train.load_tokens([data], tok, "train", cache_dir=tmp_path / "cache")
-    # both editions of Hamlet are held out, each document ends with EOS
-    eos = tok.decode([tok.eos_id])
-    assert tok.decode(val) == f"To be, or not to be{eos}To be, or not to be, that is the Question{eos}"
-    assert tok.decode(trn) == f"Nothing will come of nothing{eos}"
-    assert val.dtype == np.uint16
-
-    class Bytes:  # another tokenizer: must not reuse the first one's cache
-        eos_id, bos_id, add_bos = 256, 256, False
-
-        def encode(self, text, bos=False, eos=False):
-            return [self.bos_id] * bos + list(text.encode()) + [self.eos_id] * eos
-
-    ids = train.load_tokens([data], Bytes(), "train", cache_dir=tmp_path / "cache").tolist()
-    assert ids == [*b"Nothing will come of nothing", 256]
-    assert len(list((tmp_path / "cache").iterdir())) == 2
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(UsageError, match="no .txt or .jsonl"):
-        train.data_files([tmp_path / "empty"])
-    with pytest.raises(UsageError, match="not found"):
-        train.data_files([tmp_path / "missing"])
 
 
 def test_lr_schedule():
