@@ -112,7 +112,8 @@ def exit_metrics(output: nn.Linear, h_full, hs, targets, chunk_size: int = 1024)
 
 class BalconyModel(nn.Module):
     """A base model with balconies of one `kind` (KINDS) at exit_layers. The backbone is frozen unless
-    train_backbone (section 4.3's "unfrozen" ablation: it then trains with the exits, and full depth changes)."""
+    train_backbone: section 4.3's "unfrozen" ablation, where the backbone trains with the exits on the same loss, so
+    full depth is no longer the original model."""
 
     def __init__(self, model: Transformer, exit_layers, init: str = "last", kind: str = "block",
                  train_backbone: bool = False):
@@ -129,8 +130,12 @@ class BalconyModel(nn.Module):
         if kind not in KINDS:
             raise UsageError(f"balcony kind must be one of {', '.join(KINDS)}, not {kind!r}")
         self.kind, self.train_backbone = kind, train_backbone
-        self.model = model.requires_grad_(train_backbone)  # the paper: the backbone and the shared head stay frozen
+        self.model = model.requires_grad_(False)  # the paper: the backbone and the shared head stay frozen
         self.exit_layers = sorted(exit_layers)
+        if train_backbone:  # all the loss reaches: the teacher is detached, so layers past the last exit and the final
+            # norm get no gradient and stay as they are
+            for m in [model.tok_embeddings, model.output, *model.layers[:max(self.exit_layers, default=0)]]:
+                m.requires_grad_(True)
         self.exits = nn.ModuleDict({str(k): BalconyExit(model.args, kind) for k in self.exit_layers})
         w = model.tok_embeddings.weight
         self.exits.to(device=w.device, dtype=w.dtype)
