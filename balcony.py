@@ -93,15 +93,17 @@ def distillation_kl(output: nn.Linear, h_full, h_exits, chunk_size: int = 1024):
 
 
 @torch.no_grad()
-def exit_metrics(output: nn.Linear, h_full, hs, targets, chunk_size: int = 1024):
+def exit_metrics(output: nn.Linear, h_full, hs, targets, chunk_size: int = 1024, teacher_output=None):
     """Held-out quality of each normalised hidden state in hs (an exit's, or h_full itself for full depth), summed
     over tokens: a (3, len(hs)) tensor of KL(p_full || p), top-1 agreement with the full model, and the negative
-    log-likelihood of targets (B, T), so exp(nll / tokens) is the perplexity. Chunked like distillation_kl."""
+    log-likelihood of targets (B, T), so exp(nll / tokens) is the perplexity. Chunked like distillation_kl.
+    teacher_output: h_full's own head when it is not `output` (ablate.py: a trained backbone against the original)."""
     D, w = h_full.size(-1), output.weight
+    tw = w if teacher_output is None else teacher_output.weight
     h_full, hs, targets = h_full.reshape(-1, D), [h.reshape(-1, D) for h in hs], targets.reshape(-1, 1)
     sums = torch.zeros(3, len(hs), device=h_full.device)
     for s in range(0, h_full.size(0), chunk_size):
-        teacher = _log_probs(w, h_full[s:s + chunk_size])
+        teacher = _log_probs(tw, h_full[s:s + chunk_size])
         for j, h in enumerate(hs):
             logp = _log_probs(w, h[s:s + chunk_size])
             sums[0, j] += _kl(teacher, logp)

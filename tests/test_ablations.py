@@ -196,3 +196,41 @@ def test_train_backbone_writes_a_checkpoint_whose_backbone_moved(setup, tmp_path
     assert train.main(train.parse_args(resumed)) == 0
     again = load_file(tmp_path / "resumed" / "model.safetensors")
     assert all(torch.equal(after[k], again[k]) for k in after)
+
+
+def write_split(root, parts, rows):
+    pa = pytest.importorskip("pyarrow")
+    split = root.joinpath("hf_datasets", *parts)
+    split.mkdir(parents=True)
+    table = pa.Table.from_pylist(rows)
+    with pa.OSFile(str(split / "data-00000-of-00001.arrow"), "wb") as f, pa.ipc.new_stream(f, table.schema) as w:
+        w.write_table(table)
+
+
+def test_ablation_grid_end_to_end(setup, tmp_path, capsys):
+    import ablate
+
+    ckpt, data = setup
+    evals = tmp_path / "evals"
+    write_split(evals, ["ai2_arc", "ARC-Easy", "validation"],
+                [dict(question=f"Is {i} a number?", choices=dict(text=["yes", "no"], label=["A", "B"]), answerKey="A")
+                 for i in range(4)])
+    write_split(evals, ["piqa", "plain_text", "validation"],
+                [dict(goal=f"To be {i}", sol1="or not", sol2="to be", label=i % 2) for i in range(4)])
+    argv = ["--checkpoint", str(ckpt), "--exit-layers", "1,2", "--max-steps", "2", "--seq-len", "32", "--data",
+            str(data), "--eval-windows", "2", "--limit", "3", "--evals-dir", str(evals), "--out", str(tmp_path / "ab")]
+    assert ablate.main(ablate.parse_args(argv)) is None
+    table = (tmp_path / "ab" / "table.md").read_text().splitlines()
+    rows = [line.split(" | ")[:2] for line in table[2:]]
+    assert rows == [[f"| {r}", e] for r in ablate.RUNS for e in ["1", "2"] + (["full"] if r == "unfrozen" else [])] \
+        + [["| original model", "full"]]
+    results = {r: json.loads((tmp_path / "ab" / f"{r}.json").read_text()) for r in ablate.RUNS}
+    assert results["paper"]["kl"]["full"] < 1e-5 and results["paper"]["top1"]["full"] == 1  # frozen: the original
+    assert results["unfrozen"]["kl"]["full"] > 1e-6  # its full depth moved
+    assert results["paper"]["kl"]["1"] != results["random"]["kl"]["1"]
+    # a second call finds every run done; another budget in the same folder is refused
+    stamp = (tmp_path / "ab" / "paper.safetensors").stat().st_mtime_ns
+    assert ablate.main(ablate.parse_args(argv)) is None
+    assert (tmp_path / "ab" / "paper.safetensors").stat().st_mtime_ns == stamp
+    with pytest.raises(UsageError, match="holds runs trained with"):
+        ablate.main(ablate.parse_args([*argv, "--max-steps", "3"]))

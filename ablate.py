@@ -1,0 +1,178 @@
+"""
+The paper's ablations (section 4.3 and appendix B, Figure 5) at one fixed budget: six train.py runs that differ from
+the paper's recipe in one flag each, then per exit the held-out KL and top-1 agreement against the original full
+model and ARC-Easy / PIQA accuracy (eval.py), in one table.
+
+    python ablate.py                                      # SmolLM2-135M, Shakespeare, exits 15,18,21
+    python ablate.py --runs paper,random --max-steps 10   # fewer runs, a smaller budget
+
+| run      | train.py flags                               | the paper's finding (Figure 5)              |
+|----------|----------------------------------------------|---------------------------------------------|
+| paper    | none: a full block initialised from the last | (the reference)                             |
+|          | layer, trained on Eq. 2's KL, backbone frozen |                                             |
+| random   | --init random                                | init from the last layer beats random       |
+| mlp      | --balcony mlp                                | a full block beats an MLP-only balcony ...  |
+| attn     | --balcony attn                               | ... and an attention-only one               |
+| kl+ce    | --loss kl+ce --kl-weight 0.001 --ce-weight 1 | adding CE brings nothing                    |
+| unfrozen | --train-backbone                             | freezing the backbone beats training it     |
+
+Every run sees the same steps, windows and batch (the unfrozen one costs more time per step). Outputs go to --out:
+exits files, the unfrozen run's whole checkpoint folder, a JSON of scores per run and table.md. A run whose outputs
+exist is not redone and an interrupted one resumes, so a stopped grid continues; --out refuses another budget.
+"""
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+import train
+from balcony import BalconyModel, exit_metrics
+from cli import UsageError, run_cli
+from data import iter_batches, load_tokens
+from eval import get_parser as eval_parser
+from eval import main as eval_main
+from model import Transformer
+from tokenizer import Tokenizer
+
+RUNS = {
+    "paper": [],
+    "random": ["--init", "random"],
+    "mlp": ["--balcony", "mlp"],
+    "attn": ["--balcony", "attn"],
+    "kl+ce": ["--loss", "kl+ce", "--kl-weight", "0.001", "--ce-weight", "1"],
+    "unfrozen": ["--train-backbone"],
+}
+
+
+def run_paths(name: str, args, out: Path):
+    """A run's checkpoint folder, exits file and train.py --out: the unfrozen run writes a whole checkpoint folder."""
+    if "--train-backbone" in RUNS[name]:
+        return out / name, out / name / "balcony.safetensors", out / name
+    exits = out / f"{name}.safetensors"
+    return Path(args.checkpoint), exits, exits
+
+
+def train_run(name: str, args, out: Path) -> int:
+    _, exits, train_out = run_paths(name, args, out)
+    budget = ["--checkpoint", args.checkpoint, "--exit-layers", args.exit_layers, "--max-steps", args.max_steps,
+              "--seq-len", args.seq_len, "--batch-size", args.batch_size, "--warmup-steps", max(1, args.max_steps // 10),
+              "--eval-every", args.max_steps, "--eval-windows", 4, "--save-every", args.max_steps, "--device", args.device]
+    resume = ["--resume"] if exits.with_suffix(".state.pt").is_file() else []  # an interrupted run continues
+    print(f"\n== {name}: train.py {' '.join(RUNS[name])}", flush=True)
+    return train.main(train.parse_args([*map(str, budget), *(["--data", *args.data] if args.data else []),
+                                        *RUNS[name], *resume, "--out", str(train_out)]))
+
+
+@torch.no_grad()
+def heldout(bm: BalconyModel, original: BalconyModel, val, args) -> dict:
+    """Per exit and full depth: KL(p_original || p) per token and top-1 agreement with the original full model, on
+    the first --eval-windows held-out windows (original: the untouched model, with no exits)."""
+    sums, n = torch.zeros(2, len(bm.exit_layers) + 1), 0
+    device = bm.model.output.weight.device
+    for x, y in iter_batches(val, args.seq_len, args.batch_size, device, args.eval_windows):
+        h_full, h_exits = bm.forward_train(x)
+        h_ref = h_full if bm.model is original.model else original.forward_train(x)[0]
+        sums += exit_metrics(bm.model.output, h_ref, h_exits + [h_full], y, teacher_output=original.model.output)[:2].cpu()
+        n += x.numel()
+    kl, top1 = (sums / n).tolist()
+    names = [*map(str, bm.exit_layers), "full"]
+    return {"kl": dict(zip(names, kl)), "top1": dict(zip(names, top1))}
+
+
+def score_run(name: str, args, out: Path, original: BalconyModel, val) -> dict:
+    ckpt, exits, _ = run_paths(name, args, out)
+    trained = ckpt != Path(args.checkpoint)
+    bm = BalconyModel.from_checkpoint(ckpt, exits, device=args.device) if trained else \
+        BalconyModel.from_exits_file(original.model, exits)
+    scores = heldout(bm, original, val, args)
+    acc_json = out / f"{name}.eval.json"
+    evals_dir = ["--evals-dir", args.evals_dir] if args.evals_dir else []
+    eval_main(eval_parser().parse_args(["--checkpoint", str(ckpt), "--balcony", str(exits), "--exits",
+                                        f"{args.exit_layers},full", "--tasks", "arc_easy,piqa", "--limit",
+                                        str(args.limit), "--device", args.device, "--json", str(acc_json), *evals_dir]))
+    acc = json.loads(acc_json.read_text())["results"]
+    return dict(scores, backbone_trained=trained,
+                **{t: {e: v["acc"] for e, v in acc[t]["exits"].items()} for t in ("arc_easy", "piqa")})
+
+
+def table(results: dict, exit_layers: list, limit: int) -> str:
+    """Figure 5 as rows: per run and exit, held-out KL and agreement with the original full model, ARC-E and PIQA
+    accuracy. Full depth is shown for the original model and for a run whose backbone trained (the others keep it)."""
+    head = ["run", "exit", "held-out KL to original", "top-1 agreement", f"ARC-E acc (n={limit})",
+            f"PIQA acc (n={limit})", "avg acc"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def row(run, r, e):
+        arc, piqa = 100 * r["arc_easy"][e], 100 * r["piqa"][e]
+        lines.append(f"| {run} | {e} | {r['kl'][e]:.3f} | {r['top1'][e]:.1%} | {arc:.1f} | {piqa:.1f} | "
+                     f"{(arc + piqa) / 2:.1f} |")
+
+    for name, r in results.items():
+        for e in [*map(str, exit_layers), *(["full"] if r["backbone_trained"] else [])]:
+            row(name, r, e)
+    frozen = [r for r in results.values() if not r["backbone_trained"]]
+    if frozen:
+        row("original model", frozen[0], "full")
+    return "\n".join(lines)
+
+
+def main(args):
+    runs = [r for r in args.runs.split(",") if r]
+    unknown = [r for r in runs if r not in RUNS]
+    if unknown or not runs:
+        raise UsageError(f"unknown run(s) {unknown or args.runs!r}; known: {', '.join(RUNS)}")
+    out = Path(args.out)
+    budget = {k: getattr(args, k) for k in ("checkpoint", "exit_layers", "max_steps", "seq_len", "batch_size", "data")}
+    if (out / "budget.json").is_file() and json.loads((out / "budget.json").read_text()) != budget:
+        raise UsageError(f"{out} holds runs trained with {(out / 'budget.json').read_text()}; use another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "budget.json").write_text(json.dumps(budget))
+
+    original = BalconyModel(Transformer.from_checkpoint(args.checkpoint, device=args.device), []).eval()
+    val = load_tokens(args.data, Tokenizer.from_checkpoint(args.checkpoint), "val")
+    results = {}
+    for name in runs:
+        exits, scores = run_paths(name, args, out)[1], out / f"{name}.json"
+        if not exits.is_file():
+            code = train_run(name, args, out)
+            if code:
+                return code  # stopped (Ctrl-C): the state is saved, rerun to continue
+        if not scores.is_file() or scores.stat().st_mtime < exits.stat().st_mtime:
+            scores.write_text(json.dumps(score_run(name, args, out, original, val)))
+        results[name] = json.loads(scores.read_text())
+    exit_layers = [int(k) for k in args.exit_layers.split(",")]
+    md = table(results, exit_layers, args.limit)
+    (out / "table.md").write_text(md + "\n")
+    print(f"\n{args.max_steps} steps x {args.batch_size} x {args.seq_len} tokens per run:\n{md}")
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = " (default: %(default)s)"
+    p.add_argument("--runs", default=",".join(RUNS), help="comma-separated runs" + d)
+    p.add_argument("--checkpoint", default="checkpoints/smollm2-135m-instruct", help="converted model folder" + d)
+    p.add_argument("--exit-layers", default="15,18,21", help="balcony layers" + d)
+    p.add_argument("--max-steps", type=int, default=40, help="optimiser steps per run" + d)
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per window" + d)
+    p.add_argument("--batch-size", type=int, default=2, help="windows per step" + d)
+    p.add_argument("--data", nargs="+", default=None, help="train.py's --data (default: Shakespeare)")
+    p.add_argument("--eval-windows", type=int, default=16, help="held-out windows for KL and agreement" + d)
+    p.add_argument("--limit", type=int, default=200, help="ARC-Easy and PIQA examples" + d)
+    p.add_argument("--evals-dir", default=None, help="eval.py's --evals-dir (default: python fetch.py evals's)")
+    p.add_argument("--out", default="out/ablation", help="runs, scores and table.md" + d)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+def parse_args(argv=None):
+    p = get_parser()
+    args = p.parse_args(argv)
+    for name in ("max_steps", "seq_len", "batch_size", "eval_windows", "limit"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)
