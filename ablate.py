@@ -3,8 +3,8 @@ The paper's ablations (section 4.3 and appendix B, Figure 5) at one fixed budget
 the paper's recipe in one flag each, then per exit the held-out KL and top-1 agreement against the original full
 model and ARC-Easy / PIQA accuracy (eval.py), in one table.
 
-    python ablate.py                                      # SmolLM2-135M, Shakespeare, exits 15,18,21
-    python ablate.py --runs paper,random --max-steps 10   # fewer runs, a smaller budget
+    OMP_NUM_THREADS=1 python ablate.py                    # SmolLM2-135M, Shakespeare, exits 15,18,21: the README's
+    python ablate.py --max-steps 150 --seq-len 256 --out out/ablation-150   # train.py's default budget per run
 
 | run      | train.py flags                               | the paper's finding (Figure 5)              |
 |----------|----------------------------------------------|---------------------------------------------|
@@ -17,8 +17,9 @@ model and ARC-Easy / PIQA accuracy (eval.py), in one table.
 | unfrozen | --train-backbone                             | freezing the backbone beats training it     |
 
 Every run sees the same steps, windows and batch (the unfrozen one costs more time per step). Outputs go to --out:
-exits files, the unfrozen run's whole checkpoint folder, a JSON of scores per run and table.md. A run whose outputs
-exist is not redone and an interrupted one resumes, so a stopped grid continues; --out refuses another budget.
+exits files, the unfrozen run's whole checkpoint folder, results.json and table.md. A trained run is not trained
+again and an interrupted one resumes, so a stopped grid continues; --out refuses another budget. Scoring uses
+eval.py's tasks and metrics; the frozen runs share the original backbone, so one backbone pass scores all of them.
 """
 import argparse
 import json
@@ -30,8 +31,8 @@ import train
 from balcony import BalconyModel, exit_metrics
 from cli import UsageError, run_cli
 from data import iter_batches, load_tokens
-from eval import get_parser as eval_parser
-from eval import main as eval_main
+from eval import TASKS, task_metrics
+from fetch import fetch
 from model import Transformer
 from tokenizer import Tokenizer
 
@@ -57,15 +58,30 @@ def train_run(name: str, args, out: Path) -> int:
     _, exits, train_out = run_paths(name, args, out)
     budget = ["--checkpoint", args.checkpoint, "--exit-layers", args.exit_layers, "--max-steps", args.max_steps,
               "--seq-len", args.seq_len, "--batch-size", args.batch_size, "--warmup-steps", max(1, args.max_steps // 10),
-              "--eval-every", args.max_steps, "--eval-windows", 4, "--save-every", args.max_steps, "--device", args.device]
+              "--eval-every", args.max_steps, "--eval-windows", 1, "--save-every", args.max_steps, "--device", args.device]
     resume = ["--resume"] if exits.with_suffix(".state.pt").is_file() else []  # an interrupted run continues
     print(f"\n== {name}: train.py {' '.join(RUNS[name])}", flush=True)
     return train.main(train.parse_args([*map(str, budget), *(["--data", *args.data] if args.data else []),
                                         *RUNS[name], *resume, "--out", str(train_out)]))
 
 
+class SharedBackbone:
+    """Several runs' exits (BalconyModels with the same exit layers) on one backbone, so that one backbone pass
+    scores them all. It offers what heldout() and eval.py's scoring use of a BalconyModel: .model, .exit_layers (here
+    (run, layer) pairs) and forward_train."""
+
+    def __init__(self, runs: dict):
+        self.runs, self.first = runs, next(iter(runs.values()))
+        self.model = self.first.model
+        self.exit_layers = [(name, k) for name, bm in runs.items() for k in bm.exit_layers]
+
+    def forward_train(self, idx):
+        h_full, taps = self.first.backbone_taps(idx)
+        return h_full, [bm.exit_hidden(k, t) for bm in self.runs.values() for k, t in zip(bm.exit_layers, taps)]
+
+
 @torch.no_grad()
-def heldout(bm: BalconyModel, original: BalconyModel, val, args) -> dict:
+def heldout(bm, original: BalconyModel, val, args):
     """Per exit and full depth: KL(p_original || p) per token and top-1 agreement with the original full model, on
     the first --eval-windows held-out windows (original: the untouched model, with no exits)."""
     sums, n = torch.zeros(2, len(bm.exit_layers) + 1), 0
@@ -75,45 +91,29 @@ def heldout(bm: BalconyModel, original: BalconyModel, val, args) -> dict:
         h_ref = h_full if bm.model is original.model else original.forward_train(x)[0]
         sums += exit_metrics(bm.model.output, h_ref, h_exits + [h_full], y, teacher_output=original.model.output)[:2].cpu()
         n += x.numel()
-    kl, top1 = (sums / n).tolist()
-    names = [*map(str, bm.exit_layers), "full"]
-    return {"kl": dict(zip(names, kl)), "top1": dict(zip(names, top1))}
+    return (sums / n).tolist()
 
 
-def score_run(name: str, args, out: Path, original: BalconyModel, val) -> dict:
-    ckpt, exits, _ = run_paths(name, args, out)
-    trained = ckpt != Path(args.checkpoint)
-    bm = BalconyModel.from_checkpoint(ckpt, exits, device=args.device) if trained else \
-        BalconyModel.from_exits_file(original.model, exits)
-    scores = heldout(bm, original, val, args)
-    acc_json = out / f"{name}.eval.json"
-    evals_dir = ["--evals-dir", args.evals_dir] if args.evals_dir else []
-    eval_main(eval_parser().parse_args(["--checkpoint", str(ckpt), "--balcony", str(exits), "--exits",
-                                        f"{args.exit_layers},full", "--tasks", "arc_easy,piqa", "--limit",
-                                        str(args.limit), "--device", args.device, "--json", str(acc_json), *evals_dir]))
-    acc = json.loads(acc_json.read_text())["results"]
-    return dict(scores, backbone_trained=trained,
-                **{t: {e: v["acc"] for e, v in acc[t]["exits"].items()} for t in ("arc_easy", "piqa")})
+def score(bm: SharedBackbone, full_name: str, original: BalconyModel, val, tok, root: Path, args) -> dict:
+    """{(run, exit): {kl, top1, arc_easy, piqa}} for every exit of bm and its full depth (as (full_name, "full"))."""
+    exits = bm.exit_layers + [None]
+    kl, top1 = heldout(bm, original, val, args)
+    acc = {t: task_metrics(bm, tok, TASKS[t].load(root, TASKS[t].shots)[:args.limit], exits, 16, desc=t)
+           for t in ("arc_easy", "piqa")}
+    keys = [(name, str(k)) for name, k in bm.exit_layers] + [(full_name, "full")]
+    return {key: dict(kl=kl[i], top1=top1[i], **{t: acc[t][i]["acc"] for t in acc}) for i, key in enumerate(keys)}
 
 
-def table(results: dict, exit_layers: list, limit: int) -> str:
+def table(rows: dict, limit: int) -> str:
     """Figure 5 as rows: per run and exit, held-out KL and agreement with the original full model, ARC-E and PIQA
-    accuracy. Full depth is shown for the original model and for a run whose backbone trained (the others keep it)."""
+    accuracy. Full depth is the original model's, and the unfrozen run's own (the frozen runs keep the original)."""
     head = ["run", "exit", "held-out KL to original", "top-1 agreement", f"ARC-E acc (n={limit})",
             f"PIQA acc (n={limit})", "avg acc"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-
-    def row(run, r, e):
-        arc, piqa = 100 * r["arc_easy"][e], 100 * r["piqa"][e]
-        lines.append(f"| {run} | {e} | {r['kl'][e]:.3f} | {r['top1'][e]:.1%} | {arc:.1f} | {piqa:.1f} | "
+    for (run, e), r in rows.items():
+        arc, piqa = 100 * r["arc_easy"], 100 * r["piqa"]
+        lines.append(f"| {run} | {e} | {r['kl']:.3f} | {r['top1']:.1%} | {arc:.1f} | {piqa:.1f} | "
                      f"{(arc + piqa) / 2:.1f} |")
-
-    for name, r in results.items():
-        for e in [*map(str, exit_layers), *(["full"] if r["backbone_trained"] else [])]:
-            row(name, r, e)
-    frozen = [r for r in results.values() if not r["backbone_trained"]]
-    if frozen:
-        row("original model", frozen[0], "full")
     return "\n".join(lines)
 
 
@@ -128,21 +128,30 @@ def main(args):
         raise UsageError(f"{out} holds runs trained with {(out / 'budget.json').read_text()}; use another --out")
     out.mkdir(parents=True, exist_ok=True)
     (out / "budget.json").write_text(json.dumps(budget))
-
-    original = BalconyModel(Transformer.from_checkpoint(args.checkpoint, device=args.device), []).eval()
-    val = load_tokens(args.data, Tokenizer.from_checkpoint(args.checkpoint), "val")
-    results = {}
     for name in runs:
-        exits, scores = run_paths(name, args, out)[1], out / f"{name}.json"
-        if not exits.is_file():
+        if not run_paths(name, args, out)[1].is_file():
             code = train_run(name, args, out)
             if code:
-                return code  # stopped (Ctrl-C): the state is saved, rerun to continue
-        if not scores.is_file() or scores.stat().st_mtime < exits.stat().st_mtime:
-            scores.write_text(json.dumps(score_run(name, args, out, original, val)))
-        results[name] = json.loads(scores.read_text())
-    exit_layers = [int(k) for k in args.exit_layers.split(",")]
-    md = table(results, exit_layers, args.limit)
+                return code  # stopped (Ctrl-C): the state is saved, run again to continue
+
+    print("\n== scoring", flush=True)
+    original = BalconyModel(Transformer.from_checkpoint(args.checkpoint, device=args.device), []).eval()
+    tok = Tokenizer.from_checkpoint(args.checkpoint)
+    val = load_tokens(args.data, tok, "val")
+    root = Path(args.evals_dir) if args.evals_dir else fetch("evals")
+    rows, frozen = {}, {}
+    for name in runs:
+        ckpt, exits, _ = run_paths(name, args, out)
+        if ckpt == Path(args.checkpoint):  # frozen runs share the original backbone: one pass scores them all
+            frozen[name] = BalconyModel.from_exits_file(original.model, exits)
+        else:
+            rows.update(score(SharedBackbone({name: BalconyModel.from_checkpoint(ckpt, exits, device=args.device)}),
+                              name, original, val, tok, root, args))
+    if frozen:
+        rows.update(score(SharedBackbone(frozen), "original model", original, val, tok, root, args))
+    rows = dict(sorted(rows.items(), key=lambda kv: ([*runs, "original model"].index(kv[0][0]), kv[0][1] == "full")))
+    (out / "results.json").write_text(json.dumps({f"{r} {e}": v for (r, e), v in rows.items()}, indent=1))
+    md = table(rows, args.limit)
     (out / "table.md").write_text(md + "\n")
     print(f"\n{args.max_steps} steps x {args.batch_size} x {args.seq_len} tokens per run:\n{md}")
 
@@ -153,11 +162,11 @@ def get_parser():
     p.add_argument("--runs", default=",".join(RUNS), help="comma-separated runs" + d)
     p.add_argument("--checkpoint", default="checkpoints/smollm2-135m-instruct", help="converted model folder" + d)
     p.add_argument("--exit-layers", default="15,18,21", help="balcony layers" + d)
-    p.add_argument("--max-steps", type=int, default=40, help="optimiser steps per run" + d)
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per window" + d)
+    p.add_argument("--max-steps", type=int, default=8, help="optimiser steps per run" + d)
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per window" + d)
     p.add_argument("--batch-size", type=int, default=2, help="windows per step" + d)
     p.add_argument("--data", nargs="+", default=None, help="train.py's --data (default: Shakespeare)")
-    p.add_argument("--eval-windows", type=int, default=16, help="held-out windows for KL and agreement" + d)
+    p.add_argument("--eval-windows", type=int, default=8, help="held-out windows for KL and agreement" + d)
     p.add_argument("--limit", type=int, default=200, help="ARC-Easy and PIQA examples" + d)
     p.add_argument("--evals-dir", default=None, help="eval.py's --evals-dir (default: python fetch.py evals's)")
     p.add_argument("--out", default="out/ablation", help="runs, scores and table.md" + d)

@@ -200,10 +200,10 @@ class BalconyModel(nn.Module):
         x = self.run_layers(self.model.tok_embeddings(idx), 0, exit, input_pos)
         return self.model.output(self.exit_hidden(exit, x, input_pos))
 
-    def forward_train(self, idx):
-        """One backbone pass for training and evaluation: the full model's final hidden states (normalised, before
-        the head) and every exit's, in exit_layers order. The backbone runs without autograd (with train_backbone,
-        up to the last exit it keeps it); exits keep theirs. h_full, the teacher, never has a gradient."""
+    def backbone_taps(self, idx):
+        """forward_train's backbone pass: the full model's final hidden states (normalised, before the head; the
+        teacher, never with a gradient) and the layer-k hidden states of each exit k. Without autograd, unless
+        train_backbone (then up to the last exit)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_backbone):
             x = self.model.tok_embeddings(idx)
             taps, prev = [], 0
@@ -213,8 +213,13 @@ class BalconyModel(nn.Module):
                 prev = k
         with torch.no_grad():
             h_full = self.model.norm(self.run_layers(x, prev, self.n_layers))
-        h_exits = [self.exit_hidden(k, t) for k, t in zip(self.exit_layers, taps)]
-        return h_full, h_exits
+        return h_full, taps
+
+    def forward_train(self, idx):
+        """One backbone pass for training and evaluation: the full model's final hidden states (normalised, before
+        the head) and every exit's, in exit_layers order; the exits keep their autograd."""
+        h_full, taps = self.backbone_taps(idx)
+        return h_full, [self.exit_hidden(k, t) for k, t in zip(self.exit_layers, taps)]
 
     # File I/O: the exit weights alone, tagged with the base model's fingerprint so they refuse other models.
 

@@ -7,14 +7,16 @@ import shutil
 
 import pytest
 import torch
-from conftest import CORPUS, make_tiny_checkpoint, tiny_args
+from conftest import make_tiny_checkpoint, tiny_args
 from safetensors.torch import load_file, save_file
+from test_train import setup  # noqa: F401  (the fixture: a tiny checkpoint and a small corpus)
 
 import train
 from balcony import KINDS, BalconyModel
 from cli import UsageError
 from generate import generate
 from model import Transformer
+from tokenizer import Tokenizer
 
 PROMPT = [5, 17, 33, 100, 7, 250, 12]
 ATTN = {"layer.attention", "layer.attention_norm", *(f"layer.attention.{w}" for w in ("wq", "wk", "wv", "wo"))}
@@ -139,16 +141,6 @@ def test_kl_weight_scales_the_kl_term():
     assert paper[2].sum() > 100 * 0.001 * kl.sum()  # CE dominates: the weights reached the loss
 
 
-@pytest.fixture
-def setup(tmp_path):
-    ckpt = make_tiny_checkpoint(tmp_path / "tiny")
-    data = tmp_path / "data"
-    data.mkdir()
-    for i in range(3):
-        (data / f"play{i}.txt").write_text(CORPUS[i * 100:] + CORPUS)
-    return ckpt, data
-
-
 def argv(tmp_path, ckpt, data, out, *extra):
     return ["--exit-layers", "1,2", "--checkpoint", str(ckpt), "--data", str(data), "--out", str(tmp_path / out),
             "--cache-dir", str(tmp_path / "cache"), "--seq-len", "32", "--batch-size", "2", "--eval-windows", "2",
@@ -224,10 +216,20 @@ def test_ablation_grid_end_to_end(setup, tmp_path, capsys):
     rows = [line.split(" | ")[:2] for line in table[2:]]
     assert rows == [[f"| {r}", e] for r in ablate.RUNS for e in ["1", "2"] + (["full"] if r == "unfrozen" else [])] \
         + [["| original model", "full"]]
-    results = {r: json.loads((tmp_path / "ab" / f"{r}.json").read_text()) for r in ablate.RUNS}
-    assert results["paper"]["kl"]["full"] < 1e-5 and results["paper"]["top1"]["full"] == 1  # frozen: the original
-    assert results["unfrozen"]["kl"]["full"] > 1e-6  # its full depth moved
-    assert results["paper"]["kl"]["1"] != results["random"]["kl"]["1"]
+    results = json.loads((tmp_path / "ab" / "results.json").read_text())
+    assert results["original model full"]["kl"] < 1e-5 and results["original model full"]["top1"] == 1
+    assert results["unfrozen full"]["kl"] > 1e-6  # its full depth moved
+    assert results["paper 1"]["kl"] != results["random 1"]["kl"] != results["mlp 1"]["kl"]
+
+    # the shared backbone pass scores each frozen run as that run alone would
+    import eval as ev
+    original = BalconyModel(Transformer.from_checkpoint(ckpt), []).eval()
+    runs = {r: BalconyModel.from_exits_file(original.model, tmp_path / "ab" / f"{r}.safetensors") for r in ("paper", "mlp")}
+    shared = ablate.SharedBackbone(runs)
+    pairs, tok = [("To be, or not", " to be"), ("Whether 'tis", " nobler in the mind")], Tokenizer.from_checkpoint(ckpt)
+    together = ev.score(shared, tok, pairs, [("mlp", 1), ("mlp", 2), None], 2)[0]
+    alone = ev.score(runs["mlp"], tok, pairs, [1, 2, None], 2)[0]
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
     # a second call finds every run done; another budget in the same folder is refused
     stamp = (tmp_path / "ab" / "paper.safetensors").stat().st_mtime_ns
     assert ablate.main(ablate.parse_args(argv)) is None
