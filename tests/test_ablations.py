@@ -86,13 +86,17 @@ def test_every_kind_decodes_with_a_cache_and_drafts_speculatively(kind):
     with torch.no_grad():  # greedy by uncached forwards at exit 2
         for _ in range(8):
             seq.append(int(bm(torch.tensor([seq]), exit=2)[0, -1].argmax()))
-    assert generate(bm, PROMPT, 8, exit=2)["tokens"] == seq[len(PROMPT):]
+    assert generate(bm, [PROMPT], 8, exit=2)[0]["tokens"] == seq[len(PROMPT):]
     if kind == "mlp":  # no attention, so no cache
         assert not any(hasattr(ex.layer, "attention") for ex in bm.exits.values())
     else:  # a cache for the exit that ran, none for the other
         assert bm.exits["2"].layer.attention.kv_cache is not None and bm.exits["1"].layer.attention.kv_cache is None
-    full = generate(bm, PROMPT, 16)["tokens"]
-    spec = generate(bm, PROMPT, 16, draft_exit=2, speculate_k=3)
+    # a batch with a row per exit, stopping at different lengths (finished rows leave the caches), as rows alone
+    prompts, exits, n_new = [PROMPT, PROMPT[:4], PROMPT[2:]], [2, 1, None], [8, 3, 5]
+    alone = [generate(bm, [p], m, exit=e)[0]["tokens"] for p, e, m in zip(prompts, exits, n_new)]
+    assert [r["tokens"] for r in generate(bm, prompts, n_new, exit=exits)] == alone
+    full = generate(bm, [PROMPT], 16)[0]["tokens"]
+    spec = generate(bm, [PROMPT], 16, draft_exit=2, speculate_k=3)[0]
     assert spec["tokens"] == full and spec["drafted"] > 0
 
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import ROOT
 
 SCRIPTS = ["convert_hf.py", "fetch.py", "train.py", "generate.py", "eval.py", "bench_train.py", "bench_generate.py",
-           "ablate.py"]
+           "data.py", "bench_data.py", "ablate.py"]
 
 
 def readme_commands():
