@@ -57,8 +57,9 @@ def run_paths(name: str, args, out: Path):
 def train_run(name: str, args, out: Path) -> int:
     _, exits, train_out = run_paths(name, args, out)
     budget = ["--checkpoint", args.checkpoint, "--exit-layers", args.exit_layers, "--max-steps", args.max_steps,
-              "--seq-len", args.seq_len, "--batch-size", args.batch_size, "--warmup-steps", max(1, args.max_steps // 10),
-              "--eval-every", args.max_steps, "--eval-windows", 1, "--save-every", args.max_steps, "--device", args.device]
+              "--seq-len", args.seq_len, "--batch-size", args.batch_size,
+              "--warmup-steps", max(1, args.max_steps // 10), "--eval-every", args.max_steps,
+              "--eval-windows", 1, "--save-every", args.max_steps, "--device", args.device]  # its own checks: 1 window
     resume = ["--resume"] if exits.with_suffix(".state.pt").is_file() else []  # an interrupted run continues
     print(f"\n== {name}: train.py {' '.join(RUNS[name])}", flush=True)
     return train.main(train.parse_args([*map(str, budget), *(["--data", *args.data] if args.data else []),
@@ -89,7 +90,8 @@ def heldout(bm, original: BalconyModel, val, args):
     for x, y in iter_batches(val, args.seq_len, args.batch_size, device, args.eval_windows):
         h_full, h_exits = bm.forward_train(x)
         h_ref = h_full if bm.model is original.model else original.forward_train(x)[0]
-        sums += exit_metrics(bm.model.output, h_ref, h_exits + [h_full], y, teacher_output=original.model.output)[:2].cpu()
+        metrics = exit_metrics(bm.model.output, h_ref, h_exits + [h_full], y, teacher_output=original.model.output)
+        sums += metrics[:2].cpu()  # KL, top-1 hits
         n += x.numel()
     return (sums / n).tolist()
 

@@ -228,7 +228,8 @@ def test_ablation_grid_end_to_end(setup, tmp_path, capsys):
     # the shared backbone pass scores each frozen run as that run alone would
     import eval as ev
     original = BalconyModel(Transformer.from_checkpoint(ckpt), []).eval()
-    runs = {r: BalconyModel.from_exits_file(original.model, tmp_path / "ab" / f"{r}.safetensors") for r in ("paper", "mlp")}
+    runs = {r: BalconyModel.from_exits_file(original.model, tmp_path / "ab" / f"{r}.safetensors")
+            for r in ("paper", "mlp")}
     shared = ablate.SharedBackbone(runs)
     pairs, tok = [("To be, or not", " to be"), ("Whether 'tis", " nobler in the mind")], Tokenizer.from_checkpoint(ckpt)
     together = ev.score(shared, tok, pairs, [("mlp", 1), ("mlp", 2), None], 2)[0]
