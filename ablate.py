@@ -66,15 +66,30 @@ def train_run(name: str, args, out: Path) -> int:
                                         *RUNS[name], *resume, "--out", str(train_out)]))
 
 
+class RunExit(int):
+    """Exit `layer` of run `run`: the int eval.py expects of an exit, equal only to the same run's."""
+
+    def __new__(cls, run: str, layer: int):
+        e = super().__new__(cls, layer)
+        e.run = run
+        return e
+
+    def __eq__(self, other):
+        return isinstance(other, RunExit) and (self.run, int(self)) == (other.run, int(other))
+
+    def __hash__(self):
+        return hash((self.run, int(self)))
+
+
 class SharedBackbone:
     """Several runs' exits (BalconyModels with the same exit layers) on one backbone, so that one backbone pass
-    scores them all. It offers what heldout() and eval.py's scoring use of a BalconyModel: .model, .exit_layers (here
-    (run, layer) pairs) and forward_train."""
+    scores them all. It offers what heldout() and eval.py's scoring use of a BalconyModel: .model, .n_layers,
+    .exit_layers (here RunExits) and forward_train."""
 
     def __init__(self, runs: dict):
         self.runs, self.first = runs, next(iter(runs.values()))
-        self.model = self.first.model
-        self.exit_layers = [(name, k) for name, bm in runs.items() for k in bm.exit_layers]
+        self.model, self.n_layers = self.first.model, self.first.n_layers
+        self.exit_layers = [RunExit(name, k) for name, bm in runs.items() for k in bm.exit_layers]
 
     def forward_train(self, idx):
         h_full, taps = self.first.backbone_taps(idx)
@@ -102,7 +117,7 @@ def score(bm: SharedBackbone, full_name: str, original: BalconyModel, val, tok, 
     kl, top1 = heldout(bm, original, val, args)
     acc = {t: task_metrics(bm, tok, TASKS[t].load(root, TASKS[t].shots)[:args.limit], exits, 16, desc=t)
            for t in ("arc_easy", "piqa")}
-    keys = [(name, str(k)) for name, k in bm.exit_layers] + [(full_name, "full")]
+    keys = [(e.run, str(int(e))) for e in bm.exit_layers] + [(full_name, "full")]
     return {key: dict(kl=kl[i], top1=top1[i], **{t: acc[t][i]["acc"] for t in acc}) for i, key in enumerate(keys)}
 
 

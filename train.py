@@ -29,8 +29,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from balcony import KINDS, BalconyModel, distillation_kl, exit_metrics, model_fingerprint
-from cli import UsageError, run_cli
+from balcony import KINDS, BalconyModel, distillation_kl, distillation_kl_reference, exit_metrics, model_fingerprint
+from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, run_cli
 from convert_hf import TOKENIZER_FILES, atomic_write
 from data import (add_data_args, data_files, get_batch, iter_batches, n_windows, open_tokens, step_windows,
                   tokenize_corpus)
@@ -54,7 +54,10 @@ class ExitLoss(nn.Module):
 
     def forward(self, x, y):
         h_full, h_exits = self.bm.forward_train(x)  # (B, T, D), [(B, T, D)] * n_exits
-        kl = distillation_kl(self.bm.model.output, h_full, h_exits, self.chunk_size) / x.numel()  # (n_exits,)
+        if self.bm.train_backbone:  # the head trains too: the plain form gives it a gradient, the fused one does not
+            kl = distillation_kl_reference(self.bm.model.output.weight, h_full, h_exits) / x.numel()  # (n_exits,)
+        else:
+            kl = distillation_kl(self.bm.model.output, h_full, h_exits, self.chunk_size) / x.numel()
         # The weighting, in one place. The paper's CE ablation (section 4.3) is kl_weight 0.001, ce_weight 1.
         loss = self.kl_weight * kl.sum()
         if not self.ce_weight:
@@ -102,9 +105,10 @@ def get_lr(step: int, max_lr: float, warmup_steps: int, max_steps: int) -> float
 
 # ---------------------------------------------------------------------------------------------- training state
 def run_config(args, global_batch: int, data_key: str) -> dict:
-    """What a resumed run must share with the saved one to continue exactly (the data position is the step)."""
-    keys = ("seq_len", "lr", "warmup_steps", "max_steps", "weight_decay", "grad_clip", "init", "balcony", "loss",
-            "kl_weight", "ce_weight", "train_backbone", "seed")
+    """What a resumed run must share with the saved one to continue exactly (the data position is the step).
+    --max-steps may grow: the learning rate then follows the new schedule from the resumed step on."""
+    keys = ("seq_len", "lr", "warmup_steps", "weight_decay", "grad_clip", "init", "balcony", "loss", "kl_weight",
+            "ce_weight", "train_backbone", "seed", "dtype")
     return {**{k: getattr(args, k) for k in keys}, "global_batch": global_batch, "data": data_key}
 
 
@@ -152,6 +156,45 @@ def save_checkpoint(model: Transformer, src: Path, out: Path):
         if (src / f).is_file():
             atomic_write(out / f, lambda p: shutil.copyfile(src / f, p))
     atomic_write(out / "config.json", lambda p: p.write_text(model.args.to_json()))
+
+
+def open_log(path: Path, resume_step=None):
+    """The JSONL log, for appending. A new run starts it afresh; a resumed one first drops the lines after its
+    state's step (written after that state was saved, they are about to be written again), so no step appears twice."""
+    if resume_step is None or not path.exists():
+        return open(path, "w")
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+    return open(path, "a")
+
+
+# ------------------------------------------------------------------------------------------------- multi-process
+def wrap_ddp(loss_fn: nn.Module, device) -> DDP:
+    """DDP over the trainable exits alone. It would otherwise broadcast every parameter and buffer from rank 0 at
+    start-up, the whole frozen backbone included (16 GB for Llama-3-8B), though every rank loaded the same weights."""
+    frozen = [n for n, p in loss_fn.named_parameters(remove_duplicate=False) if not p.requires_grad]
+    frozen += [n for n, _ in loss_fn.named_buffers(remove_duplicate=False)]
+    DDP._set_params_and_buffers_to_ignore_for_model(loss_fn, frozen)
+    return DDP(loss_fn, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def shard_backbone(bm: BalconyModel, device, world_size: int):
+    """--fsdp: FSDP2 shards each frozen backbone layer across the ranks; a layer's forward all-gathers it and frees
+    the gathered copy right after. The embeddings, final norm, head and the exits stay whole on every rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world_size,))
+    for layer in bm.model.layers:
+        # explicit True: FSDP2 would keep the gathered weights of a root module (each layer is one) for a backward
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True)  # moves the shard to the mesh's device
+    bm.exits.to(device)
+    for name, child in bm.model.named_children():
+        if name != "layers":
+            child.to(device)
+    bm.model.inv_freq = bm.model.inv_freq.to(device)
 
 
 STOP = []  # signals received; the loop finishes the step in flight, saves the state and exits, so resuming is exact
@@ -218,12 +261,24 @@ def train(args, rank: int, world_size: int, device) -> int:
         exit_layers = [int(k) for k in args.exit_layers.split(",")]
     except ValueError:
         raise UsageError(f"--exit-layers {args.exit_layers!r} is not a comma-separated list of layers") from None
+    if args.fsdp and not ddp:
+        raise UsageError("--fsdp shards the backbone across processes; launch with torchrun --nproc_per_node N")
+    args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = DTYPES[args.dtype]
+    if args.train_backbone and (ddp or dtype != torch.float32):
+        raise UsageError("--train-backbone (the unfrozen ablation) trains in one process with an fp32 backbone: drop "
+                         "torchrun and --fsdp, and pass --dtype float32")
     torch.manual_seed(args.seed)  # the same random exits on every rank (--init random)
-    bm = BalconyModel(Transformer.from_checkpoint(ckpt, device=device), exit_layers, init=args.init,
-                      kind=args.balcony, train_backbone=args.train_backbone)
+    # the frozen backbone and head are stored in --dtype once (no per-step casts); with --fsdp each rank reads them
+    # into CPU memory and keeps only its shard of every layer on the device
+    model = Transformer.from_checkpoint(ckpt, device="cpu" if args.fsdp else device, dtype=dtype)
+    bm = BalconyModel(model, exit_layers, init=args.init, kind=args.balcony, train_backbone=args.train_backbone)
+    bm.exits.float()  # the exits' master weights, and so AdamW's state, stay fp32 whatever --dtype is
     if args.seq_len > bm.model.args.max_seq_len:
         raise UsageError(f"--seq-len {args.seq_len} exceeds the model's context of {bm.model.args.max_seq_len}")
     fingerprint = model_fingerprint(bm.model)
+    if args.fsdp:
+        shard_backbone(bm, device, world_size)
 
     # rank 0 tokenises (or finds the cache); the others wait for it on disk, which may take hours on a big corpus:
     # longer than a collective's timeout
@@ -241,11 +296,15 @@ def train(args, rank: int, world_size: int, device) -> int:
     params = [p for p in bm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay,
                             fused=device.type == "cuda")
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    # autocast runs the exits in --dtype (the frozen weights already are); the loss's softmax and KL stay fp32
+    ctx = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     baseline = evaluate(bm, val_tokens, args, ctx, rank, world_size, baseline=True)  # the original model's
     config, step = run_config(args, global_batch, folder.name), 0
     if args.resume:
         state = load_state(state_path, fingerprint, bm.exit_layers, config)
+        if state["step"] >= args.max_steps:
+            raise UsageError(f"{state_path} is already at step {state['step']}; to train on, resume with a larger "
+                             f"--max-steps")
         bm.exits.load_state_dict(state["exits"])
         if bm.train_backbone:
             bm.model.load_state_dict(state["backbone"])
@@ -256,11 +315,11 @@ def train(args, rank: int, world_size: int, device) -> int:
     loss_fn = ExitLoss(bm, args.chunk_size, args.kl_weight, args.ce_weight if args.loss == "kl+ce" else 0.0)
     if device.type == "cuda" if args.compile is None else args.compile:
         loss_fn = torch.compile(loss_fn, dynamic=False)  # compiles on the first step
-    if ddp:  # DDP averages the exits' gradients; broadcasting the frozen inv_freq buffer every step would be waste
-        loss_fn = DDP(loss_fn, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    if ddp:
+        loss_fn = wrap_ddp(loss_fn, device)
 
     exits_path.parent.mkdir(parents=True, exist_ok=True)
-    log = open(log_path, "a" if args.resume else "w") if master else None
+    log = open_log(log_path, step if args.resume else None) if master else None
 
     def record(obj):
         if log:
@@ -270,7 +329,8 @@ def train(args, rank: int, world_size: int, device) -> int:
     say(f"{sum(p.numel() for p in params):,} trainable parameters in exits {bm.exit_layers}"
         f"{' and the backbone' if bm.train_backbone else ''} ({args.balcony} balconies); "
         f"{n_train} training windows of {args.seq_len} tokens, {global_batch} per step; from step {step}")
-    record({"step": step, "eval": "no_balcony", **metrics_by_exit(exit_layers, baseline)})
+    if not args.resume:  # a resumed run's log already has it
+        record({"step": step, "eval": "no_balcony", **metrics_by_exit(exit_layers, baseline)})
     say("no balcony (final norm + head on layer-k states): val KL " +
         ", ".join(f"{k}: {v:.3f}" for k, v in zip(bm.exit_layers, baseline[0])))
 
@@ -317,13 +377,12 @@ def train(args, rank: int, world_size: int, device) -> int:
                 final = evaluate(bm, val_tokens, args, ctx, rank, world_size)
                 record({"step": step, "eval": "balcony", **metrics_by_exit(exit_layers, final)})
                 say(f"step {step}: val KL " + ", ".join(f"{k}: {v:.3f}" for k, v in zip(exit_layers, final[0])))
-            if step < args.max_steps:
-                stop = stop_requested(ddp, device)  # a collective: every rank asks every step
-                if master and (stop or step % args.save_every == 0):
-                    save_state(state_path, bm, opt, step, fingerprint, config)
-                if stop:
-                    say(f"stopped at step {step}; state saved to {state_path}; continue with --resume")
-                    return 130
+            stop = step < args.max_steps and stop_requested(ddp, device)  # a collective: every rank asks
+            if master and (stop or step % args.save_every == 0 or step == args.max_steps):
+                save_state(state_path, bm, opt, step, fingerprint, config)  # the last step too: resume trains on
+            if stop:
+                say(f"stopped at step {step}; state saved to {state_path}; continue with --resume")
+                return 130
     finally:
         bar.close()
         for s, h in handlers.items():
@@ -333,7 +392,7 @@ def train(args, rank: int, world_size: int, device) -> int:
     if master:
         if bm.train_backbone:
             save_checkpoint(bm.model, ckpt, out)
-        bm.save_exits(exits_path)  # last: its fingerprint is the saved backbone's
+        bm.save_exits(exits_path, None if bm.train_backbone else fingerprint)  # last: the saved backbone's
         saved = f"checkpoint and exits saved to {out} (full depth is no longer the original model)" \
             if bm.train_backbone else f"exits saved to {out}"
         say(f"{args.max_steps - start_step} steps in {time.time() - t_start:.0f} s (first step {first_step_s:.1f} s, "
@@ -346,7 +405,7 @@ def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = " (default: %(default)s)"
     p.add_argument("--exit-layers", required=True, help="comma-separated layers to put balconies after, e.g. 15,18,21")
-    p.add_argument("--checkpoint", default="checkpoints/smollm2-135m-instruct", help="converted model folder" + d)
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="converted model folder" + d)
     p.add_argument("--out", default=None, help="trained exits (default: <checkpoint>/balcony.safetensors), or with "
                    "--train-backbone a new checkpoint folder holding them; the "
                    "training state and JSONL log go next to it as .state.pt and .log.jsonl")
@@ -372,7 +431,7 @@ def get_parser():
                    "(up to the last exit) and the head train with the exits on the same loss, the teacher being the "
                    "current full model, detached; --out is then a new checkpoint folder whose full depth is no "
                    "longer the original model")
-    p.add_argument("--chunk-size", type=int, default=1024, help="tokens whose logits exist at once in the loss" + d)
+    p.add_argument("--chunk-size", type=int, default=256, help="tokens whose logits exist at once in the loss" + d)
     p.add_argument("--eval-every", type=int, default=75, help="validate every N steps, and at the end" + d)
     p.add_argument("--eval-windows", type=int, default=16, help="validation windows per evaluation" + d)
     p.add_argument("--save-every", type=int, default=50, help="write the training state every N steps" + d)
@@ -380,6 +439,10 @@ def get_parser():
     p.add_argument("--seed", type=int, default=1337, help="exit init and data order" + d)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the training step (default: on with CUDA)")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="the frozen backbone and head (default: "
+                   "bfloat16 on CUDA, float32 on CPU); the exits' weights and optimiser state stay float32")
+    p.add_argument("--fsdp", action="store_true", help="with torchrun: shard the frozen backbone across processes "
+                   "(FSDP2), for backbones too big for one GPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="without torchrun" + d)
     return p

@@ -3,7 +3,6 @@ exactly the modules it should, starts from the matching parts of the last layer,
 speculative decoding; exit files record the kind and refuse a mismatch; --kl-weight scales the KL term;
 --train-backbone moves the backbone (up to the last exit) and writes a checkpoint folder, the default moves nothing."""
 import json
-import shutil
 
 import pytest
 import torch
@@ -163,12 +162,12 @@ def test_default_leaves_the_backbone_bit_identical_for_every_kind(setup, tmp_pat
     assert BalconyModel.read_exits_file(tmp_path / "b.safetensors")[0]["kind"] == kind
 
 
-def test_train_backbone_writes_a_checkpoint_whose_backbone_moved(setup, tmp_path):
+def test_train_backbone_writes_a_checkpoint_whose_backbone_moved(setup, tmp_path, monkeypatch):
     ckpt, data = setup
     before = load_file(ckpt / "model.safetensors")
     with pytest.raises(UsageError, match="--train-backbone changes the model"):
         train.main(train.parse_args(argv(tmp_path, ckpt, data, "x", "--train-backbone", "--out", str(ckpt))))
-    run = argv(tmp_path, ckpt, data, "unfrozen", "--train-backbone", "--save-every", "2")
+    run = argv(tmp_path, ckpt, data, "unfrozen", "--train-backbone")
     assert train.main(train.parse_args(run)) == 0
     out = tmp_path / "unfrozen"
     after = load_file(out / "model.safetensors")
@@ -184,12 +183,13 @@ def test_train_backbone_writes_a_checkpoint_whose_backbone_moved(setup, tmp_path
         BalconyModel.from_checkpoint(ckpt, out / "balcony.safetensors")
     assert bm.exit_layers == [1, 2]
 
-    # a resumed run restores the backbone too, and ends where the uninterrupted one did
-    shutil.copy(out / "balcony.state.pt", tmp_path / "state.pt")
-    (tmp_path / "resumed").mkdir()
-    shutil.copy(tmp_path / "state.pt", tmp_path / "resumed" / "balcony.state.pt")
-    resumed = argv(tmp_path, ckpt, data, "resumed", "--train-backbone", "--save-every", "2", "--resume")
-    assert train.main(train.parse_args(resumed)) == 0
+    # a run stopped after its first step (as by Ctrl-C) resumes with the backbone too, and ends where the
+    # uninterrupted one did
+    resumed = argv(tmp_path, ckpt, data, "resumed", "--train-backbone")
+    with monkeypatch.context() as m:
+        m.setattr(train, "stop_requested", lambda *a: True)
+        assert train.main(train.parse_args(resumed)) == 130
+    assert train.main(train.parse_args([*resumed, "--resume"])) == 0
     again = load_file(tmp_path / "resumed" / "model.safetensors")
     assert all(torch.equal(after[k], again[k]) for k in after)
 
@@ -232,7 +232,7 @@ def test_ablation_grid_end_to_end(setup, tmp_path, capsys):
             for r in ("paper", "mlp")}
     shared = ablate.SharedBackbone(runs)
     pairs, tok = [("To be, or not", " to be"), ("Whether 'tis", " nobler in the mind")], Tokenizer.from_checkpoint(ckpt)
-    together = ev.score(shared, tok, pairs, [("mlp", 1), ("mlp", 2), None], 2)[0]
+    together = ev.score(shared, tok, pairs, [ablate.RunExit("mlp", 1), ablate.RunExit("mlp", 2), None], 2)[0]
     alone = ev.score(runs["mlp"], tok, pairs, [1, 2, None], 2)[0]
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
     # a second call finds every run done; another budget in the same folder is refused
