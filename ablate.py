@@ -29,7 +29,7 @@ import torch
 
 import train
 from balcony import BalconyModel, exit_metrics
-from cli import UsageError, run_cli
+from cli import DEFAULT_CHECKPOINT, ROOT, UsageError, run_cli
 from data import iter_batches, load_tokens
 from eval import TASKS, task_metrics
 from fetch import fetch
@@ -140,7 +140,8 @@ def main(args):
     if unknown or not runs:
         raise UsageError(f"unknown run(s) {unknown or args.runs!r}; known: {', '.join(RUNS)}")
     out = Path(args.out)
-    budget = {k: getattr(args, k) for k in ("checkpoint", "exit_layers", "max_steps", "seq_len", "batch_size", "data")}
+    budget = json.loads(json.dumps({k: getattr(args, k) for k in ("checkpoint", "exit_layers", "max_steps", "seq_len",
+                                                                  "batch_size", "data")}, default=str))
     if (out / "budget.json").is_file() and json.loads((out / "budget.json").read_text()) != budget:
         raise UsageError(f"{out} holds runs trained with {(out / 'budget.json').read_text()}; use another --out")
     out.mkdir(parents=True, exist_ok=True)
@@ -177,7 +178,7 @@ def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = " (default: %(default)s)"
     p.add_argument("--runs", default=",".join(RUNS), help="comma-separated runs" + d)
-    p.add_argument("--checkpoint", default="checkpoints/smollm2-135m-instruct", help="converted model folder" + d)
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="converted model folder" + d)
     p.add_argument("--exit-layers", default="15,18,21", help="balcony layers" + d)
     p.add_argument("--max-steps", type=int, default=8, help="optimiser steps per run" + d)
     p.add_argument("--seq-len", type=int, default=128, help="tokens per window" + d)
@@ -186,7 +187,7 @@ def get_parser():
     p.add_argument("--eval-windows", type=int, default=8, help="held-out windows for KL and agreement" + d)
     p.add_argument("--limit", type=int, default=200, help="ARC-Easy and PIQA examples" + d)
     p.add_argument("--evals-dir", default=None, help="eval.py's --evals-dir (default: python fetch.py evals's)")
-    p.add_argument("--out", default="out/ablation", help="runs, scores and table.md" + d)
+    p.add_argument("--out", default=ROOT / "out" / "ablation", help="runs, scores and table.md" + d)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
