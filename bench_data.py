@@ -14,6 +14,7 @@ import gzip
 import hashlib
 import json
 import multiprocessing
+import os
 import resource
 import shutil
 import tempfile
@@ -66,7 +67,9 @@ def make_corpus(path: Path, size_mb: int):
 
 
 def tokenise(corpus, checkpoint, cache_dir, num_proc, queue):
-    """One run, in a fresh interpreter: seconds and tokens, and the ru_maxrss of it and of its biggest worker."""
+    """One run, in a fresh interpreter: seconds, tokens, CPU seconds of it and of its workers, the largest
+    ru_maxrss."""
+    os.environ["TQDM_DISABLE"] = "1"  # no progress bar between the table's rows
     tokenizer, files = Tokenizer.from_checkpoint(checkpoint), data_files([corpus])
     t0 = time.perf_counter()
     folder = tokenize_corpus(files, tokenizer, cache_dir=cache_dir, num_proc=num_proc)
@@ -74,8 +77,9 @@ def tokenise(corpus, checkpoint, cache_dir, num_proc, queue):
     meta = json.loads((folder / "meta.json").read_text())
     with open(folder / "tokens.bin", "rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()[:16]
-    kb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-    queue.put((seconds, meta["n_tokens"], meta["n_docs"], digest, kb / 1024))
+    me, workers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = [r.ru_utime + r.ru_stime for r in (me, workers)]
+    queue.put((seconds, meta["n_tokens"], meta["n_docs"], digest, cpu, max(me.ru_maxrss, workers.ru_maxrss) / 1024))
 
 
 def tree_memory(pid: int):
@@ -129,12 +133,12 @@ def main(args) -> int:
     if not corpus.is_file():
         raise UsageError(f"{corpus} not found; write it first: nice -n 19 python bench_data.py --make")
     print(f"{corpus}: {corpus.stat().st_size / 2 ** 20:,.0f} MB on disk; {args.checkpoint}")
-    rows = ["| processes | documents | tokens | seconds | tokens/s | peak PSS, tree (MB) | peak RSS sum, tree (MB) "
-            "| largest ru_maxrss (MB) | token file |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| processes | documents | tokens | seconds | tokens/s | CPU s, main + workers | peak PSS, tree (MB) "
+            "| peak RSS sum, tree (MB) | largest ru_maxrss (MB) | token file |", "|---|---|---|---|---|---|---|---|---|---|"]
     for n in args.num_proc:
-        s, n_tokens, n_docs, digest, maxrss, pss, rss = measure(corpus, args.checkpoint, n)
-        rows.append(f"| {n} | {n_docs:,} | {n_tokens:,} | {s:.1f} | {n_tokens / s:,.0f} | {pss:,.0f} | {rss:,.0f} "
-                    f"| {maxrss:,.0f} | {digest} |")
+        s, n_tokens, n_docs, digest, cpu, maxrss, pss, rss = measure(corpus, args.checkpoint, n)
+        rows.append(f"| {n} | {n_docs:,} | {n_tokens:,} | {s:.1f} | {n_tokens / s:,.0f} | {cpu[0]:.0f} + {cpu[1]:.0f} "
+                    f"| {pss:,.0f} | {rss:,.0f} | {maxrss:,.0f} | {digest} |")
         print(rows[-1], flush=True)
     print("\n".join(rows))
     return 0

@@ -185,8 +185,9 @@ def tokenize_chunk(task):
             if isinstance(item, bytes):  # a JSONL line
                 if not item.strip():
                     continue
-                item = parse_json(item)
-            doc = item if isinstance(item, str) else document(item)
+                doc = document(parse_json(item))
+            else:  # the text of a .txt file, or a table row
+                doc = item if isinstance(item, str) else document(item)
             ids[is_val or (fraction > 0 and held_out(doc, fraction))].extend(encode_document(tok, doc))
         except UsageError as e:
             raise UsageError(f"{path}:{i}: {e}") from None

@@ -241,3 +241,13 @@ def test_ablation_grid_end_to_end(setup, tmp_path, capsys):
     assert (tmp_path / "ab" / "paper.safetensors").stat().st_mtime_ns == stamp
     with pytest.raises(UsageError, match="holds runs trained with"):
         ablate.main(ablate.parse_args([*argv, "--max-steps", "3"]))
+
+
+def test_export_refuses_a_half_block_exit():
+    from export import exit_as_llama
+
+    for kind in ("mlp", "attn"):
+        bm = BalconyModel(Transformer(tiny_args()), [2], kind=kind)
+        assert exit_as_llama(bm, None)[0].n_layers == 4  # full depth is the base model, whatever the balconies
+        with pytest.raises(UsageError, match=f"exit 2 is a '{kind}' balcony"):
+            exit_as_llama(bm, 2)

@@ -139,6 +139,7 @@ def test_unknown_types_and_bad_rows_are_refused_in_one_line(tmp_path, tok):
     assert r.returncode == 2 and r.stderr.startswith("data.py: error: --data") and r.stderr.count("\n") == 1, r.stderr
     cases = {"a.jsonl": (b'{"text": "fine"}\n\n{"title": "no text"}\n', "a.jsonl:3: no 'text'"),
              "b.jsonl": (b'{"text": "fine"}\nnot json\n', "b.jsonl:2: not a line of JSON"),
+             "f.jsonl": (b'"a JSON string"\n', "f.jsonl:1: not a JSON object"),
              "c.jsonl": (b'{"messages": [{"role": "user"}]}\n', "c.jsonl:1: 'messages' is not a list"),
              "d.parquet": (b"PAR1 not really", "d.parquet: not a readable .parquet file")}
     for name, (content, expected) in cases.items():
