@@ -17,15 +17,45 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cli import UsageError
-from model import ModelArgs, RMSNorm, Transformer, TransformerBlock, ensure_cache
+from model import Attention, FeedForward, ModelArgs, RMSNorm, Transformer, TransformerBlock, ensure_cache
 
 
-class BalconyExit(nn.Module):
-    """Eq. 1: X'_j = f_b(X_j, W'_j), a decoder block followed by an RMSNorm."""
+class AttentionOnly(nn.Module):
+    """The attention half of a decoder block: its RMSNorm, attention and residual (section 4.3's ablation)."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.layer = TransformerBlock(args)
+        self.attention = Attention(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, input_pos=None):
+        return x + self.attention(self.attention_norm(x), cos, sin, input_pos)
+
+
+class MLPOnly(nn.Module):
+    """The feed-forward half of a decoder block: its RMSNorm, SwiGLU and residual. Each token on its own: no KV
+    cache, and no use for the RoPE tables it is handed."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.feed_forward = FeedForward(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, input_pos=None):
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+# What a balcony's layer is (train.py --balcony): the paper's full decoder block, or one half of it (section 4.3,
+# Figure 5, left). The halves keep the block's parameter names, so "init from the last layer" copies matching parts.
+KINDS = {"block": TransformerBlock, "mlp": MLPOnly, "attn": AttentionOnly}
+
+
+class BalconyExit(nn.Module):
+    """Eq. 1: X'_j = f_b(X_j, W'_j), a decoder block (or, to ablate, half of one) followed by an RMSNorm."""
+
+    def __init__(self, args: ModelArgs, kind: str = "block"):
+        super().__init__()
+        self.layer = KINDS[kind](args)
         self.norm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(self, x, cos, sin, input_pos=None):
@@ -44,7 +74,7 @@ def _kl(teacher, student):
 def distillation_kl_reference(output_weight, h_full, h_exits):
     """Eq. 2 as written, per exit: KL(p_full || p_exit) summed over tokens, shape (n_exits,). It makes every exit's
     full (tokens, vocab) logits and lets autograd differentiate them: the form to read and to test against."""
-    teacher = _log_probs(output_weight, h_full.flatten(0, -2))
+    teacher = _log_probs(output_weight, h_full.flatten(0, -2)).detach()  # a target: no gradient through p_full
     return torch.stack([F.kl_div(_log_probs(output_weight, h.flatten(0, -2)), teacher, log_target=True,
                                  reduction="sum") for h in h_exits])
 
@@ -91,15 +121,17 @@ def distillation_kl(output: nn.Linear, h_full, h_exits, chunk_size: int = 256):
 
 
 @torch.no_grad()
-def exit_metrics(output: nn.Linear, h_full, hs, targets, chunk_size: int = 1024):
+def exit_metrics(output: nn.Linear, h_full, hs, targets, chunk_size: int = 1024, teacher_output=None):
     """Held-out quality of each normalised hidden state in hs (an exit's, or h_full itself for full depth), summed
     over tokens: a (3, len(hs)) tensor of KL(p_full || p), top-1 agreement with the full model, and the negative
-    log-likelihood of targets (B, T), so exp(nll / tokens) is the perplexity. Chunked like distillation_kl."""
+    log-likelihood of targets (B, T), so exp(nll / tokens) is the perplexity. Chunked like distillation_kl.
+    teacher_output: h_full's own head when it is not `output` (ablate.py: a trained backbone against the original)."""
     D, w = h_full.size(-1), output.weight
+    tw = w if teacher_output is None else teacher_output.weight
     h_full, hs, targets = h_full.reshape(-1, D), [h.reshape(-1, D) for h in hs], targets.reshape(-1, 1)
     sums = torch.zeros(3, len(hs), device=h_full.device)
     for s in range(0, h_full.size(0), chunk_size):
-        teacher = _log_probs(w, h_full[s:s + chunk_size])
+        teacher = _log_probs(tw, h_full[s:s + chunk_size])
         for j, h in enumerate(hs):
             logp = _log_probs(w, h[s:s + chunk_size])
             sums[0, j] += _kl(teacher, logp)
@@ -109,7 +141,12 @@ def exit_metrics(output: nn.Linear, h_full, hs, targets, chunk_size: int = 1024)
 
 
 class BalconyModel(nn.Module):
-    def __init__(self, model: Transformer, exit_layers, init: str = "last"):
+    """A base model with balconies of one `kind` (KINDS) at exit_layers. The backbone is frozen unless
+    train_backbone: section 4.3's "unfrozen" ablation, where the backbone trains with the exits on the same loss, so
+    full depth is no longer the original model."""
+
+    def __init__(self, model: Transformer, exit_layers, init: str = "last", kind: str = "block",
+                 train_backbone: bool = False):
         super().__init__()
         n = model.args.n_layers
         exit_layers = [int(k) for k in exit_layers]
@@ -120,16 +157,25 @@ class BalconyModel(nn.Module):
             raise UsageError(f"exit layer(s) {bad} outside 1..{n - 1} (the model has {n} layers)")
         if init not in ("last", "random"):
             raise UsageError(f"init must be 'last' or 'random', not {init!r}")
-        self.model = model.requires_grad_(False)  # the backbone and the shared head stay frozen
+        if kind not in KINDS:
+            raise UsageError(f"balcony kind must be one of {', '.join(KINDS)}, not {kind!r}")
+        self.kind, self.train_backbone = kind, train_backbone
+        self.model = model.requires_grad_(False)  # the paper: the backbone and the shared head stay frozen
         self.exit_layers = sorted(exit_layers)
-        self.exits = nn.ModuleDict({str(k): BalconyExit(model.args) for k in self.exit_layers})
+        if train_backbone:  # all the loss reaches: the teacher is detached, so layers past the last exit and the final
+            # norm get no gradient and stay as they are
+            for m in [model.tok_embeddings, model.output, *model.layers[:max(self.exit_layers, default=0)]]:
+                m.requires_grad_(True)
+        self.exits = nn.ModuleDict({str(k): BalconyExit(model.args, kind) for k in self.exit_layers})
         w = model.tok_embeddings.weight
         self.exits.to(device=w.device, dtype=w.dtype)
+        last = model.layers[-1].state_dict()
         for ex in self.exits.values():
             if init == "last":
-                # Section 3: start from the last decoder layer, already aligned with the LM head, and its final norm.
-                # (The authors' code copies layers[k].input_layernorm into the exit norm instead.)
-                ex.layer.load_state_dict(model.layers[-1].state_dict())
+                # Section 3: start from the last decoder layer, already aligned with the LM head, and its final norm;
+                # a half block takes that layer's matching half. (The authors' code copies layers[k].input_layernorm
+                # into the exit norm instead.)
+                ex.layer.load_state_dict({name: last[name] for name in ex.layer.state_dict()})
                 ex.norm.load_state_dict(model.norm.state_dict())
             else:
                 for name, p in ex.named_parameters():
@@ -157,7 +203,7 @@ class BalconyModel(nn.Module):
         exits = [self._check_exit(e) for e in exits]
         self.model.setup_caches(max_batch_size, max_seq_len, n_layers=max(e or self.n_layers for e in exits))
         for e in exits:
-            if e is not None:
+            if e is not None and self.kind != "mlp":  # an MLP-only balcony has no attention, nothing to cache
                 att = self.exits[str(e)].layer.attention
                 att.kv_cache = ensure_cache(att.kv_cache, self.model.args, max_batch_size, max_seq_len,
                                             self.model.tok_embeddings.weight)
@@ -182,29 +228,36 @@ class BalconyModel(nn.Module):
         x = self.run_layers(self.model.tok_embeddings(idx), 0, exit, input_pos)
         return self.model.output(self.exit_hidden(exit, x, input_pos))
 
-    def forward_train(self, idx):
-        """One backbone pass for training and evaluation: the full model's final hidden states (normalised, before
-        the head) and every exit's, in exit_layers order. The backbone runs without autograd; exits keep theirs."""
-        with torch.no_grad():
+    def backbone_taps(self, idx):
+        """forward_train's backbone pass: the full model's final hidden states (normalised, before the head; the
+        teacher, never with a gradient) and the layer-k hidden states of each exit k. Without autograd, unless
+        train_backbone (then up to the last exit)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_backbone):
             x = self.model.tok_embeddings(idx)
             taps, prev = [], 0
             for k in self.exit_layers:
                 x = self.run_layers(x, prev, k)
                 taps.append(x)
                 prev = k
+        with torch.no_grad():
             h_full = self.model.norm(self.run_layers(x, prev, self.n_layers))
-        h_exits = [self.exit_hidden(k, t) for k, t in zip(self.exit_layers, taps)]
-        return h_full, h_exits
+        return h_full, taps
+
+    def forward_train(self, idx):
+        """One backbone pass for training and evaluation: the full model's final hidden states (normalised, before
+        the head) and every exit's, in exit_layers order; the exits keep their autograd."""
+        h_full, taps = self.backbone_taps(idx)
+        return h_full, [self.exit_hidden(k, t) for k, t in zip(self.exit_layers, taps)]
 
     # File I/O: the exit weights alone, tagged with the base model's fingerprint so they refuse other models.
 
     def save_exits(self, path, fingerprint: Optional[str] = None):
-        """Write the exit weights alone (safetensors, atomically) with the exit layers and the base's fingerprint
-        (pass it when it was taken before the backbone was sharded)."""
+        """Write the exit weights alone (safetensors, atomically) with the exit layers, the balcony kind and the base's
+        fingerprint (pass it when it was taken before the backbone was sharded)."""
         from safetensors.torch import save_file
 
         path = Path(path)
-        meta = {"exit_layers": json.dumps(self.exit_layers),
+        meta = {"exit_layers": json.dumps(self.exit_layers), "balcony_kind": self.kind,
                 "base_fingerprint": fingerprint or model_fingerprint(self.model),
                 "model_args": self.model.args.to_json()}
         tensors = {f"exits.{k}": v.detach().contiguous().cpu() for k, v in self.exits.state_dict().items()}
@@ -213,28 +266,24 @@ class BalconyModel(nn.Module):
         os.replace(tmp, path)
 
     def load_exits(self, path):
-        """Load exits written by save_exits; refuse exits trained on another base model."""
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError) as e:
-            raise UsageError(f"{path} is not a readable balcony file ({e})") from None
-        if "base_fingerprint" not in meta:
-            raise UsageError(f"{path} has no balcony metadata; was it written by train.py?")
+        """Load exits written by save_exits; refuse exits trained on another base model, or of another kind."""
+        meta, tensors = self.read_exits_file(path, tensors=True)
         if meta["base_fingerprint"] != model_fingerprint(self.model):
             raise UsageError(f"{path} was trained for another base model (fingerprint {meta['base_fingerprint']}, "
                              f"this model's is {model_fingerprint(self.model)}); train exits for this checkpoint")
-        if json.loads(meta["exit_layers"]) != self.exit_layers:
-            raise UsageError(f"{path} holds exits {json.loads(meta['exit_layers'])}, not {self.exit_layers}")
+        if meta["exit_layers"] != self.exit_layers:
+            raise UsageError(f"{path} holds exits {meta['exit_layers']}, not {self.exit_layers}")
+        if meta["kind"] != self.kind:
+            raise UsageError(f"{path} holds {meta['kind']!r} balconies (train.py --balcony {meta['kind']}), not "
+                             f"{self.kind!r} ones; load it with BalconyModel.from_exits_file, which reads the kind")
         w = self.model.tok_embeddings.weight
         sd = {k.removeprefix("exits."): v.to(device=w.device, dtype=w.dtype) for k, v in tensors.items()}
         self.exits.load_state_dict(sd)
 
     @staticmethod
-    def read_exit_layers(path) -> list:
+    def read_exits_file(path, tensors: bool = False):
+        """(metadata, tensors or None) of a file written by save_exits, with exit_layers as a list and the balcony
+        kind as "kind"; a missing, unreadable or foreign file is one UsageError line."""
         from safetensors import SafetensorError, safe_open
 
         if not Path(path).is_file():
@@ -242,22 +291,26 @@ class BalconyModel(nn.Module):
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
+                data = {k: f.get_tensor(k) for k in f.keys()} if tensors else None
         except (SafetensorError, OSError) as e:
             raise UsageError(f"{path} is not a readable balcony file ({e})") from None
-        if "exit_layers" not in meta:
+        if not {"exit_layers", "base_fingerprint"} <= set(meta):
             raise UsageError(f"{path} has no balcony metadata; was it written by train.py?")
-        return json.loads(meta["exit_layers"])
+        # files written before the ablation kinds existed hold full blocks, the only kind there was
+        meta = dict(meta, exit_layers=json.loads(meta["exit_layers"]), kind=meta.get("balcony_kind", "block"))
+        return meta, data
 
     @classmethod
     def from_exits_file(cls, model: Transformer, exits_path) -> "BalconyModel":
-        """Wrap a loaded base model with the exits of a file written by save_exits."""
-        bm = cls(model, cls.read_exit_layers(exits_path))
+        """Wrap a loaded base model with the exits of a file written by save_exits, of the kind it records."""
+        meta, _ = cls.read_exits_file(exits_path)
+        bm = cls(model, meta["exit_layers"], kind=meta["kind"])
         bm.load_exits(exits_path)
         return bm.eval()
 
     @classmethod
     def from_checkpoint(cls, ckpt_dir, exits_path, device="cpu", dtype=torch.float32) -> "BalconyModel":
-        cls.read_exit_layers(exits_path)  # a missing or foreign exits file fails before the base model loads
+        cls.read_exits_file(exits_path)  # a missing or foreign exits file fails before the base model loads
         return cls.from_exits_file(Transformer.from_checkpoint(ckpt_dir, device=device, dtype=dtype), exits_path)
 
 

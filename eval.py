@@ -276,6 +276,13 @@ def choice_metrics(items: list, ll: torch.Tensor, greedy: torch.Tensor) -> dict:
     return dict(acc=acc / len(items), acc_norm=acc_norm / len(items))
 
 
+def task_metrics(bm, tok, items: list, exits: list, batch_size: int, desc: str = None, measure: str = "prob") -> list:
+    """A task's items scored at every exit: choice_metrics and backbone layers per token, per exit, in exits order."""
+    pairs = [(c, " " + ch) for contexts, choices, _ in items for c, ch in zip(contexts, choices)]
+    ll, greedy, layers = score(bm, tok, pairs, exits, batch_size, desc=desc, measure=measure)
+    return [dict(choice_metrics(items, ll[e], greedy[e]), layers=layers[e].item()) for e in range(len(exits))]
+
+
 @torch.no_grad()
 def eval_ppl(bm, tokens: torch.Tensor, exits: list, block: int, limit, batch_size: int, chunk: int = 1024,
              measure: str = "prob") -> list:
@@ -528,9 +535,7 @@ def main(args):
                 from fetch import fetch
                 root = fetch("evals")
             items = TASKS[t].load(root, shots[t])[:limits[t]]
-            pairs = [(c, " " + ch) for contexts, choices, _ in items for c, ch in zip(contexts, choices)]
-            ll, greedy, layers = score(bm, tok, pairs, exits, args.batch_size, desc=t, measure=args.confidence_measure)
-            scores = [dict(choice_metrics(items, ll[e], greedy[e]), layers=layers[e].item()) for e in range(len(exits))]
+            scores = task_metrics(bm, tok, items, exits, args.batch_size, desc=t, measure=args.confidence_measure)
             info = dict(n=len(items), shots=shots[t] if t != "lambada" else 0, metric=TASKS[t].metric)
         results[t] = dict(info, seconds=round(time.perf_counter() - t0, 1),
                           exits={label(e): s for e, s in zip(exits, scores)})

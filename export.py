@@ -36,6 +36,9 @@ def exit_as_llama(bm, exit):
     sd = base.checkpoint_state_dict()  # a tied head is the embedding, not stored twice
     if bm._check_exit(exit) is None:
         return base.args, sd
+    if bm.kind != "block":
+        raise UsageError(f"exit {exit} is a {bm.kind!r} balcony (train.py --balcony {bm.kind}), not a decoder block: "
+                         f"a plain Llama cannot hold it; export full depth or a block balcony")
     args = replace(base.args, n_layers=exit + 1)
     sd = {k: v for k, v in sd.items() if not (k.startswith("layers.") and int(k.split(".")[1]) >= exit)}
     ex = bm.exits[str(exit)]

@@ -7,12 +7,16 @@ Train Balcony exits on a frozen converted checkpoint: the self-distillation loss
 Only the exits learn; the backbone and the shared LM head are frozen, so every batch costs one no-grad backbone pass
 plus a block and the head per exit. The loop is nanoGPT's (DDP from torchrun's env, gradient accumulation, warmup
 then cosine, clipping, periodic validation) cut into functions. data.py tokenises text once into a cached memmap.
+
+Section 4.3's ablations are flags: --init random, --balcony mlp|attn, --loss kl+ce --kl-weight 0.001 --ce-weight 1,
+--train-backbone (writes a whole checkpoint folder). ablate.py runs them side by side (the paper's Figure 5).
 """
 import argparse
 import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -25,8 +29,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from balcony import BalconyModel, distillation_kl, exit_metrics, model_fingerprint
+from balcony import KINDS, BalconyModel, distillation_kl, distillation_kl_reference, exit_metrics, model_fingerprint
 from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, run_cli
+from convert_hf import TOKENIZER_FILES, atomic_write
 from data import (add_data_args, data_files, get_batch, iter_batches, n_windows, open_tokens, step_windows,
                   tokenize_corpus)
 from model import Transformer
@@ -39,22 +44,28 @@ def _ce_chunk(weight, h, y):
 
 
 class ExitLoss(nn.Module):
-    """The training objective as one module, so DDP and torch.compile can wrap it: per exit, Eq. 2's KL averaged
-    over tokens, plus (--loss kl+ce) ce_weight times the exit's cross-entropy against the next token."""
+    """The training objective as one module, so DDP and torch.compile can wrap it: per exit, kl_weight times Eq. 2's
+    KL averaged over tokens, plus (--loss kl+ce) ce_weight times the exit's cross-entropy against the next token.
+    Returns the loss and the unweighted per-exit KL and CE (None without CE) for the log."""
 
-    def __init__(self, bm: BalconyModel, chunk_size: int, ce_weight: float):
+    def __init__(self, bm: BalconyModel, chunk_size: int, kl_weight: float = 1.0, ce_weight: float = 0.0):
         super().__init__()
-        self.bm, self.chunk_size, self.ce_weight = bm, chunk_size, ce_weight
+        self.bm, self.chunk_size, self.kl_weight, self.ce_weight = bm, chunk_size, kl_weight, ce_weight
 
     def forward(self, x, y):
         h_full, h_exits = self.bm.forward_train(x)  # (B, T, D), [(B, T, D)] * n_exits
-        kl = distillation_kl(self.bm.model.output, h_full, h_exits, self.chunk_size) / x.numel()  # (n_exits,)
+        if self.bm.train_backbone:  # the head trains too: the plain form gives it a gradient, the fused one does not
+            kl = distillation_kl_reference(self.bm.model.output.weight, h_full, h_exits) / x.numel()  # (n_exits,)
+        else:
+            kl = distillation_kl(self.bm.model.output, h_full, h_exits, self.chunk_size) / x.numel()
+        # The weighting, in one place. The paper's CE ablation (section 4.3) is kl_weight 0.001, ce_weight 1.
+        loss = self.kl_weight * kl.sum()
         if not self.ce_weight:
-            return kl.sum(), kl.detach(), None
+            return loss, kl.detach(), None
         w, y, c = self.bm.model.output.weight, y.reshape(-1), self.chunk_size
         ce = torch.stack([sum(checkpoint(_ce_chunk, w, h.reshape(len(y), -1)[s:s + c], y[s:s + c], use_reentrant=False)
                               for s in range(0, len(y), c)) for h in h_exits]) / x.numel()  # chunked like the KL
-        return kl.sum() + self.ce_weight * ce.sum(), kl.detach(), ce.detach()
+        return loss + self.ce_weight * ce.sum(), kl.detach(), ce.detach()
 
 
 def baseline_states(bm: BalconyModel, x):
@@ -96,13 +107,15 @@ def get_lr(step: int, max_lr: float, warmup_steps: int, max_steps: int) -> float
 def run_config(args, global_batch: int, data_key: str) -> dict:
     """What a resumed run must share with the saved one to continue exactly (the data position is the step).
     --max-steps may grow: the learning rate then follows the new schedule from the resumed step on."""
-    keys = ("seq_len", "lr", "warmup_steps", "weight_decay", "grad_clip", "init", "loss", "ce_weight", "seed", "dtype")
+    keys = ("seq_len", "lr", "warmup_steps", "weight_decay", "grad_clip", "init", "balcony", "loss", "kl_weight",
+            "ce_weight", "train_backbone", "seed", "dtype")
     return {**{k: getattr(args, k) for k in keys}, "global_batch": global_batch, "data": data_key}
 
 
 def save_state(path: Path, bm, opt, step: int, fingerprint: str, config: dict):
     state = {"exits": bm.exits.state_dict(), "optimizer": opt.state_dict(), "step": step,
-             "rng": torch.get_rng_state(), "fingerprint": fingerprint, "exit_layers": bm.exit_layers, "config": config}
+             "rng": torch.get_rng_state(), "fingerprint": fingerprint, "exit_layers": bm.exit_layers, "config": config,
+             "backbone": bm.model.state_dict() if bm.train_backbone else None}
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)  # a crash mid-write never leaves a half-written state behind
@@ -129,6 +142,20 @@ def load_state(path: Path, fingerprint: str, exit_layers: list, config: dict) ->
         raise UsageError(f"{path} was saved with other settings, so resuming would not continue exactly: "
                          + ", ".join(diff))
     return state
+
+
+def save_checkpoint(model: Transformer, src: Path, out: Path):
+    """--train-backbone: the trained model as a converted-checkpoint folder (convert_hf.py's layout, the tokenizer
+    files copied from src), so that generate.py and eval.py take it as --checkpoint."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.checkpoint_state_dict().items()}
+    atomic_write(out / "model.safetensors", lambda p: save_file(sd, str(p), metadata={"format": "pt"}))
+    for f in TOKENIZER_FILES:
+        if (src / f).is_file():
+            atomic_write(out / f, lambda p: shutil.copyfile(src / f, p))
+    atomic_write(out / "config.json", lambda p: p.write_text(model.args.to_json()))
 
 
 def open_log(path: Path, resume_step=None):
@@ -191,12 +218,14 @@ def metrics_by_exit(exit_layers, metrics) -> dict:
     return {key: dict(zip(names, vals)) for key, vals in zip(("val_kl", "val_top1", "val_ppl"), metrics)}
 
 
-def exit_table(exit_layers, baseline, trained) -> str:
+def exit_table(exit_layers, baseline, trained, backbone_trained=False) -> str:
     """Held-out quality per exit, without and with its balcony, and the full model's for reference."""
     rows = ["| exit | val KL, no balcony -> balcony | top-1 agreement | perplexity |", "|---|---|---|---|"]
     rows += [f"| {k} | {baseline[0][j]:.3f} -> {trained[0][j]:.3f} | {baseline[1][j]:.1%} -> {trained[1][j]:.1%} "
              f"| {baseline[2][j]:.1f} -> {trained[2][j]:.1f} |" for j, k in enumerate(exit_layers)]
-    rows.append(f"| full | 0 | 100% | {trained[2][-1]:.1f} |")
+    full = f"{baseline[2][-1]:.1f} -> {trained[2][-1]:.1f} (the backbone trained)" if backbone_trained else \
+        f"{trained[2][-1]:.1f}"
+    rows.append(f"| full | 0 | 100% | {full} |")
     return "\n".join(rows)
 
 
@@ -222,8 +251,12 @@ def train(args, rank: int, world_size: int, device) -> int:
     master, ddp = rank == 0, world_size > 1
     say = tqdm.write if master else (lambda *a: None)
     ckpt = Path(args.checkpoint)
+    if args.train_backbone and (not args.out or Path(args.out).resolve() == ckpt.resolve()):
+        raise UsageError("--train-backbone changes the model, so it writes a new checkpoint folder with its exits: "
+                         "name one with --out, e.g. --out checkpoints/unfrozen")
     out = Path(args.out) if args.out else ckpt / "balcony.safetensors"
-    state_path, log_path = out.with_suffix(".state.pt"), out.with_suffix(".log.jsonl")
+    exits_path = out / "balcony.safetensors" if args.train_backbone else out  # where generate.py and eval.py look
+    state_path, log_path = exits_path.with_suffix(".state.pt"), exits_path.with_suffix(".log.jsonl")
     try:
         exit_layers = [int(k) for k in args.exit_layers.split(",")]
     except ValueError:
@@ -232,11 +265,14 @@ def train(args, rank: int, world_size: int, device) -> int:
         raise UsageError("--fsdp shards the backbone across processes; launch with torchrun --nproc_per_node N")
     args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     dtype = DTYPES[args.dtype]
+    if args.train_backbone and (ddp or dtype != torch.float32):
+        raise UsageError("--train-backbone (the unfrozen ablation) trains in one process with an fp32 backbone: drop "
+                         "torchrun and --fsdp, and pass --dtype float32")
     torch.manual_seed(args.seed)  # the same random exits on every rank (--init random)
     # the frozen backbone and head are stored in --dtype once (no per-step casts); with --fsdp each rank reads them
     # into CPU memory and keeps only its shard of every layer on the device
     model = Transformer.from_checkpoint(ckpt, device="cpu" if args.fsdp else device, dtype=dtype)
-    bm = BalconyModel(model, exit_layers, init=args.init)
+    bm = BalconyModel(model, exit_layers, init=args.init, kind=args.balcony, train_backbone=args.train_backbone)
     bm.exits.float()  # the exits' master weights, and so AdamW's state, stay fp32 whatever --dtype is
     if args.seq_len > bm.model.args.max_seq_len:
         raise UsageError(f"--seq-len {args.seq_len} exceeds the model's context of {bm.model.args.max_seq_len}")
@@ -256,9 +292,13 @@ def train(args, rank: int, world_size: int, device) -> int:
         raise UsageError(f"--data has {len(train_tokens)} training and {len(val_tokens)} validation tokens: too few "
                          f"for a global batch of {global_batch} x {args.seq_len} and one validation window")
 
-    params = list(bm.exits.parameters())  # the optimiser sees the exits only; the backbone has requires_grad False
+    # the exits only, unless --train-backbone (then also the backbone up to the last exit and the head)
+    params = [p for p in bm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay,
                             fused=device.type == "cuda")
+    # autocast runs the exits in --dtype (the frozen weights already are); the loss's softmax and KL stay fp32
+    ctx = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    baseline = evaluate(bm, val_tokens, args, ctx, rank, world_size, baseline=True)  # the original model's
     config, step = run_config(args, global_batch, folder.name), 0
     if args.resume:
         state = load_state(state_path, fingerprint, bm.exit_layers, config)
@@ -266,19 +306,19 @@ def train(args, rank: int, world_size: int, device) -> int:
             raise UsageError(f"{state_path} is at step {state['step']}, past --max-steps {args.max_steps}; to train "
                              f"on, resume with a larger --max-steps")
         bm.exits.load_state_dict(state["exits"])
+        if bm.train_backbone:
+            bm.model.load_state_dict(state["backbone"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         step = state["step"]
 
-    loss_fn = ExitLoss(bm, args.chunk_size, args.ce_weight if args.loss == "kl+ce" else 0.0)
+    loss_fn = ExitLoss(bm, args.chunk_size, args.kl_weight, args.ce_weight if args.loss == "kl+ce" else 0.0)
     if device.type == "cuda" if args.compile is None else args.compile:
         loss_fn = torch.compile(loss_fn, dynamic=False)  # compiles on the first step
     if ddp:
         loss_fn = wrap_ddp(loss_fn, device)
-    # autocast runs the exits in --dtype (the frozen weights already are); the loss's softmax and KL stay fp32
-    ctx = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
-    out.parent.mkdir(parents=True, exist_ok=True)
+    exits_path.parent.mkdir(parents=True, exist_ok=True)
     log = open_log(log_path, step if args.resume else None) if master else None
 
     def record(obj):
@@ -286,9 +326,9 @@ def train(args, rank: int, world_size: int, device) -> int:
             log.write(json.dumps(obj) + "\n")
             log.flush()
 
-    say(f"{sum(p.numel() for p in params):,} trainable parameters in exits {bm.exit_layers}; "
+    say(f"{sum(p.numel() for p in params):,} trainable parameters in exits {bm.exit_layers}"
+        f"{' and the backbone' if bm.train_backbone else ''} ({args.balcony} balconies); "
         f"{n_train} training windows of {args.seq_len} tokens, {global_batch} per step; from step {step}")
-    baseline = evaluate(bm, val_tokens, args, ctx, rank, world_size, baseline=True)
     if not args.resume:  # a resumed run's log already has it
         record({"step": step, "eval": "no_balcony", **metrics_by_exit(exit_layers, baseline)})
     say("no balcony (final norm + head on layer-k states): val KL " +
@@ -352,10 +392,14 @@ def train(args, rank: int, world_size: int, device) -> int:
     if final is None:  # resumed at the last step (killed after its state was saved, before the exits were)
         final = evaluate(bm, val_tokens, args, ctx, rank, world_size)
     if master:
-        bm.save_exits(out, fingerprint)
+        if bm.train_backbone:
+            save_checkpoint(bm.model, ckpt, out)
+        bm.save_exits(exits_path, None if bm.train_backbone else fingerprint)  # last: the saved backbone's
+        saved = f"checkpoint and exits saved to {out} (full depth is no longer the original model)" \
+            if bm.train_backbone else f"exits saved to {out}"
         say(f"{args.max_steps - start_step} steps in {time.time() - t_start:.0f} s (first step {first_step_s:.1f} s, "
-            f"includes any compile); exits saved to {out}")
-        say(exit_table(exit_layers, baseline, final))
+            f"includes any compile); {saved}")
+        say(exit_table(exit_layers, baseline, final, bm.train_backbone))
     return 0
 
 
@@ -364,7 +408,8 @@ def get_parser():
     d = " (default: %(default)s)"
     p.add_argument("--exit-layers", required=True, help="comma-separated layers to put balconies after, e.g. 15,18,21")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="converted model folder" + d)
-    p.add_argument("--out", default=None, help="trained exits (default: <checkpoint>/balcony.safetensors); the "
+    p.add_argument("--out", default=None, help="trained exits (default: <checkpoint>/balcony.safetensors), or with "
+                   "--train-backbone a new checkpoint folder holding them; the "
                    "training state and JSONL log go next to it as .state.pt and .log.jsonl")
     add_data_args(p)  # --data, --val-files, --val-fraction, --cache-dir, --num-proc
     p.add_argument("--seq-len", type=int, default=256, help="tokens per window" + d)
@@ -377,9 +422,17 @@ def get_parser():
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm" + d)
     p.add_argument("--init", choices=["last", "random"], default="last", help="balcony init: copy of the last "
                    "layer (paper) or random" + d)
+    p.add_argument("--balcony", choices=list(KINDS), default="block", help="each balcony's layer: a full decoder "
+                   "block (paper), or only its MLP or attention half (section 4.3's ablation)" + d)
     p.add_argument("--loss", choices=["kl", "kl+ce"], default="kl", help="kl: Eq. 2; kl+ce adds each exit's "
                    "next-token cross-entropy" + d)
+    p.add_argument("--kl-weight", type=float, default=1.0, help="weight of the KL term; the paper's CE ablation is "
+                   "--loss kl+ce --kl-weight 0.001 --ce-weight 1" + d)
     p.add_argument("--ce-weight", type=float, default=1.0, help="weight of the CE term with --loss kl+ce" + d)
+    p.add_argument("--train-backbone", action="store_true", help="section 4.3's unfrozen ablation: the backbone "
+                   "(up to the last exit) and the head train with the exits on the same loss, the teacher being the "
+                   "current full model, detached; --out is then a new checkpoint folder whose full depth is no "
+                   "longer the original model")
     p.add_argument("--chunk-size", type=int, default=256, help="tokens whose logits exist at once in the loss" + d)
     p.add_argument("--eval-every", type=int, default=75, help="validate every N steps, and at the end" + d)
     p.add_argument("--eval-windows", type=int, default=16, help="validation windows per evaluation" + d)
@@ -404,6 +457,10 @@ def parse_args(argv=None):
                  "save_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.kl_weight < 0 or args.ce_weight < 0:
+        p.error("--kl-weight and --ce-weight must be at least 0")
+    if args.kl_weight == 0 and args.loss == "kl":
+        p.error("--kl-weight 0 with --loss kl leaves nothing to train")
     return args
 
 
