@@ -15,17 +15,10 @@ import time
 import torch
 
 from balcony import BalconyModel
-from generate import compile_steps, generate
+from generate import compile_steps, generate, weights_per_token
 from cli import DTYPES, run_cli
 
 PROMPT = "Explain in a few paragraphs why the sky is blue, and why sunsets are red."
-
-
-def weights_per_token(model, exit) -> int:
-    """Weights an exit reads per decoded token: its backbone layers, its balcony layer and the shared head."""
-    n = model.n_layers if exit is None else exit
-    layer = sum(p.numel() for p in model.model.layers[0].parameters())
-    return n * layer + (exit is not None) * layer + model.model.output.weight.numel()
 
 
 def bench(model, prompt_ids, args, **kw):
