@@ -24,12 +24,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cli import DTYPES, UsageError, run_cli
+from cli import DEFAULT_CHECKPOINT, DTYPES, ROOT, UsageError, run_cli
 from model import ModelArgs, rope_inv_freq
 from tokenizer import LLAMA3_PATTERN
-
-ROOT = Path(__file__).resolve().parent
-DEFAULT_OUT = ROOT / "checkpoints" / "smollm2-135m-instruct"
 
 # source name -> our name, {} is the layer index (gpt-fast's weight_map); None: a buffer we recompute, skipped
 HF_WEIGHT_MAP = {
@@ -140,6 +137,12 @@ def unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, out // n_heads // 2, 2, inp).swapaxes(1, 2).reshape(out, inp)
 
 
+def permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    # the inverse of unpermute, for export.py writing a GGUF: per head, rows go from (2, hd/2) order to (hd/2, 2)
+    out, inp = w.shape
+    return w.reshape(n_heads, 2, out // n_heads // 2, inp).swapaxes(1, 2).reshape(out, inp)
+
+
 def gguf_args(reader) -> ModelArgs:
     def get(key, default=None):
         f = reader.fields.get(key)
@@ -164,17 +167,44 @@ def gguf_args(reader) -> ModelArgs:
         rope_theta=as_decimal(get("llama.rope.freq_base", 10000.0)), max_seq_len=get("llama.context_length"),
         tie_embeddings=not any(t.name == "output.weight" for t in reader.tensors),
     )
+    # RoPE scaling. llama.cpp's converters store Llama-3.1's as rope_freqs.weight, the per-frequency divisors; a GGUF
+    # may instead (or also) say rope.scaling.type 'llama3' with its factor and original context. Either way the low and
+    # high frequency factors are Meta's published ones (GGUF has no key for them), and stored divisors must agree.
+    # Linear, YaRN and LongRoPE scaling would need a RoPE model.py does not have: refused, not silently ignored.
+    kind = get("llama.rope.scaling.type", "none")
+    if kind not in ("none", "llama3") or get("llama.rope.scale_linear", 1.0) != 1.0:
+        kind = "linear" if kind == "none" else kind  # the legacy rope.scale_linear key
+        raise UsageError(f"GGUF RoPE scaling {kind!r} is not supported (only Llama-3.1's 'llama3' is); converting it "
+                         "would run the model with wrong positions")
     rope_freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
-    if rope_freqs is not None:
-        # Llama-3.1/3.2 GGUFs store the per-frequency divisors, not the scaling parameters; those are Meta's
-        # published ones with factor = the largest divisor. Check they reproduce the stored divisors.
-        divisors = torch.from_numpy(np.array(rope_freqs.data, dtype=np.float32))
-        args.rope_scaling = dict(factor=divisors.max().item(), low_freq_factor=1.0, high_freq_factor=4.0,
-                                 original_max_position_embeddings=8192)
-        if not torch.allclose(rope_inv_freq(replace(args, rope_scaling=None)) / divisors, rope_inv_freq(args),
-                              rtol=1e-4):
-            raise UsageError("rope_freqs.weight is not Llama-3.1's RoPE scaling; this GGUF is not supported")
+    divisors = None if rope_freqs is None else torch.from_numpy(np.array(rope_freqs.data, dtype=np.float32))
+    if kind == "llama3" or divisors is not None:
+        factor = get("llama.rope.scaling.factor") if kind == "llama3" else divisors.max().item()
+        old_len = get("llama.rope.scaling.original_context_length", 8192)
+        args.rope_scaling = dict(factor=as_decimal(factor), low_freq_factor=1.0, high_freq_factor=4.0,
+                                 original_max_position_embeddings=old_len)
+        if divisors is not None and not torch.allclose(rope_inv_freq(replace(args, rope_scaling=None)) / divisors,
+                                                       rope_inv_freq(args), rtol=1e-4):
+            raise UsageError(f"rope_freqs.weight does not match Llama-3.1's RoPE scaling {args.rope_scaling}; this "
+                             "GGUF is not supported")
     return args
+
+
+GGUF_PRE_TOKENIZERS = ("smollm", "gpt2", "llama-bpe")  # llama.cpp's tokenizer.ggml.pre names we know
+
+
+def gguf_pre_tokenizer(pre: str) -> dict:
+    """HF's tokenizer.json pre_tokenizer for llama.cpp's pre-tokenizer name (export.py matches it backwards)."""
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    if pre == "smollm":  # llama.cpp's 'smollm': every digit is its own piece, then GPT-2's regex
+        return {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]}
+    if pre in ("gpt2", "default"):
+        return byte_level
+    if pre == "llama-bpe":  # Llama-3: its own split regex, then bytes only
+        return {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated", "invert": False},
+            dict(byte_level, use_regex=False)]}
+    raise UsageError(f"GGUF pre-tokenizer {pre!r} is not supported (known: {', '.join(GGUF_PRE_TOKENIZERS)})")
 
 
 def gguf_tokenizer(reader) -> dict:
@@ -189,18 +219,7 @@ def gguf_tokenizer(reader) -> dict:
             raise UsageError(f"GGUF metadata {key} is missing")
     tokens, types = f["tokenizer.ggml.tokens"].contents(), f["tokenizer.ggml.token_type"].contents()
     pre = f["tokenizer.ggml.pre"].contents() if "tokenizer.ggml.pre" in f else "default"
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-    if pre == "smollm":  # llama.cpp's 'smollm': every digit is its own piece, then GPT-2's regex
-        pre_tokenizer = {"type": "Sequence",
-                         "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]}
-    elif pre in ("gpt2", "default"):
-        pre_tokenizer = byte_level
-    elif pre == "llama-bpe":  # Llama-3: its own split regex, then bytes only
-        pre_tokenizer = {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated", "invert": False},
-            dict(byte_level, use_regex=False)]}
-    else:
-        raise UsageError(f"GGUF pre-tokenizer {pre!r} is not supported (known: smollm, gpt2, llama-bpe)")
+    pre_tokenizer = gguf_pre_tokenizer(pre)
     control = [i for i, t in enumerate(types) if t == 3]  # llama.cpp token type 3 = control (special) token
     tokenizer = {
         "version": "1.0", "truncation": None, "padding": None,
@@ -298,7 +317,7 @@ def convert(src: Path, out: Path, dtype: str = "auto") -> Path:
 def main(args):
     if args.default:
         from fetch import DEFAULT_GGUF, fetch
-        src, out = fetch("model") / DEFAULT_GGUF, args.out or DEFAULT_OUT
+        src, out = fetch("model") / DEFAULT_GGUF, args.out or DEFAULT_CHECKPOINT
     elif args.src is None or args.out is None:
         raise UsageError("give SRC and --out DIR, or --default")
     else:
@@ -312,7 +331,7 @@ def get_parser():
     parser.add_argument("src", nargs="?", type=Path, help="Hugging Face model folder or .gguf file")
     parser.add_argument("--out", type=Path, help="output checkpoint folder")
     parser.add_argument("--default", action="store_true",
-                        help=f"fetch SmolLM2-135M-Instruct and write {DEFAULT_OUT.relative_to(ROOT)}")
+                        help=f"fetch SmolLM2-135M-Instruct and write {DEFAULT_CHECKPOINT.relative_to(ROOT)}")
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                         help="weights dtype (auto: the source's for HF, float32 for GGUF)")
     return parser
