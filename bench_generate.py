@@ -18,7 +18,7 @@ import torch
 
 from balcony import BalconyModel
 from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, run_cli
-from generate import compile_steps, generate
+from generate import compile_steps, generate, weights_per_token
 
 PROMPT = "Explain in a few paragraphs why the sky is blue, and why sunsets are red."
 QUESTIONS = [PROMPT, "What is the capital of France?", "Write a haiku about balconies.",
@@ -99,13 +99,6 @@ def decode_rate(model, prompts, exits, args) -> float:
 
 def batch_prompts(chat_prompts, n):
     return [chat_prompts[i % len(chat_prompts)] for i in range(n)]
-
-
-def weights_per_token(model, exit) -> int:
-    """Weights an exit reads per decoded token: its backbone layers, its balcony layer and the shared head."""
-    n = model.n_layers if exit is None else exit
-    layer = sum(p.numel() for p in model.model.layers[0].parameters())
-    return n * layer + (exit is not None) * layer + model.model.output.weight.numel()
 
 
 def bench(model, prompt_ids, args, **kw):

@@ -349,8 +349,9 @@ def eval_chat(bm, tok, exits: list, n_prompts, new_tokens: int, measure: str = "
     """Chat prompts (CHAT_PROMPTS, wrapped in the chat template): the full model's greedy answer (up to new_tokens,
     to its end of turn), then per exit, teacher-forced on that answer, how often the exit's top-1 token is the full
     model's and its backbone layers per token; and decode tokens/s generating new_tokens free-running, with the
-    cascade's layers per token there (gen_layers)."""
-    from generate import generate
+    cascade's layers per token there (gen_layers) and the weights read per token (generate.weights_per_token), whose
+    ratio to full depth's is the ideal speedup."""
+    from generate import generate, weights_per_token
 
     prompts = [tok.encode_chat([{"role": "user", "content": p}]) for p in CHAT_PROMPTS[:n_prompts]]
     device = bm.model.tok_embeddings.weight.device
@@ -372,9 +373,15 @@ def eval_chat(bm, tok, exits: list, n_prompts, new_tokens: int, measure: str = "
         decoded = sum(len(r["tokens"]) - 1 for r in runs)
         run_exits = [k for r in runs for k in r.get("exits", [])]  # the cascade's, token by token
         gen_layers = sum(run_exits) / len(run_exits) if run_exits else layers
+        weights = (sum(weights_per_token(bm, k, cascade=True) for k in run_exits) / len(run_exits) if run_exits
+                   else weights_per_token(bm, e))
         out.append(dict(agree=agree, layers=layers, decode_tok_s=decoded / sum(r["decode_s"] for r in runs),
-                        gen_layers=gen_layers, tokens=n_tok))
+                        gen_layers=gen_layers, weights_per_token=weights, tokens=n_tok))
     add_speedup(out, exits)
+    if None in exits:  # the speedup the weights read allow (bench_generate.py's ideal), immune to a busy CPU
+        full = weights_per_token(bm, None)
+        for o in out:
+            o["ideal_speedup"] = full / o["weights_per_token"]
     return out
 
 
@@ -400,7 +407,8 @@ def markdown_table(results: dict, exits: list) -> str:
     if "chat" in results:
         extra += [(f"chat agree % (n={results['chat']['n']})", "chat", "agree", 100, ".1f"),
                   ("chat layers", "chat", "layers", 1, ".1f"), ("chat tok/s", "chat", "decode_tok_s", 1, ".1f")]
-        extra += [("chat speedup", "chat", "speedup", 1, ".2f")] if None in exits else []
+        extra += [("chat speedup", "chat", "speedup", 1, ".2f"), ("ideal", "chat", "ideal_speedup", 1, ".2f")] \
+            if None in exits else []
     if "speed" in results:
         extra += [("prefill tok/s", "speed", "prefill_tok_s", 1, ".0f"),
                   ("decode tok/s", "speed", "decode_tok_s", 1, ".1f")]

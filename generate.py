@@ -421,6 +421,17 @@ class ConfidenceCascade:
         return torch.cat([old_pos, pos]), torch.cat([old_h, h], 1)
 
 
+def weights_per_token(model: BalconyModel, exit, cascade: bool = False) -> int:
+    """Weights a token decoded at batch 1 reads, which bounds its speed: backbone layers 1..exit (None: all), its
+    balcony and the shared head. In the cascade (ConfidenceCascade) a token also tried every shallower exit, a balcony
+    and a head each; the positions it back-fills ride in the same passes and read nothing more."""
+    layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    head = model.model.output.weight.numel()
+    exit = None if exit == model.n_layers else exit
+    tried = (model.exit_layers.index(exit) if exit is not None else len(model.exit_layers)) if cascade else 0
+    return (exit or model.n_layers) * layer + (exit is not None) * layer + head + tried * (layer + head)
+
+
 def cascade_decode(model: BalconyModel, prompt: list, cascade: ConfidenceCascade, emit: Callable, samp: dict,
                    sync: Callable) -> float:
     """Decode one prompt with the confidence cascade (generate() with exit="auto"), giving tokens to emit(0, [id])

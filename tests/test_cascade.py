@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import generate as generate_module
-from generate import exit_confidence, generate, get_parser, main
+from generate import exit_confidence, generate, get_parser, main, weights_per_token
 from cli import UsageError
 from test_generate import PROMPT, one_thread, tiny_balcony, tiny_with_balcony  # noqa: F401 (fixtures)
 
@@ -180,6 +180,17 @@ def test_layers_run_per_token_match_the_exits(scripted):
     assert calls["head"] == rows["head"] == sum(ladder.index(e) + 1 for e in exits)  # one row per exit tried
     assert r["avg_layers"] == pytest.approx(sum(exits) / len(exits))
     assert r["backfilled"] == sum(depth) - sum(exits[1:]) - len(PROMPT) * exits[0] > 0
+
+
+def test_weights_per_token():
+    model = tiny_balcony()  # 4 layers, exits 1, 2, 3
+    layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    head = model.model.output.weight.numel()
+    assert weights_per_token(model, 2) == 3 * layer + head  # layers 1..2, balcony 2, the head
+    assert weights_per_token(model, None) == weights_per_token(model, 4) == 4 * layer + head
+    assert weights_per_token(model, 1, cascade=True) == weights_per_token(model, 1)  # the first exit tries nothing else
+    assert weights_per_token(model, 2, cascade=True) == 3 * layer + head + (layer + head)  # tried balcony 1 and a head
+    assert weights_per_token(model, None, cascade=True) == 4 * layer + head + 3 * (layer + head)
 
 
 # ---- the CLI ----

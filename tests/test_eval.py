@@ -270,6 +270,8 @@ def test_auto_thresholds_bracket_the_fixed_exits(tiny_ckpt):
     assert chat[1]["agree"] == 1 and chat[4]["agree"] == 1 and chat[2]["agree"] == chat[0]["agree"]
     assert [c["layers"] for c in chat[:3]] == [1, 4, 1] and chat[4]["gen_layers"] == 4
     assert all(c["decode_tok_s"] > 0 for c in chat) and chat[1]["speedup"] == 1
+    assert chat[2]["ideal_speedup"] == chat[0]["ideal_speedup"] > 1 == chat[1]["ideal_speedup"]
+    assert chat[4]["ideal_speedup"] < 1  # every token at full depth, after trying each balcony and its head
     speed = ev.eval_speed(bm, exits, prompt_len=8, new_tokens=4)
     assert [s["layers"] for s in speed[:3]] + [speed[4]["layers"]] == [1, 4, 1, 4]
 
