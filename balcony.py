@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from cli import UsageError
-from model import KVCache, ModelArgs, RMSNorm, Transformer, TransformerBlock
+from model import ModelArgs, RMSNorm, Transformer, TransformerBlock, ensure_cache
 
 
 class BalconyExit(nn.Module):
@@ -121,15 +121,17 @@ class BalconyModel(nn.Module):
                              f"(or {self.n_layers} for full depth)")
         return exit
 
-    def setup_caches(self, max_batch_size: int, max_seq_len: int, exit: Optional[int] = None):
-        """KV caches for what `exit` runs: layers 1..exit and its balcony (all layers and every balcony if None)."""
-        exit = self._check_exit(exit)
-        self.model.setup_caches(max_batch_size, max_seq_len, n_layers=exit)
-        a, w = self.model.args, self.model.tok_embeddings.weight
-        for k, ex in self.exits.items():
-            keep = exit is None or int(k) == exit
-            ex.layer.attention.kv_cache = KVCache(max_batch_size, a.n_kv_heads, max_seq_len, a.head_dim,
-                                                  w.dtype, w.device) if keep else None
+    def setup_caches(self, max_batch_size: int, max_seq_len: int, exits=(None,)):
+        """KV caches for what the exits in `exits` run (None: full depth): backbone layers 1..deepest and each
+        exit's balcony, nothing deeper and no other balcony. Caches already big enough are reused
+        (Transformer.setup_caches)."""
+        exits = [self._check_exit(e) for e in exits]
+        self.model.setup_caches(max_batch_size, max_seq_len, n_layers=max(e or self.n_layers for e in exits))
+        for e in exits:
+            if e is not None:
+                att = self.exits[str(e)].layer.attention
+                att.kv_cache = ensure_cache(att.kv_cache, self.model.args, max_batch_size, max_seq_len,
+                                            self.model.tok_embeddings.weight)
 
     def run_layers(self, x, start: int, end: int, input_pos=None):
         """Backbone layers start+1..end (1-based, so (0, k) is layers 1..k) on hidden states x: (B, T, D)."""

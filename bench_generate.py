@@ -31,8 +31,8 @@ def weights_per_token(model, exit) -> int:
 def bench(model, prompt_ids, args, **kw):
     """Median decode tokens/s over --reps runs after --warmup runs, and the last run's result."""
     for _ in range(args.warmup):
-        generate(model, prompt_ids, args.max_new_tokens, **kw)
-    runs = [generate(model, prompt_ids, args.max_new_tokens, **kw) for _ in range(args.reps)]
+        generate(model, [prompt_ids], args.max_new_tokens, **kw)
+    runs = [generate(model, [prompt_ids], args.max_new_tokens, **kw)[0] for _ in range(args.reps)]
     return statistics.median(r["tokens_per_s"] for r in runs), runs[-1]
 
 
@@ -51,7 +51,7 @@ def main(args):
     if args.compile:
         compile_steps()
         t = time.perf_counter()
-        generate(model, prompt_ids, args.max_new_tokens)
+        generate(model, [prompt_ids], args.max_new_tokens)
         print(f"compile (first full-depth run): {time.perf_counter() - t:.1f} s\n")
 
     full_tps, full = bench(model, prompt_ids, args)

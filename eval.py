@@ -272,10 +272,10 @@ def eval_speed(bm, exits: list, prompt_len: int, new_tokens: int) -> list:
     from generate import generate
 
     prompt = torch.randint(0, bm.model.args.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(0))
-    generate(bm, prompt.tolist(), 4, exit=exits[0])  # warm-up
+    generate(bm, [prompt.tolist()], 4, exit=exits[0])  # warm-up
     out = []
     for e in tqdm(exits, desc="speed"):
-        r = generate(bm, prompt.tolist(), new_tokens, exit=e)
+        r = generate(bm, [prompt.tolist()], new_tokens, exit=e)[0]
         out.append(dict(prefill_tok_s=prompt_len / r["prefill_s"], decode_tok_s=r["tokens_per_s"]))
     if None in exits:  # Table 3's speedup: decode throughput relative to full depth
         full = out[exits.index(None)]["decode_tok_s"]

@@ -1,11 +1,16 @@
 """
-Generate text from a Balcony model at one exit, or at full depth with self-speculative decoding.
+Generate text from a Balcony model: a batch of prompts, each at its own exit, or one prompt at full depth with
+self-speculative decoding.
 
-Exit k (paper section 3) runs backbone layers 1..k, balcony k and the shared head; deeper layers never run and get
-no KV cache. With --draft-exit d, balcony d drafts --speculate-k tokens and the full model verifies them in one
-forward (LayerSkip/Kangaroo style). Draft and verifier share layers 1..d and their KV cache, so the verifier resumes
-from the drafts' layer-d hidden states and runs only layers d+1..N. Greedy output is the full model's, token for
-token; sampled output follows the full model's distribution (speculative rejection sampling, Leviathan et al. 2023).
+Exit k (paper section 3) runs backbone layers 1..k, balcony k and the shared head; deeper layers never run for it.
+Exits are nested, so a batch can mix them: every row runs layers 1..k1, the rows exiting at k1 take balcony k1, the
+others go on to layers k1+1..k2, and so on; full-depth rows see the untouched model. Rows are kept sorted deepest exit
+first, so the rows that reach any layer are a prefix of the batch and each layer's KV cache holds exactly those rows.
+
+With --draft-exit d, balcony d drafts --speculate-k tokens and the full model verifies them in one forward
+(LayerSkip/Kangaroo style). Draft and verifier share layers 1..d and their KV cache, so the verifier resumes from the
+drafts' layer-d hidden states and runs only layers d+1..N. Greedy output is the full model's, token for token;
+sampled output follows the full model's distribution (speculative rejection sampling, Leviathan et al. 2023).
 
     python generate.py --prompt "The capital of France is" --exit 15
     python generate.py --chat --prompt "Write a haiku about balconies." --draft-exit 15 --speculate-k 4
@@ -22,6 +27,8 @@ import torch
 from balcony import BalconyModel
 from cli import DTYPES, UsageError, run_cli
 from model import Transformer
+
+_compiled = False  # set by compile_steps(): compiled steps want fixed shapes, so caches are read whole
 
 
 def logits_to_probs(logits, temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None):
@@ -46,9 +53,39 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
     return torch.multinomial(probs, 1, generator=generator), probs
 
 
-def decode_one_token(model: BalconyModel, cur, input_pos, exit: Optional[int]):
-    # cur: (B, 1) token at position input_pos (1,) -> (B, vocab) logits of exit `exit` (None: full depth)
-    return model(cur, exit=exit, input_pos=input_pos)[:, -1]
+def exit_plan(depths: list) -> tuple:
+    """For a batch whose rows have exit depths `depths` (deepest first; n_layers is full depth): one (depth, rows
+    that reach it, rows that exit there) per distinct depth, shallowest first."""
+    return tuple((d, sum(x >= d for x in depths), depths.count(d)) for d in sorted(set(depths)))
+
+
+def forward_rows(model: BalconyModel, idx, input_pos, plan, last=None):
+    """The nested-exit forward of a batch. idx, input_pos: (B, T) tokens and their positions; plan: exit_plan() of
+    the rows' depths; last: (B,) the position whose logits each row wants (default: the last). Each layer runs on the
+    prefix of rows that reach it; each exit's rows take its balcony (or the final norm at full depth) and the head at
+    one position only. Returns (B, vocab) logits in batch order."""
+    m = model.model
+    x = m.tok_embeddings(idx)  # (B, T, D)
+    cos, sin = m.rope(idx.size(1), input_pos)  # (B, 1, T, hd)
+    logits, prev = [], 0
+    for depth, n, n_exit in plan:
+        x, cos, sin, input_pos = x[:n], cos[:n], sin[:n], input_pos[:n]
+        for layer in m.layers[prev:depth]:
+            x = layer(x, cos, sin, input_pos)
+        rows = slice(n - n_exit, n)  # deepest first: the rows exiting here close the prefix
+        if depth == model.n_layers:
+            h = m.norm(x[rows])
+        else:  # the balcony runs on every position, to fill its KV cache
+            h = model.exits[str(depth)](x[rows], cos[rows], sin[rows], input_pos[rows])
+        h = h[:, -1] if last is None else h[torch.arange(n_exit, device=h.device), last[rows]]  # (n_exit, D)
+        logits.append(m.output(h))
+        prev = depth
+    return torch.cat(logits[::-1])  # the deepest rows come first
+
+
+def decode_one_token(model: BalconyModel, cur, input_pos, plan):
+    # cur, input_pos: (B, 1) each row's newest token and its position -> (B, vocab) logits at each row's exit
+    return forward_rows(model, cur, input_pos, plan)
 
 
 def draft_one_token(model: BalconyModel, cur, input_pos, exit: int, head: bool = True):
@@ -60,27 +97,34 @@ def draft_one_token(model: BalconyModel, cur, input_pos, exit: int, head: bool =
 
 
 def verify(model: BalconyModel, h, input_pos, draft_exit: int):
-    # The full model resumed at layer draft_exit: (B, T, D) layer-d hidden states -> (B, T, vocab) logits
-    x = model.run_layers(h, draft_exit, model.n_layers, input_pos)
-    return model.model.output(model.model.norm(x))
+    # The full model resumed at layer draft_exit: (B, T, D) layer-d hidden states -> (B, T, D) normalised states
+    return model.model.norm(model.run_layers(h, draft_exit, model.n_layers, input_pos))
 
 
 def compile_steps():
     """Compile the one-token steps (gpt-fast style); on CUDA they are replayed as CUDA graphs."""
-    global decode_one_token, draft_one_token
+    global decode_one_token, draft_one_token, _compiled
     mode = "reduce-overhead" if torch.cuda.is_available() else "default"
     decode_one_token = torch.compile(decode_one_token, mode=mode, fullgraph=True)
     draft_one_token = torch.compile(draft_one_token, mode=mode, fullgraph=True)
+    _compiled = True
 
 
-def prefill(model: BalconyModel, idx, exit=None, draft_exit=None):
-    """Run the prompt idx (B, T) through everything that decoding will attend to; (B, vocab) last-position logits."""
-    input_pos = torch.arange(idx.size(1), device=idx.device)
-    if draft_exit is None:
-        return model(idx, exit=exit, input_pos=input_pos)[:, -1]
-    h = model.run_layers(model.model.tok_embeddings(idx), 0, draft_exit, input_pos)
-    model.exit_hidden(draft_exit, h, input_pos)  # fills the draft balcony's cache
-    return verify(model, h, input_pos, draft_exit)[:, -1]
+def compact_caches(model: BalconyModel, depths: list, keep: list):
+    """Drop finished rows from every KV cache. depths: the batch's exit depths (deepest first); keep: the batch
+    positions that go on. Each layer's cache holds the prefix of rows that reach it and each balcony's the rows that
+    exit there, so the survivors of each move up, in order (one copy per finish, not per step)."""
+    keep = torch.tensor(keep)
+    groups = [(model.model.layers[j].attention, 0, sum(d > j for d in depths)) for j in range(max(depths))]
+    groups += [(model.exits[str(d)].layer.attention, depths.index(d), depths.count(d))
+               for d in set(depths) if d < model.n_layers]
+    for att, start, n in groups:
+        rows = keep[(keep >= start) & (keep < start + n)] - start
+        if torch.equal(rows, torch.arange(len(rows))):
+            continue  # the survivors already lead
+        c = att.kv_cache
+        for buf in (c.k_cache, c.v_cache):
+            buf[:len(rows), :, :c.length] = buf[rows.to(buf.device), :, :c.length]  # the gather copies first
 
 
 def speculative_accept(p_logits, drafts, qs, temperature=0.0, top_k=None, top_p=None, generator=None):
@@ -105,112 +149,236 @@ def speculative_accept(p_logits, drafts, qs, temperature=0.0, top_k=None, top_p=
     return n, torch.cat([drafts[:n], torch.multinomial(last, 1, generator=generator)])
 
 
+def per_prompt(value, n: int, name: str) -> list:
+    """One value for every prompt, or a list with one per prompt."""
+    if not isinstance(value, (list, tuple)):
+        return [value] * n
+    if len(value) != n:
+        raise UsageError(f"{name} has {len(value)} entries for {n} prompts")
+    return list(value)
+
+
+def check_request(prompt_tokens: int, max_new_tokens: int, context: int, where: Optional[str] = None):
+    """A request the model can serve: a prompt, at least one new token, and room for both in the context."""
+    at = f"{where}: " if where else ""
+    if prompt_tokens == 0:
+        raise UsageError(f"{at}the prompt is empty")
+    if max_new_tokens < 1:
+        raise UsageError(f"{at}max_new_tokens must be at least 1, not {max_new_tokens}")
+    if prompt_tokens + max_new_tokens > context:
+        raise UsageError(f"{at}a prompt of {prompt_tokens} tokens plus {max_new_tokens} new tokens exceeds the "
+                         f"model's context of {context} tokens")
+
+
 @torch.no_grad()
-def generate(model: BalconyModel, prompt_ids: list, max_new_tokens: int, exit: Optional[int] = None,
-             temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
-             eos_id=None, draft_exit: Optional[int] = None, speculate_k: int = 4,
-             on_token: Optional[Callable[[int], None]] = None, generator: Optional[torch.Generator] = None) -> dict:
-    """Up to max_new_tokens tokens after prompt_ids (batch 1), stopping after eos_id (an id or a set of ids).
-    Plain decoding at `exit` (None: full depth), or self-speculative full-depth decoding drafted by balcony
-    `draft_exit`. on_token(id) is called as each token is produced. Returns tokens, timings and, when speculating,
-    acceptance stats."""
+def generate(model: BalconyModel, prompts: list, max_new_tokens, exit=None, temperature: float = 0.0,
+             top_k: Optional[int] = None, top_p: Optional[float] = None, eos_id=None,
+             draft_exit: Optional[int] = None, speculate_k: int = 4,
+             on_token: Optional[Callable[[int, int], None]] = None,
+             generator: Optional[torch.Generator] = None) -> list:
+    """Continue every prompt of a batch; returns one dict per prompt, in input order.
+
+    prompts: lists of token ids, of any lengths. exit: one exit for all prompts, or a list with one per prompt
+    (None or n_layers: full depth, the untouched model; k: balcony k). max_new_tokens: an int, or one per prompt. A row
+    stops after its max_new_tokens or after any id in eos_id (an id or a set of ids), and costs nothing from then on.
+    temperature 0 is greedy; above 0, sampling with top_k / top_p from `generator`. draft_exit (one prompt, full
+    depth): self-speculative decoding drafted by balcony draft_exit, speculate_k tokens a round. on_token(i, id) is
+    called as prompt i gets each token. KV caches are allocated on the first call and reused while big enough.
+
+    Each dict: tokens (the new ids, a stop id included), exit (n_layers for full depth), prompt_tokens, prefill_s (the
+    batch's prefill), decode_s (from the prefill to this row's last token), tokens_per_s (this row's decode rate);
+    with draft_exit also rounds, drafted, accepted, acceptance_rate, tokens_per_round."""
     device = model.model.tok_embeddings.weight.device
-    n, T = model.n_layers, len(prompt_ids)
-    if exit is not None and not 1 <= exit <= n:
-        raise UsageError(f"exit {exit} is outside 1..{n} (the model has {n} layers)")
+    n, B = model.n_layers, len(prompts)
+    if B == 0:
+        raise UsageError("no prompts to generate from")
+    exits, limits = per_prompt(exit, B, "exit"), per_prompt(max_new_tokens, B, "max_new_tokens")
+    for e in exits:
+        if e is not None and not 1 <= e <= n:
+            raise UsageError(f"exit {e} is outside 1..{n} (the model has {n} layers)")
+    depths = [n if e is None else model._check_exit(e) or n for e in exits]
     if draft_exit is not None:
-        if exit not in (None, n):
+        if B > 1:
+            raise UsageError("speculative decoding takes one prompt at a time")
+        if depths != [n]:
             raise UsageError("speculative decoding verifies with the full model; drop --exit or --draft-exit")
         if not 1 <= draft_exit < n:
             raise UsageError(f"draft exit {draft_exit} must be a balcony exit in 1..{n - 1}")
+        model._check_exit(draft_exit)
         if speculate_k < 1:
             raise UsageError(f"speculate_k must be at least 1, not {speculate_k}")
-    if T == 0:
-        raise UsageError("the prompt is empty")
-    if max_new_tokens < 1:
-        raise UsageError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
-    context = model.model.args.max_seq_len
-    if T + max_new_tokens > context:
-        raise UsageError(f"a prompt of {T} tokens plus {max_new_tokens} new tokens exceeds the model's context of "
-                         f"{context} tokens")
-    # The cache holds just this request: attention reads every slot, so a cache of max_seq_len slots would make each
-    # step read the whole context. (Speculation may write one draft past the last token kept.)
-    S = T + max_new_tokens
-    if draft_exit is None:
-        model.setup_caches(1, S, exit=exit)  # layers 1..exit and balcony `exit` only
-    else:
-        model.setup_caches(1, S, exit=draft_exit)  # layers 1..d and the draft balcony ...
-        model.model.setup_caches(1, S)  # ... then every backbone layer; other balconies get no cache
+    for i, (p, m) in enumerate(zip(prompts, limits)):
+        check_request(len(p), m, model.model.args.max_seq_len, f"prompt {i + 1}" if B > 1 else None)
+    # Attention reads every cache slot it is given: give it what this request can reach, or, once compiled (fixed
+    # shapes, no recompiles), the whole cache. (Speculation may write one draft past the last token kept.)
+    S = max(len(p) + m for p, m in zip(prompts, limits))
+    if _compiled and model.model.layers[0].attention.kv_cache is not None:
+        S = max(S, model.model.layers[0].attention.kv_cache.k_cache.size(2))
+    model.setup_caches(B, S, exits=[None if d == n else d for d in set(depths)] +
+                       ([] if draft_exit is None else [draft_exit]))
 
     stop = {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    out, stats = [], dict(rounds=0, drafted=0, accepted=0)
+    out, finish = [[] for _ in range(B)], [None] * B
 
-    def emit(tokens) -> bool:  # append tokens, calling on_token; False once eos or max_new_tokens is reached
+    def emit(i: int, tokens) -> bool:  # give prompt i its tokens, calling on_token; False once it stops
         for t in tokens:
-            out.append(t)
+            out[i].append(t)
             if on_token is not None:
-                on_token(t)
-            if t in stop or len(out) == max_new_tokens:
+                on_token(i, t)
+            if t in stop or len(out[i]) == limits[i]:
+                finish[i] = time.perf_counter()
                 return False
         return True
 
     t0 = time.perf_counter()
-    idx = torch.tensor([prompt_ids], device=device)
-    cur, _ = sample(prefill(model, idx, exit, draft_exit), temperature, top_k, top_p, generator)
+    stats = None
+    if draft_exit is not None:
+        stats = speculative_decode(model, prompts[0], draft_exit, speculate_k, limits[0], emit,
+                                   dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator),
+                                   sync)
+        t1 = stats.pop("prefill_end")
+    else:
+        # Rows sorted deepest exit first; the prompts right-padded into one prefill. Padding fills cache slots past
+        # a row's own tokens, which its mask ignores until decoding overwrites them.
+        active = sorted(range(B), key=lambda i: -depths[i])
+        T = max(len(p) for p in prompts)
+        idx = torch.tensor([prompts[i] + [0] * (T - len(prompts[i])) for i in active], device=device)
+        pos = torch.tensor([len(prompts[i]) for i in active], device=device)  # (B,) where each row's next token goes
+        plan = exit_plan([depths[i] for i in active])
+        logits = forward_rows(model, idx, torch.arange(T, device=device).expand(len(active), T), plan, pos - 1)
+        cur, _ = sample(logits, temperature, top_k, top_p, generator)  # (B, 1)
+        sync()
+        t1 = time.perf_counter()
+        while True:
+            keep = [s for s, (i, t) in enumerate(zip(active, cur.view(-1).tolist())) if emit(i, [t])]
+            if not keep:
+                break
+            if len(keep) < len(active):  # some rows stopped: they leave the batch and its caches
+                compact_caches(model, [depths[i] for i in active], keep)
+                active = [active[s] for s in keep]
+                plan = exit_plan([depths[i] for i in active])
+                keep = torch.tensor(keep, device=device)
+                cur, pos = cur[keep], pos[keep]
+            logits = decode_one_token(model, cur, pos[:, None], plan)
+            cur, _ = sample(logits, temperature, top_k, top_p, generator)
+            pos = pos + 1
     sync()
-    t1 = time.perf_counter()
-    going = emit([cur.item()])
+    results = []
+    for i in range(B):
+        decode_s = finish[i] - t1
+        results.append(dict(tokens=out[i], exit=depths[i], prompt_tokens=len(prompts[i]), prefill_s=t1 - t0,
+                            decode_s=decode_s,
+                            tokens_per_s=(len(out[i]) - 1) / decode_s if len(out[i]) > 1 else float("nan")))
+    if stats is not None:
+        drafted = max(stats["drafted"], 1)
+        results[0].update(stats, draft_exit=draft_exit, speculate_k=speculate_k,
+                          acceptance_rate=stats["accepted"] / drafted,
+                          tokens_per_round=(len(out[0]) - 1) / max(stats["rounds"], 1))
+    return results
+
+
+def speculative_decode(model: BalconyModel, prompt: list, draft_exit: int, speculate_k: int, max_new_tokens: int,
+                       emit: Callable, samp: dict, sync: Callable) -> dict:
+    """Self-speculative decoding of one prompt (generate() with draft_exit), giving tokens to emit(0, tokens) until it
+    returns False. Returns the round counts and the time the prefill ended."""
+    device = model.model.tok_embeddings.weight.device
+    T, d = len(prompt), draft_exit
+    input_pos = torch.arange(T, device=device)
+    # prefill: layers 1..d, the draft balcony (its cache only), then the verifier's layers d+1..N; head at the end
+    h = model.run_layers(model.model.tok_embeddings(torch.tensor([prompt], device=device)), 0, d, input_pos)
+    model.exit_hidden(d, h, input_pos)
+    cur, _ = sample(model.model.output(verify(model, h, input_pos, d)[:, -1]), **samp)
+    sync()
+    stats = dict(rounds=0, drafted=0, accepted=0, prefill_end=time.perf_counter())
+    going, n_out = emit(0, [cur.item()]), 1
     pos = T  # position of `cur`, the newest token, not yet in any cache
-    while going and draft_exit is None:
-        logits = decode_one_token(model, cur, torch.tensor([pos], device=device), exit)
-        cur, _ = sample(logits, temperature, top_k, top_p, generator)
-        going, pos = emit([cur.item()]), pos + 1
-    while going and draft_exit is not None:
-        k = min(speculate_k, max_new_tokens - len(out))  # never draft past the cache (extra drafts are dropped)
+    while going:
+        k = min(speculate_k, max_new_tokens - n_out)  # never draft past the cache (extra drafts are dropped)
         hs, drafts, qs, x = [], [], [], cur
         for i in range(k):
-            h, q_logits = draft_one_token(model, x, torch.tensor([pos + i], device=device), draft_exit)
-            x, q = sample(q_logits, temperature, top_k, top_p, generator)
-            hs.append(h)
+            h, q_logits = draft_one_token(model, x, torch.tensor([pos + i], device=device), d)
+            x, q = sample(q_logits, **samp)
+            hs.append(h.clone())  # a compiled step's outputs live in its CUDA graph's memory, rewritten next replay
             drafts.append(x)
             qs.append(q)
         # The verifier needs the last draft's layer-d hidden state too, to verify it and add a bonus token: run
         # layers 1..d (and the draft balcony, whose cache must hold every accepted token) on it, but not the head.
-        hs.append(draft_one_token(model, x, torch.tensor([pos + k], device=device), draft_exit, head=False)[0])
-        p_logits = verify(model, torch.cat(hs, 1), torch.arange(pos, pos + k + 1, device=device), draft_exit)
-        qs = torch.cat(qs) if temperature != 0 else None
-        n_ok, new = speculative_accept(p_logits[0], torch.cat(drafts).view(-1), qs, temperature, top_k, top_p,
-                                       generator)
+        hs.append(draft_one_token(model, x, torch.tensor([pos + k], device=device), d, head=False)[0].clone())
+        p_logits = model.model.output(verify(model, torch.cat(hs, 1), torch.arange(pos, pos + k + 1, device=device), d))
+        qs = torch.cat(qs) if samp["temperature"] != 0 else None
+        n_ok, new = speculative_accept(p_logits[0], torch.cat(drafts).view(-1), qs, **samp)
         # Caches past the accepted tokens hold rejected drafts: the next round overwrites them, and the attention
         # mask (slots <= input_pos) ignores them until then, so rollback costs nothing.
         stats["rounds"] += 1
         stats["drafted"] += k
         stats["accepted"] += n_ok
-        cur, pos = new[-1:].view(1, 1), pos + len(new)
-        going = emit(new.tolist())
-    sync()
-    t2 = time.perf_counter()
-    result = dict(tokens=out, exit=exit if exit is not None else n, prompt_tokens=T, prefill_s=t1 - t0,
-                  decode_s=t2 - t1, tokens_per_s=(len(out) - 1) / (t2 - t1) if len(out) > 1 else float("nan"))
-    if draft_exit is not None:
-        result.update(stats, draft_exit=draft_exit, speculate_k=speculate_k,
-                      acceptance_rate=stats["accepted"] / max(stats["drafted"], 1),
-                      tokens_per_round=(len(out) - 1) / max(stats["rounds"], 1))
-    return result
+        cur, pos, n_out = new[-1:].view(1, 1), pos + len(new), n_out + len(new)
+        going = emit(0, new.tolist())
+    return stats
 
 
-def load_model(checkpoint, balcony=None, exits=(), device="cpu", dtype=torch.float32) -> BalconyModel:
-    """The base model, with the balcony file loaded only if `exits` names a balcony exit (full depth needs none)."""
+def load_model(checkpoint, balcony=None, exits=(), device="cpu", dtype=torch.float32, labels=None) -> BalconyModel:
+    """The base model, with the balcony file loaded only if `exits` names a balcony exit (full depth needs none).
+    Every exit must be in range and trained; labels[i], if given, says where exits[i] came from in an error."""
     base = Transformer.from_checkpoint(checkpoint, device=device, dtype=dtype)
     n = base.args.n_layers
-    for e in exits:
+    labelled = list(zip(exits, labels or [None] * len(exits)))
+    for e, label in labelled:
         if e is not None and not 1 <= e <= n:
-            raise UsageError(f"exit {e} is outside 1..{n} (the model has {n} layers)")
+            raise UsageError(f"{label + ': ' if label else ''}exit {e} is outside 1..{n} (the model has {n} layers)")
     if all(e in (None, n) for e in exits):
         return BalconyModel(base, []).eval()
     balcony = balcony if balcony is not None else Path(checkpoint) / "balcony.safetensors"
-    return BalconyModel.from_exits_file(base, balcony)
+    model = BalconyModel.from_exits_file(base, balcony)
+    for e, label in labelled:
+        if label is not None and e is not None:
+            try:
+                model._check_exit(e)
+            except UsageError as err:
+                raise UsageError(f"{label}: {err}") from None
+    return model
+
+
+def read_prompts(path, default_exit: Optional[int]) -> list:
+    """--prompts FILE as (prompt, exit, line label) triples, in file order. A .txt file holds one prompt per line; a
+    .jsonl file one {"prompt": "...", "exit": 18} per line, exit optional (default_exit when absent, null for full
+    depth). The first bad line stops everything, by its number."""
+    path = Path(path)
+    if path.suffix not in (".txt", ".jsonl"):
+        raise UsageError(f"--prompts {path}: give a .txt file (one prompt per line) or a .jsonl file "
+                         f'(one {{"prompt": ..., "exit": ...}} per line)')
+    if not path.is_file():
+        raise UsageError(f"--prompts {path} not found")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--prompts {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    items = []
+    for no, line in enumerate(lines, 1):
+        where = f"{path} line {no}"
+        if not line.strip():
+            raise UsageError(f"{where} is empty; remove it or put a prompt on it")
+        if path.suffix == ".txt":
+            items.append((line, default_exit, where))
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{where} is not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"]:
+            raise UsageError(f'{where}: expected an object like {{"prompt": "Hello", "exit": 18}} with a non-empty '
+                             f'prompt string')
+        unknown = sorted(set(obj) - {"prompt", "exit"})
+        if unknown:
+            raise UsageError(f"{where}: unknown field(s) {unknown}; a line has a prompt and, optionally, an exit")
+        exit = obj.get("exit", default_exit)
+        if exit is not None and (isinstance(exit, bool) or not isinstance(exit, int)):
+            raise UsageError(f"{where}: exit must be a layer number, or null for full depth, not {exit!r}")
+        items.append((obj["prompt"], exit, where))
+    if not items:
+        raise UsageError(f"--prompts {path} holds no prompts")
+    return items
 
 
 def main(args):
@@ -222,26 +390,41 @@ def main(args):
         raise UsageError(f"--top-p must be in (0, 1], not {args.top_p}")
     if args.top_k is not None and args.top_k < 1:
         raise UsageError(f"--top-k must be at least 1, not {args.top_k}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, not {args.batch_size}")
     device = torch.device(args.device)
-    model = load_model(args.checkpoint, args.balcony, (args.exit, args.draft_exit), device, DTYPES[args.dtype])
+    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    items = read_prompts(args.prompts, args.exit) if args.prompts else [(args.prompt, args.exit, None)]
+    exits = [e for _, e, _ in items]
+    model = load_model(args.checkpoint, args.balcony, [*exits, args.draft_exit], device, dtype,
+                       labels=[where for *_, where in items] + [None])
     tokenizer = Tokenizer.from_checkpoint(args.checkpoint)
     if args.chat:
-        prompt_ids = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
+        prompts = [tokenizer.encode_chat([{"role": "user", "content": text}]) for text, *_ in items]
     else:
-        prompt_ids = tokenizer.encode(args.prompt, bos=tokenizer.add_bos)  # Llama: BOS; SmolLM2: none
+        prompts = [tokenizer.encode(text, bos=tokenizer.add_bos) for text, *_ in items]  # Llama: BOS; SmolLM2: none
+    for ids, (*_, where) in zip(prompts, items):
+        check_request(len(ids), args.max_new_tokens, model.model.args.max_seq_len, where)
+    # One batch size and one cache for the whole run: allocated here, once, for the longest request
+    batch = 1 if args.draft_exit is not None else min(args.batch_size, len(prompts))
+    model.setup_caches(batch, max(map(len, prompts)) + args.max_new_tokens,
+                       exits=[*{None if e == model.n_layers else e for e in exits}] +
+                             ([] if args.draft_exit is None else [args.draft_exit]))
+    batches = [range(s, min(s + batch, len(prompts))) for s in range(0, len(prompts), batch)]
 
-    kw = dict(exit=args.exit, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-              eos_id=tokenizer.stop_ids, draft_exit=args.draft_exit, speculate_k=args.speculate_k)
+    kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_id=tokenizer.stop_ids,
+              draft_exit=args.draft_exit, speculate_k=args.speculate_k)
     compile_s = None
     if args.compile:  # the first run compiles (and records CUDA graphs); time it apart from the real run
         compile_steps()
         t = time.perf_counter()
-        generate(model, prompt_ids, args.max_new_tokens, **kw)
+        generate(model, [prompts[i] for i in batches[0]], args.max_new_tokens, exit=[exits[i] for i in batches[0]],
+                 **kw)
         compile_s = time.perf_counter() - t
 
     ids, printed = [], ""
 
-    def stream(token: int):
+    def stream(i: int, token: int):
         # Decode everything generated so far and print the new suffix: a token may hold part of a UTF-8 character
         # (shown as U+FFFD until the rest arrives), so tokens are never decoded one by one.
         nonlocal printed
@@ -251,20 +434,37 @@ def main(args):
             print(text[len(printed):], end="", flush=True)
             printed = text
 
+    single = len(prompts) == 1
     generator = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
-    r = generate(model, prompt_ids, args.max_new_tokens, on_token=None if args.json else stream,
-                 generator=generator, **kw)
-    text = tokenizer.decode([t for t in r["tokens"] if t not in tokenizer.stop_ids])
-    r.update(text=text, compile_s=compile_s)
+    t0, n_new, results = time.perf_counter(), 0, []
+    for rows in batches:
+        rs = generate(model, [prompts[i] for i in rows], args.max_new_tokens, exit=[exits[i] for i in rows],
+                      on_token=stream if single and not args.json else None, generator=generator, **kw)
+        for i, r in zip(rows, rs):
+            r = dict(prompt=items[i][0], **r, text=tokenizer.decode([t for t in r["tokens"]
+                                                                     if t not in tokenizer.stop_ids]))
+            n_new += len(r["tokens"])
+            if args.json:
+                print(json.dumps(dict(r, compile_s=compile_s) if single else r), flush=True)
+            elif single:
+                print(r["text"][len(printed):], flush=True)  # what was held back waiting for more bytes, a newline
+            else:
+                print(f"=== {i + 1}/{len(prompts)}, exit {r['exit']}/{model.n_layers}: {r['prompt']}\n{r['text']}\n",
+                      flush=True)
+            results.append(r)
+    wall = time.perf_counter() - t0
     if args.json:
-        print(json.dumps(r))
         return
-    print(text[len(printed):], flush=True)  # whatever was held back waiting for more bytes, and a newline
-    line = (f"prefill {r['prefill_s'] * 1000:.0f} ms ({r['prompt_tokens']} tokens), decode {r['tokens_per_s']:.1f} "
-            f"tokens/s ({len(r['tokens'])} tokens), exit {r['exit']}/{model.n_layers}")
-    if args.draft_exit is not None:
-        line += (f", draft exit {args.draft_exit} k={args.speculate_k}: acceptance {r['acceptance_rate']:.1%}, "
-                 f"{r['tokens_per_round']:.2f} tokens per full-model forward")
+    if single:
+        r = results[0]
+        line = (f"prefill {r['prefill_s'] * 1000:.0f} ms ({r['prompt_tokens']} tokens), decode "
+                f"{r['tokens_per_s']:.1f} tokens/s ({len(r['tokens'])} tokens), exit {r['exit']}/{model.n_layers}")
+        if args.draft_exit is not None:
+            line += (f", draft exit {args.draft_exit} k={args.speculate_k}: acceptance {r['acceptance_rate']:.1%}, "
+                     f"{r['tokens_per_round']:.2f} tokens per full-model forward")
+    else:
+        line = (f"{len(prompts)} prompts in batches of {batch}: {n_new} new tokens in {wall:.1f} s, "
+                f"{n_new / wall:.1f} tokens/s overall")
     if compile_s is not None:
         line += f", compile {compile_s:.1f} s"
     print(line, file=sys.stderr)
@@ -277,19 +477,26 @@ def get_parser():
     p.add_argument("--balcony", default=None, help="trained exits (default: <checkpoint>/balcony.safetensors); "
                                                    "needed only for --exit or --draft-exit below full depth")
     p.add_argument("--exit", type=int, default=None, help="exit layer; omitted: full depth, the untouched model")
-    p.add_argument("--prompt", default="Once upon a time,")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", default="Once upon a time,")
+    src.add_argument("--prompts", default=None, metavar="FILE",
+                     help='many prompts: a .txt file, one per line, or a .jsonl file of {"prompt": "...", "exit": 18} '
+                          "lines (exit optional: --exit is the default, null full depth); results in input order")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (exits may differ)")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--draft-exit", type=int, default=None, help="self-speculative decoding: draft with this exit")
+    p.add_argument("--draft-exit", type=int, default=None,
+                   help="self-speculative decoding: draft with this exit (one prompt at a time)")
     p.add_argument("--speculate-k", type=int, default=4, help="tokens drafted per full-model forward")
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode steps")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object per prompt (prompt, exit, tokens, text, timings) instead of text")
     return p
 
 

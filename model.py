@@ -147,17 +147,36 @@ class RMSNorm(nn.Module):
 
 
 class KVCache(nn.Module):
-    def __init__(self, batch_size: int, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype, device=None):
+    """Buffers for max_batch_size rows and max_seq_len positions, allocated once. A forward on B rows uses rows
+    0..B-1, and attention reads the first `length` positions: all of them unless the caller narrows it to what a
+    request can reach, so a cache allocated for long requests costs nothing on short ones."""
+
+    def __init__(self, max_batch_size: int, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype, device=None):
         super().__init__()
-        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        shape = (max_batch_size, n_kv_heads, max_seq_len, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.length = max_seq_len
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        # input_pos: (T,); k, v: (B, n_kv, T, hd). Writes in place and returns the whole cache.
-        self.k_cache[:, :, input_pos] = k
-        self.v_cache[:, :, input_pos] = v
-        return self.k_cache, self.v_cache
+        # input_pos: (B, T) each row's positions; k, v: (B, n_kv, T, hd). Writes in place and returns rows 0..B-1.
+        # The cast keeps an fp32 cache writable under bf16 autocast, where the projections come out in bf16.
+        B = k.size(0)
+        rows = torch.arange(B, device=k.device)[:, None]  # (B, 1)
+        self.k_cache[rows, :, input_pos] = k.transpose(1, 2).to(self.k_cache.dtype)  # (B, T, n_kv, hd) slots
+        self.v_cache[rows, :, input_pos] = v.transpose(1, 2).to(self.v_cache.dtype)
+        return self.k_cache[:B, :, :self.length], self.v_cache[:B, :, :self.length]
+
+
+def ensure_cache(cache: Optional[KVCache], args: ModelArgs, batch: int, seq_len: int, like: torch.Tensor):
+    """`cache` if it holds batch rows and seq_len positions, else a new one big enough for both (dtype and device of
+    `like`); either way reading seq_len positions."""
+    if cache is None or cache.k_cache.size(0) < batch or cache.k_cache.size(2) < seq_len:
+        old_b, old_s = (0, 0) if cache is None else (cache.k_cache.size(0), cache.k_cache.size(2))
+        cache = KVCache(max(batch, old_b), args.n_kv_heads, max(seq_len, old_s), args.head_dim, like.dtype,
+                        like.device)
+    cache.length = seq_len
+    return cache
 
 
 class Attention(nn.Module):
@@ -178,10 +197,14 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if input_pos is None:  # no cache: plain causal attention over these T tokens
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:  # static cache: attend over all max_seq_len slots, masking those after each query's position
-            k, v = self.kv_cache.update(input_pos, k, v)
-            mask = torch.arange(k.size(2), device=x.device)[None, :] <= input_pos[:, None]  # (T, S)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        else:  # static cache: attend over the cache's slots, masking those after each query's position
+            pos = input_pos.expand(B, T)  # (T,): the same positions for every row; (B, T): a row's own
+            k, v = self.kv_cache.update(pos, k, v)
+            mask = torch.arange(k.size(2), device=x.device) <= pos[:, None, :, None]  # (B, 1, T, S)
+            if q.is_cuda:  # CUDA's kernels that take a mask do not take enable_gqa: with both, SDPA runs the math one
+                k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+                v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, enable_gqa=True)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -228,23 +251,34 @@ class Transformer(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def _apply(self, fn, recurse=True):
+        # .to(bfloat16) would round the RoPE frequencies (and every position's angle with them): keep them fp32
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype in (torch.float16, torch.bfloat16):
+            self.inv_freq = rope_inv_freq(self.args).to(self.inv_freq.device)
+        return self
+
     def rope(self, T: int, input_pos: Optional[torch.Tensor] = None):
-        """cos, sin of shape (T, head_dim) for positions input_pos, or 0..T-1 when there is no cache."""
+        """cos, sin for positions input_pos, or 0..T-1 when there is no cache: (T, head_dim) for positions (T,)
+        shared by every row, (B, 1, T, head_dim) for per-row positions (B, T)."""
         pos = torch.arange(T, device=self.inv_freq.device) if input_pos is None else input_pos
-        freqs = pos[:, None].float() * self.inv_freq[None, :]  # (T, hd/2), in fp32 whatever the model's dtype
+        freqs = pos[..., None].float() * self.inv_freq  # (..., T, hd/2), in fp32 whatever the model's dtype
         emb = torch.cat((freqs, freqs), dim=-1)
+        if emb.dim() == 3:
+            emb = emb.unsqueeze(1)  # broadcast over heads
         dtype = self.tok_embeddings.weight.dtype
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int, n_layers: Optional[int] = None):
-        """Preallocate KV caches for the first n_layers layers (all by default); deeper layers get none."""
+        """KV caches for the first n_layers layers (all by default) holding at least max_batch_size rows and
+        max_seq_len positions. A cache that is big enough is kept, so repeated requests reuse the same buffers (and
+        a compiled step its graphs); one too small is replaced by one big enough for both. Deeper layers are left
+        as they are. Attention then reads max_seq_len positions."""
         if max_seq_len > self.args.max_seq_len:
             raise UsageError(f"a context of {max_seq_len} tokens exceeds the model's {self.args.max_seq_len}")
-        w = self.tok_embeddings.weight
-        for i, layer in enumerate(self.layers):
-            keep = n_layers is None or i < n_layers
-            layer.attention.kv_cache = KVCache(max_batch_size, self.args.n_kv_heads, max_seq_len,
-                                               self.args.head_dim, w.dtype, w.device) if keep else None
+        for layer in self.layers[:n_layers]:
+            layer.attention.kv_cache = ensure_cache(layer.attention.kv_cache, self.args, max_batch_size, max_seq_len,
+                                                    self.tok_embeddings.weight)
 
     def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
         # idx: (B, T) token ids; input_pos: (T,) their positions in the KV cache, or None for an uncached forward

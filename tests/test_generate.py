@@ -12,7 +12,7 @@ import torch
 
 from balcony import BalconyModel
 from conftest import ROOT, tiny_args
-from generate import decode_one_token, generate, get_parser, logits_to_probs, main, prefill
+from generate import decode_one_token, exit_plan, forward_rows, generate, get_parser, logits_to_probs, main
 from cli import UsageError
 from model import Transformer
 
@@ -42,12 +42,13 @@ def test_cached_exit_decode_matches_uncached_forward(exit):
     model = tiny_balcony()
     seq = torch.tensor([PROMPT + [3, 99, 41, 7, 200]])
     T = len(PROMPT)
+    plan = exit_plan([exit or model.n_layers])
     with torch.no_grad():
         ref = model(seq, exit=exit)[0]  # (T + 5, vocab), no cache
-        model.setup_caches(1, seq.size(1), exit=exit)
-        got = [prefill(model, seq[:, :T], exit)[0]]
+        model.setup_caches(1, seq.size(1), exits=[exit])
+        got = [forward_rows(model, seq[:, :T], torch.arange(T)[None], plan)[0]]
         for pos in range(T, seq.size(1)):  # teacher-forced: feed the known next token
-            got.append(decode_one_token(model, seq[:, pos:pos + 1], torch.tensor([pos]), exit)[0])
+            got.append(decode_one_token(model, seq[:, pos:pos + 1], torch.tensor([[pos]]), plan)[0])
     torch.testing.assert_close(torch.stack(got), ref[T - 1:], atol=1e-5, rtol=1e-5)
 
 
@@ -59,7 +60,7 @@ def test_exit_runs_only_its_layers(exit):
                       *((f"balcony{k}", e) for k, e in model.exits.items()), ("norm", model.model.norm)]:
         mod.register_forward_hook(lambda m, i, o, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
     n_new = 6
-    generate(model, PROMPT, n_new, exit=exit)
+    generate(model, [PROMPT], n_new, exit=exit)
     steps = n_new  # the prefill, then one forward per token after the first
     assert calls == {**{f"layer{i}": steps for i in range(1, exit + 1)}, f"balcony{exit}": steps}
     deeper = [l.attention.kv_cache for l in model.model.layers[exit:]]
@@ -67,12 +68,88 @@ def test_exit_runs_only_its_layers(exit):
     assert all(c is None for c in deeper + other)  # never allocated
 
 
+# ---- batches: prompts of different lengths, a different exit per row ----
+
+PROMPTS = [PROMPT, [9, 4], list(range(40, 71)), [250, 3, 3, 17], [8] * 12, [77]]  # 7, 2, 31, 4, 12, 1 tokens
+EXITS = [None, 2, 1, 4, 3, 2]  # full depth twice (None and n_layers), every balcony
+
+
+def lively_balcony() -> BalconyModel:
+    # weights of std 0.3 instead of 0.02: the tiny model's greedy output then changes with every token, rather than
+    # repeating one, so a row that read another row's cache or position would show
+    model = tiny_balcony()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    return model
+
+
+def test_batched_greedy_equals_one_prompt_at_a_time():
+    model = lively_balcony()
+    alone = [generate(model, [p], 12, exit=e)[0]["tokens"] for p, e in zip(PROMPTS, EXITS)]
+    # an eos that row 3 produces at its 4th token: it stops there, the others only if they happen to produce it
+    eos = alone[3][3]
+    ref = [toks[:toks.index(eos) + 1] if eos in toks else toks for toks in alone]
+    assert len(ref[3]) == 4 and len(ref[2]) == 12 and len(ref[0]) == 12
+    got = generate(model, PROMPTS, 12, exit=EXITS, eos_id=eos)
+    assert [r["tokens"] for r in got] == ref
+    assert [r["exit"] for r in got] == [4, 2, 1, 4, 3, 2] and [r["prompt_tokens"] for r in got] == list(map(len, PROMPTS))
+    # per-row max_new_tokens; top-k 1 sampling is greedy, through the sampling path
+    got = generate(model, PROMPTS, [3, 12, 5, 1, 12, 7], exit=EXITS, temperature=0.7, top_k=1,
+                   generator=torch.Generator().manual_seed(0))
+    assert [r["tokens"] for r in got] == [a[:m] for a, m in zip(alone, [3, 12, 5, 1, 12, 7])]
+
+
+def test_mixed_batch_runs_each_row_through_its_own_layers():
+    model = tiny_balcony()
+    rows = {}  # module name -> rows it processed at each call
+    for name, mod in [*((f"layer{i + 1}", l) for i, l in enumerate(model.model.layers)),
+                      *((f"balcony{k}", e) for k, e in model.exits.items())]:
+        mod.register_forward_hook(lambda m, i, o, name=name: rows.setdefault(name, []).append(i[0].size(0)))
+    exits = [1, 3, 3, None, 1]
+    generate(model, [PROMPT] * 5, 4, exit=exits)  # the prefill and 3 decode steps
+    depths = [e or 4 for e in exits]
+    assert rows == {**{f"layer{j}": [sum(d >= j for d in depths)] * 4 for j in range(1, 5)},
+                    "balcony1": [2] * 4, "balcony3": [2] * 4}
+
+
+def test_caches_allocated_once_across_calls():
+    model = tiny_balcony()
+
+    def buffers():
+        caches = [l.attention.kv_cache for l in model.model.layers] + [e.layer.attention.kv_cache for e in model.exits.values()]
+        return [None if c is None else (c.k_cache.data_ptr(), c.v_cache.data_ptr()) for c in caches]
+
+    generate(model, PROMPTS, 12, exit=EXITS)
+    first = buffers()
+    assert None not in first  # this batch reaches every layer and every balcony
+    generate(model, PROMPTS[1:], 10, exit=EXITS[1:])  # fewer rows, shorter: the same buffers
+    generate(model, [PROMPT], 8, draft_exit=2)  # speculation shares them too
+    assert buffers() == first
+    generate(model, [PROMPT], 200)  # too long for them: reallocated, once
+    assert model.model.layers[0].attention.kv_cache.k_cache.shape == (6, 2, 207, 16)
+
+
+def test_batch_refusals():
+    model = tiny_balcony(exits=[2])
+    with pytest.raises(UsageError, match="exit 3 has no trained balcony"):
+        generate(model, [PROMPT, PROMPT], 4, exit=[2, 3])
+    with pytest.raises(UsageError, match="exit has 1 entries for 2 prompts"):
+        generate(model, [PROMPT, PROMPT], 4, exit=[2])
+    with pytest.raises(UsageError, match="prompt 2: the prompt is empty"):
+        generate(model, [PROMPT, []], 4)
+    with pytest.raises(UsageError, match="one prompt at a time"):
+        generate(model, [PROMPT, PROMPT], 4, draft_exit=2)
+
+
 @pytest.mark.parametrize("draft_exit", [1, 2, 3])
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_speculative_greedy_equals_full_depth(draft_exit, k):
     model = tiny_balcony()
-    ref = generate(model, PROMPT, 40)["tokens"]
-    r = generate(model, PROMPT, 40, draft_exit=draft_exit, speculate_k=k)
+    ref = generate(model, [PROMPT], 40)[0]["tokens"]
+    r = generate(model, [PROMPT], 40, draft_exit=draft_exit, speculate_k=k)[0]
     assert r["tokens"] == ref
     assert 0 <= r["accepted"] <= r["drafted"] and r["rounds"] >= 39 / (k + 1)
 
@@ -86,8 +163,8 @@ def test_speculative_greedy_draft_always_rejected():
         ex.layer.attention_norm.weight.fill_(1)
         ex.layer.ffn_norm.weight.fill_(1)
         ex.norm.weight.copy_(-model.model.norm.weight)
-    ref = generate(model, PROMPT, 30)["tokens"]
-    r = generate(model, PROMPT, 30, draft_exit=2, speculate_k=3)
+    ref = generate(model, [PROMPT], 30)[0]["tokens"]
+    r = generate(model, [PROMPT], 30, draft_exit=2, speculate_k=3)[0]
     assert r["tokens"] == ref
     assert r["accepted"] == 0 and r["rounds"] == 29  # one full-model token per round
 
@@ -101,9 +178,9 @@ def test_speculative_draft_always_accepted(temperature):
             block.feed_forward.w2.weight.zero_()
         model.exits["2"].norm.weight.copy_(model.model.norm.weight)
     g = dict(generator=torch.Generator().manual_seed(0), temperature=temperature)
-    ref = generate(model, PROMPT, 31, **g)["tokens"]
+    ref = generate(model, [PROMPT], 31, **g)[0]["tokens"]
     g["generator"].manual_seed(0)
-    r = generate(model, PROMPT, 31, draft_exit=2, speculate_k=4, **g)
+    r = generate(model, [PROMPT], 31, draft_exit=2, speculate_k=4, **g)[0]
     assert r["acceptance_rate"] == 1.0 and r["rounds"] == 6  # 1 token from the prefill, then 5 per round
     if temperature == 0:
         assert r["tokens"] == ref
@@ -135,7 +212,7 @@ def test_speculative_sampling_matches_full_model_distribution():
     g = torch.Generator().manual_seed(1234)
     counts = torch.zeros(2, V)
     for _ in range(N):
-        toks = generate(model, prompt, 3, draft_exit=1, speculate_k=2, generator=g, **samp)["tokens"]
+        toks = generate(model, [prompt], 3, draft_exit=1, speculate_k=2, generator=g, **samp)[0]["tokens"]
         counts[0, toks[1]] += 1
         counts[1, toks[2]] += 1
     for i in (1, 2):
@@ -175,6 +252,53 @@ def test_cli_generates_and_streams(tiny_with_balcony, capsys):
     assert "tokens/s" in streamed.stderr and "exit 2/4" in streamed.stderr
 
 
+def test_cli_prompts_file_in_input_order(tiny_with_balcony, tmp_path, capsys):
+    lines = ["To be, or not", "the question", "Whether 'tis nobler in the mind", "0123"]
+    txt = tmp_path / "p.txt"
+    txt.write_text("\n".join(lines) + "\n")
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text("\n".join(json.dumps(d) for d in [
+        {"prompt": lines[0]}, {"prompt": lines[1], "exit": None}, {"prompt": lines[2], "exit": 4},
+        {"prompt": lines[3], "exit": 2}]) + "\n")
+    common = ["--checkpoint", tiny_with_balcony, "--max-new-tokens", 6, "--json", "--chat"]
+
+    def alone(exits):  # each line on its own with --prompt
+        return [json.loads(run_main(capsys, *common, "--prompt", p, *(["--exit", e] if e else [])))
+                for p, e in zip(lines, exits)]
+
+    # .txt: every line at --exit (here full depth); .jsonl: a line's own exit, else --exit 2
+    for path, exit_flag, want in [(txt, [], alone([None] * 4)), (jsonl, ["--exit", 2], alone([2, None, 4, 2]))]:
+        for batch in (1, 3):
+            got = [json.loads(line) for line in
+                   run_main(capsys, *common, "--prompts", path, "--batch-size", batch, *exit_flag).splitlines()]
+            assert [g["prompt"] for g in got] == lines
+            assert [(g["exit"], g["tokens"], g["text"]) for g in got] == [(w["exit"], w["tokens"], w["text"])
+                                                                        for w in want]
+    plain = run_main(capsys, "--checkpoint", tiny_with_balcony, "--max-new-tokens", 4, "--prompts", jsonl,
+                     "--exit", 2)
+    assert plain.count("=== ") == 4 and "=== 3/4, exit 4/4: Whether 'tis nobler in the mind" in plain
+
+
+@pytest.mark.parametrize("suffix, content, message", [
+    (".jsonl", '{"prompt": "a"}\n{"prompt": "b", "exit": 2\n', "line 2 is not valid JSON"),
+    (".jsonl", '{"prompt": "a"}\n{"text": "b"}\n', "line 2: expected an object like"),
+    (".jsonl", '{"prompt": ""}\n', "line 1: expected an object like"),
+    (".jsonl", '["a"]\n', "line 1: expected an object like"),
+    (".jsonl", '{"prompt": "a", "exits": 2}\n', "line 1: unknown field(s) ['exits']"),
+    (".jsonl", '{"prompt": "a", "exit": "18"}\n', "line 1: exit must be a layer number"),
+    (".jsonl", '{"prompt": "a"}\n{"prompt": "b", "exit": 9}\n', "line 2: exit 9 is outside 1..4"),
+    (".jsonl", '{"prompt": "a", "exit": 3}\n', "line 1: exit 3 has no trained balcony"),
+    (".txt", "a\n\nb\n", "line 2 is empty"),
+    (".txt", "", "holds no prompts"),
+    (".csv", "a\n", "give a .txt file"),
+])
+def test_cli_bad_prompts_file(tiny_with_balcony, tmp_path, capsys, suffix, content, message):
+    path = tmp_path / f"prompts{suffix}"
+    path.write_text(content)
+    with pytest.raises(UsageError, match=re.escape(message)):
+        run_main(capsys, "--checkpoint", tiny_with_balcony, "--prompts", path, "--max-new-tokens", 2)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--exit", 3], "exit 3 has no trained balcony"),
     (["--exit", 9], "outside 1..4"),
@@ -198,7 +322,7 @@ def test_missing_files(tiny_ckpt, capsys, args):
         run_main(capsys, "--checkpoint", tiny_ckpt, *args)
 
 
-@pytest.mark.parametrize("args", [["--exit", 3], ["--checkpoint", "/nonexistent"]])
+@pytest.mark.parametrize("args", [["--exit", 3], ["--checkpoint", "/nonexistent"], ["--prompts", "/nonexistent.jsonl"]])
 def test_cli_error_is_one_line(tiny_with_balcony, args):
     r = run_cli("--checkpoint", tiny_with_balcony, *args)
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
