@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from balcony import BalconyModel, distillation_kl, exit_metrics, model_fingerprint
 from cli import UsageError, run_cli
-from data import (CACHE_DIR, VAL_FILES, data_files, get_batch, iter_batches, n_windows, open_tokens, step_windows,
+from data import (add_data_args, data_files, get_batch, iter_batches, n_windows, open_tokens, step_windows,
                   tokenize_corpus)
 from model import Transformer
 from tokenizer import Tokenizer
@@ -195,13 +195,11 @@ def train(args, rank: int, world_size: int, device) -> int:
         raise UsageError(f"--seq-len {args.seq_len} exceeds the model's context of {bm.model.args.max_seq_len}")
     fingerprint = model_fingerprint(bm.model)
 
-    # rank 0 tokenises first; the other ranks then find the cache
+    # rank 0 tokenises (or finds the cache); the others wait for it on disk, which may take hours on a big corpus:
+    # longer than a collective's timeout
     files, tokenizer = data_files(args.data), Tokenizer.from_checkpoint(ckpt)
-    if master:
-        tokenize_corpus(files, tokenizer, args.val_files, args.cache_dir)
-    if ddp:
-        dist.barrier()
-    folder = tokenize_corpus(files, tokenizer, args.val_files, args.cache_dir)
+    folder = tokenize_corpus(files, tokenizer, args.val_files, args.cache_dir, args.val_fraction, args.num_proc,
+                             wait=not master)
     train_tokens, val_tokens = open_tokens(folder, "train"), open_tokens(folder, "val")
     global_batch = args.batch_size * args.grad_accum * world_size  # windows per optimiser step
     n_train = n_windows(train_tokens, args.seq_len)
@@ -313,11 +311,7 @@ def get_parser():
     p.add_argument("--checkpoint", default="checkpoints/smollm2-135m-instruct", help="converted model folder" + d)
     p.add_argument("--out", default=None, help="trained exits (default: <checkpoint>/balcony.safetensors); the "
                    "training state and JSONL log go next to it as .state.pt and .log.jsonl")
-    p.add_argument("--data", nargs="+", default=None, help=".txt files, .jsonl files with a 'text' field, or folders "
-                   "of them (default: the Shakespeare plays of python fetch.py corpus)")
-    p.add_argument("--val-files", default=VAL_FILES, help="comma-separated name patterns of the held-out files; if "
-                   "none or all match, the last 5%% of tokens" + d)
-    p.add_argument("--cache-dir", default=CACHE_DIR, type=Path, help="token cache" + d)
+    add_data_args(p)  # --data, --val-files, --val-fraction, --cache-dir, --num-proc
     p.add_argument("--seq-len", type=int, default=256, help="tokens per window" + d)
     p.add_argument("--batch-size", type=int, default=2, help="windows per micro-batch per process" + d)
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step" + d)

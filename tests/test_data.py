@@ -1,7 +1,15 @@
-"""data.py: the --data files, documents, the held-out split and the token cache."""
+"""data.py: every input format gives the token stream its docstring promises (chats through the chat template),
+refusals in one line, 1 process == N processes, the held-out split, and the token cache."""
+import gzip
+import json
+import subprocess
+import sys
+
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
-from conftest import write_tiny_tokenizer
+from conftest import CORPUS, ROOT, write_tiny_tokenizer
 
 import data
 from cli import UsageError
@@ -26,16 +34,171 @@ def test_split_by_file_and_cache_keyed_by_tokenizer(tmp_path):
     assert val.dtype == np.uint16
 
     class Bytes:  # another tokenizer: must not reuse the first one's cache
-        eos_id, bos_id, add_bos = 256, 256, False
+        eos_id, bos_id, add_bos, vocab_size = 256, 256, False, 257
 
         def encode(self, text, bos=False, eos=False):
             return [self.bos_id] * bos + list(text.encode()) + [self.eos_id] * eos
+
+        def encode_chat(self, messages, add_generation_prompt=True):
+            raise UsageError("no chat format")
 
     ids = data.load_tokens([plays], Bytes(), "train", cache_dir=tmp_path / "cache").tolist()
     assert ids == [*b"Nothing will come of nothing", 256]
     assert len(list((tmp_path / "cache").iterdir())) == 2
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UsageError, match="no .txt or .jsonl"):
+    with pytest.raises(UsageError, match="no .txt, .jsonl"):
         data.data_files([tmp_path / "empty"])
     with pytest.raises(UsageError, match="not found"):
         data.data_files([tmp_path / "missing"])
+
+
+# ------------------------------------------------------------------------------------------------- input formats
+ROWS = [{"text": "To be, or not to be"},
+        {"prompt": "What is the question?", "text": "Whether 'tis nobler in the mind to suffer"},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who?"},
+                      {"role": "assistant", "content": "The slings and arrows"}]},
+        {"prompt": None, "text": "0123456789 of outrageous fortune"},
+        {"messages": [{"role": "user", "content": "Arms?"}, {"role": "assistant", "content": "Against a sea"}]}]
+
+
+@pytest.fixture
+def tok(tmp_path):
+    (tmp_path / "tok").mkdir()
+    return Tokenizer.from_checkpoint(write_tiny_tokenizer(tmp_path / "tok" / "tokenizer.json").parent)
+
+
+def expected_stream(tok, rows) -> list:
+    """What ROWS must become, by the rules of data.py's docstring, spelled out with the tokenizer's own calls."""
+    ids = []
+    for r in rows:
+        if r.get("messages"):
+            ids += tok.encode_chat(r["messages"], add_generation_prompt=False)
+        elif r.get("prompt"):
+            chat = [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["text"]}]
+            ids += tok.encode_chat(chat, add_generation_prompt=False)
+        else:
+            ids += tok.encode(r["text"], bos=tok.add_bos, eos=True)
+    return ids
+
+
+def all_tokens(folder) -> list:
+    return np.concatenate([data.open_tokens(folder, "train"), data.open_tokens(folder, "val")]).tolist()
+
+
+def write_jsonl(path, rows):
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wt") as f:
+        f.write("\n".join(json.dumps({k: v for k, v in r.items() if v is not None}) for r in rows) + "\n\n")
+
+
+def table_of(rows):
+    return pa.Table.from_pylist([{k: r.get(k) for k in data.FIELDS if k in set().union(*rows)} for r in rows])
+
+
+def write_save_to_disk(folder, rows, shards=2):
+    """A folder as datasets' Dataset.save_to_disk writes it: Arrow IPC stream shards, state.json, dataset_info.json."""
+    folder.mkdir(parents=True)
+    table = table_of(rows)
+    names = [f"data-{i:05d}-of-{shards:05d}.arrow" for i in range(shards)]
+    per = -(-len(rows) // shards)
+    for i, name in enumerate(names):
+        with pa.ipc.new_stream(str(folder / name), table.schema) as w:
+            w.write_table(table.slice(i * per, per), max_chunksize=2)
+    (folder / "state.json").write_text(json.dumps({"_data_files": [{"filename": n} for n in names]}))
+    (folder / "dataset_info.json").write_text(json.dumps({"features": {}}))
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "jsonl.gz", "parquet", "save_to_disk"])
+def test_each_format_gives_the_templated_token_stream(tmp_path, tok, kind):
+    path = tmp_path / f"corpus.{kind}"
+    if kind.startswith("jsonl"):
+        write_jsonl(path, ROWS)
+    elif kind == "parquet":
+        pq.write_table(table_of(ROWS), path, row_group_size=2)
+    else:
+        write_save_to_disk(path, ROWS)
+    files = data.data_files([path])
+    assert [f.suffix for f in files] == ([".arrow", ".arrow"] if kind == "save_to_disk" else [path.suffix])
+    folder = data.tokenize_corpus(files, tok, cache_dir=tmp_path / "cache", num_proc=1)
+    assert all_tokens(folder) == expected_stream(tok, ROWS)
+    assert json.loads((folder / "meta.json").read_text())["n_docs"] == len(ROWS)
+    # the roles as the README says: prompt -> user, text -> assistant; a plain text is not templated
+    pair = tok.decode(expected_stream(tok, ROWS[1:2]))
+    assert pair == ("<|im_start|>user\nWhat is the question?<|im_end|>\n"
+                    "<|im_start|>assistant\nWhether 'tis nobler in the mind to suffer<|im_end|>\n")
+    assert tok.decode(expected_stream(tok, ROWS[:1])) == "To be, or not to be" + tok.decode([tok.eos_id])
+
+
+def test_unknown_types_and_bad_rows_are_refused_in_one_line(tmp_path, tok):
+    for name in ("corpus.csv", "corpus.json.gz", "corpus.gz"):
+        (tmp_path / name).write_text("text\nTo be\n")
+        with pytest.raises(UsageError, match=f"--data {tmp_path / name}: not a type we read"):
+            data.data_files([tmp_path / name])
+    r = subprocess.run([sys.executable, str(ROOT / "data.py"), "--data", str(tmp_path / "corpus.csv"),
+                        "--checkpoint", str(tmp_path / "tok")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.startswith("data.py: error: --data") and r.stderr.count("\n") == 1, r.stderr
+    cases = {"a.jsonl": (b'{"text": "fine"}\n\n{"title": "no text"}\n', "a.jsonl:3: no 'text'"),
+             "b.jsonl": (b'{"text": "fine"}\nnot json\n', "b.jsonl:2: not a line of JSON"),
+             "c.jsonl": (b'{"messages": [{"role": "user"}]}\n', "c.jsonl:1: 'messages' is not a list"),
+             "d.parquet": (b"PAR1 not really", "d.parquet: not a readable .parquet file")}
+    for name, (content, expected) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(UsageError, match=expected):
+            data.tokenize_corpus([tmp_path / name], tok, cache_dir=tmp_path / "cache", num_proc=2)
+    pq.write_table(pa.Table.from_pylist([{"title": "x", "body": "y"}]), tmp_path / "e.parquet")
+    with pytest.raises(UsageError, match="e.parquet has no 'text', 'prompt' \\+ 'text' or 'messages' column"):
+        data.tokenize_corpus([tmp_path / "e.parquet"], tok, cache_dir=tmp_path / "cache")
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == []  # no cache, not even a partial one
+
+
+def test_one_process_equals_many(tmp_path, tok, monkeypatch):
+    monkeypatch.setattr(data, "CHUNK_DOCS", 3)  # many chunks in flight at once
+    rows = [dict(r, text=r.get("text", "") + f" {i}") if "text" in r else r for i in range(12) for r in ROWS]
+    write_jsonl(tmp_path / "a.jsonl.gz", rows)
+    pq.write_table(table_of(rows), tmp_path / "b.parquet", row_group_size=5)
+    (tmp_path / "c.txt").write_text(CORPUS)
+    files = data.data_files([tmp_path])
+    one = data.tokenize_corpus(files, tok, val_fraction=0.3, cache_dir=tmp_path / "one", num_proc=1)
+    many = data.tokenize_corpus(files, tok, val_fraction=0.3, cache_dir=tmp_path / "many", num_proc=3)
+    assert one.name == many.name  # the number of processes is not part of the key: the result is the same
+    assert (one / "tokens.bin").read_bytes() == (many / "tokens.bin").read_bytes()
+    assert (one / "meta.json").read_text() == (many / "meta.json").read_text()
+    assert sorted(all_tokens(one)) == sorted(expected_stream(tok, rows + rows) + tok.encode(CORPUS, eos=True))
+
+
+def test_fraction_split_is_deterministic_and_disjoint(tmp_path, tok):
+    docs = [f"{CORPUS[i:i + 30]} {i}" for i in range(200)] + ["To be, or not to be"] * 5  # five copies
+    write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in docs[:120]])
+    write_jsonl(tmp_path / "b.jsonl", [{"text": d} for d in docs[120:]])
+
+    def split(files, cache):
+        folder = data.tokenize_corpus(files, tok, val_fraction=0.25, cache_dir=tmp_path / cache, num_proc=2)
+        eos = tok.decode([tok.eos_id])
+        return [tok.decode(data.open_tokens(folder, s)).split(eos)[:-1] for s in ("train", "val")]
+
+    train, val = split([tmp_path / "a.jsonl", tmp_path / "b.jsonl"], "c1")
+    assert sorted(train + val) == sorted(docs)  # every document once, on one side
+    assert not set(train) & set(val)  # so the copies went together
+    assert 30 <= len(set(val)) <= 70  # about a quarter of 201 distinct documents
+    assert split([tmp_path / "a.jsonl", tmp_path / "b.jsonl"], "c2") == [train, val]  # again: the same
+    other = split([tmp_path / "b.jsonl", tmp_path / "a.jsonl"], "c3")  # files in another order: the same documents
+    assert (sorted(other[0]), sorted(other[1])) == (sorted(train), sorted(val))
+    # the held-out files of a save_to_disk DatasetDict, by path pattern
+    write_save_to_disk(tmp_path / "dd" / "train", [{"text": d} for d in docs[:50]], shards=1)
+    write_save_to_disk(tmp_path / "dd" / "test", [{"text": d} for d in docs[50:60]], shards=1)
+    folder = data.tokenize_corpus(data.data_files([tmp_path / "dd"]), tok, "*/test/*", tmp_path / "c4")
+    assert data.open_tokens(folder, "val").tolist() == expected_stream(tok, [{"text": d} for d in docs[50:60]])
+
+
+def test_cache_is_atomic_keyed_by_content_and_waited_for(tmp_path, tok, monkeypatch):
+    path = tmp_path / "a.jsonl"
+    write_jsonl(path, ROWS)
+    monkeypatch.setattr(data, "WAIT_S", 0.5)
+    with pytest.raises(UsageError, match="waited 0 s for rank 0 to tokenise"):
+        data.tokenize_corpus([path], tok, cache_dir=tmp_path / "cache", wait=True)  # nobody writes it
+    first = data.tokenize_corpus([path], tok, cache_dir=tmp_path / "cache")
+    assert data.tokenize_corpus([path], tok, cache_dir=tmp_path / "cache", wait=True) == first  # there: no wait
+    write_jsonl(path, ROWS[::-1])  # same size, new content and mtime
+    second = data.tokenize_corpus([path], tok, cache_dir=tmp_path / "cache")
+    assert second != first and all_tokens(second) == expected_stream(tok, ROWS[::-1])
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted([first.name, second.name])

@@ -9,7 +9,8 @@ import sys
 import pytest
 from conftest import ROOT
 
-SCRIPTS = ["convert_hf.py", "fetch.py", "train.py", "generate.py", "eval.py", "bench_train.py", "bench_generate.py"]
+SCRIPTS = ["convert_hf.py", "fetch.py", "train.py", "generate.py", "eval.py", "bench_train.py", "bench_generate.py",
+           "data.py", "bench_data.py"]
 
 
 def readme_commands():
