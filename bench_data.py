@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cli import UsageError, run_cli
+from cli import DEFAULT_CHECKPOINT, UsageError, run_cli
 from data import CORPUS, cpu_count, data_files, tokenize_corpus
 from tokenizer import Tokenizer
 
@@ -147,7 +147,7 @@ def get_parser():
     p.add_argument("--size-mb", type=int, default=2000, help="with --make: MB of text (uncompressed)" + d)
     p.add_argument("--format", choices=["jsonl.gz", "parquet"], default="jsonl.gz", help="corpus file type" + d)
     p.add_argument("--corpus", default=None, help=f"corpus file (default: {CORPUS_FILE.format('<format>')})")
-    p.add_argument("--checkpoint", default="checkpoints/smollm2-135m-instruct", help="whose tokenizer" + d)
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="whose tokenizer" + d)
     p.add_argument("--num-proc", type=int, nargs="+", default=[1, cpu_count()], help="runs, by processes" + d)
     return p
 

@@ -16,7 +16,7 @@ import torch
 
 from balcony import BalconyModel
 from generate import compile_steps, generate
-from cli import DTYPES, run_cli
+from cli import DEFAULT_CHECKPOINT, DTYPES, run_cli
 
 PROMPT = "Explain in a few paragraphs why the sky is blue, and why sunsets are red."
 
@@ -78,7 +78,7 @@ def main(args):
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", default="checkpoints/smollm2-135m-instruct")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     p.add_argument("--balcony", default=None, help="trained exits (default: <checkpoint>/balcony.safetensors)")
     p.add_argument("--prompt", default=PROMPT, help="user message, wrapped in the chat template")
     p.add_argument("--max-new-tokens", type=int, default=128)

@@ -8,6 +8,9 @@ from pathlib import Path
 import torch
 
 
+# Default paths are anchored at the repository, not the working directory, so scripts run from anywhere
+ROOT = Path(__file__).resolve().parent
+DEFAULT_CHECKPOINT = ROOT / "checkpoints" / "smollm2-135m-instruct"  # what convert_hf.py --default writes
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # --dtype choices
 
 

@@ -24,12 +24,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cli import DTYPES, UsageError, run_cli
+from cli import DEFAULT_CHECKPOINT, DTYPES, ROOT, UsageError, run_cli
 from model import ModelArgs, rope_inv_freq
 from tokenizer import LLAMA3_PATTERN
-
-ROOT = Path(__file__).resolve().parent
-DEFAULT_OUT = ROOT / "checkpoints" / "smollm2-135m-instruct"
 
 # source name -> our name, {} is the layer index (gpt-fast's weight_map); None: a buffer we recompute, skipped
 HF_WEIGHT_MAP = {
@@ -164,16 +161,26 @@ def gguf_args(reader) -> ModelArgs:
         rope_theta=as_decimal(get("llama.rope.freq_base", 10000.0)), max_seq_len=get("llama.context_length"),
         tie_embeddings=not any(t.name == "output.weight" for t in reader.tensors),
     )
+    # RoPE scaling. llama.cpp's converters store Llama-3.1's as rope_freqs.weight, the per-frequency divisors; a GGUF
+    # may instead (or also) say rope.scaling.type 'llama3' with its factor and original context. Either way the low and
+    # high frequency factors are Meta's published ones (GGUF has no key for them), and stored divisors must agree.
+    # Linear, YaRN and LongRoPE scaling would need a RoPE model.py does not have: refused, not silently ignored.
+    kind = get("llama.rope.scaling.type", "none")
+    if kind not in ("none", "llama3") or get("llama.rope.scale_linear", 1.0) != 1.0:
+        kind = "linear" if kind == "none" else kind  # the legacy rope.scale_linear key
+        raise UsageError(f"GGUF RoPE scaling {kind!r} is not supported (only Llama-3.1's 'llama3' is); converting it "
+                         "would run the model with wrong positions")
     rope_freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
-    if rope_freqs is not None:
-        # Llama-3.1/3.2 GGUFs store the per-frequency divisors, not the scaling parameters; those are Meta's
-        # published ones with factor = the largest divisor. Check they reproduce the stored divisors.
-        divisors = torch.from_numpy(np.array(rope_freqs.data, dtype=np.float32))
-        args.rope_scaling = dict(factor=divisors.max().item(), low_freq_factor=1.0, high_freq_factor=4.0,
-                                 original_max_position_embeddings=8192)
-        if not torch.allclose(rope_inv_freq(replace(args, rope_scaling=None)) / divisors, rope_inv_freq(args),
-                              rtol=1e-4):
-            raise UsageError("rope_freqs.weight is not Llama-3.1's RoPE scaling; this GGUF is not supported")
+    divisors = None if rope_freqs is None else torch.from_numpy(np.array(rope_freqs.data, dtype=np.float32))
+    if kind == "llama3" or divisors is not None:
+        factor = get("llama.rope.scaling.factor") if kind == "llama3" else divisors.max().item()
+        old_len = get("llama.rope.scaling.original_context_length", 8192)
+        args.rope_scaling = dict(factor=as_decimal(factor), low_freq_factor=1.0, high_freq_factor=4.0,
+                                 original_max_position_embeddings=old_len)
+        if divisors is not None and not torch.allclose(rope_inv_freq(replace(args, rope_scaling=None)) / divisors,
+                                                       rope_inv_freq(args), rtol=1e-4):
+            raise UsageError(f"rope_freqs.weight does not match Llama-3.1's RoPE scaling {args.rope_scaling}; this "
+                             "GGUF is not supported")
     return args
 
 
@@ -298,7 +305,7 @@ def convert(src: Path, out: Path, dtype: str = "auto") -> Path:
 def main(args):
     if args.default:
         from fetch import DEFAULT_GGUF, fetch
-        src, out = fetch("model") / DEFAULT_GGUF, args.out or DEFAULT_OUT
+        src, out = fetch("model") / DEFAULT_GGUF, args.out or DEFAULT_CHECKPOINT
     elif args.src is None or args.out is None:
         raise UsageError("give SRC and --out DIR, or --default")
     else:
@@ -312,7 +319,7 @@ def get_parser():
     parser.add_argument("src", nargs="?", type=Path, help="Hugging Face model folder or .gguf file")
     parser.add_argument("--out", type=Path, help="output checkpoint folder")
     parser.add_argument("--default", action="store_true",
-                        help=f"fetch SmolLM2-135M-Instruct and write {DEFAULT_OUT.relative_to(ROOT)}")
+                        help=f"fetch SmolLM2-135M-Instruct and write {DEFAULT_CHECKPOINT.relative_to(ROOT)}")
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                         help="weights dtype (auto: the source's for HF, float32 for GGUF)")
     return parser

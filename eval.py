@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from balcony import BalconyModel, exit_metrics
-from cli import DTYPES, UsageError, run_cli
+from cli import DEFAULT_CHECKPOINT, DTYPES, ROOT, UsageError, run_cli
 
 Task = namedtuple("Task", "load metric shots")  # load(root, shots) -> items [(contexts, choices, gold)]
 
@@ -425,7 +425,7 @@ def main(args):
     print(markdown_table(results, exits))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(dict(checkpoint=args.checkpoint, exits=[label(e) for e in exits],
+        Path(args.json).write_text(json.dumps(dict(checkpoint=str(args.checkpoint), exits=[label(e) for e in exits],
                                                    dtype=args.dtype, results=results), indent=2))
     if args.plot:
         plot(results, exits, n_layers, args.plot)
@@ -434,7 +434,7 @@ def main(args):
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", default="checkpoints/smollm2-135m-instruct", help="converted model folder")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="converted model folder")
     p.add_argument("--balcony", default=None,
                    help="trained exits (default: <checkpoint>/balcony.safetensors); not needed for --exits full")
     p.add_argument("--exits", default="15,18,21,full", help="comma-separated exit layers; 'full' is full depth")
@@ -453,7 +453,7 @@ def get_parser():
     p.add_argument("--evals-dir", default=None, help="fetched eval data (default: python fetch.py evals's folder)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--json", default="out/eval.json", help="write all metrics here ('' to skip)")
+    p.add_argument("--json", default=str(ROOT / "out" / "eval.json"), help="write all metrics here ('' to skip)")
     p.add_argument("--plot", default=None, help="PNG of average accuracy against speedup (needs matplotlib)")
     return p
 

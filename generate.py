@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import torch
 
 from balcony import BalconyModel
-from cli import DTYPES, UsageError, run_cli
+from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, run_cli
 from model import Transformer
 
 _compiled = False  # set by compile_steps(): compiled steps want fixed shapes, so caches are read whole
@@ -473,7 +473,7 @@ def main(args):
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", default="checkpoints/smollm2-135m-instruct", help="converted model folder")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="converted model folder")
     p.add_argument("--balcony", default=None, help="trained exits (default: <checkpoint>/balcony.safetensors); "
                                                    "needed only for --exit or --draft-exit below full depth")
     p.add_argument("--exit", type=int, default=None, help="exit layer; omitted: full depth, the untouched model")

@@ -12,6 +12,7 @@ apply_chat_template() writes ChatML (SmolLM2) or Llama-3's header format in Pyth
 import base64
 import json
 import re
+from datetime import datetime
 from pathlib import Path
 
 from cli import UsageError
@@ -45,6 +46,20 @@ def gpt2_byte_decoder() -> dict:
     return chars
 
 
+def check_merge_ranks(model: dict, path: Path):
+    """tiktoken applies, at each step, the merge whose result has the lowest id; HF's BPE applies the earliest merge
+    in the list. The two agree when the ids of merge results never decrease along the merge list: refuse otherwise."""
+    vocab, prev = model["vocab"], -1
+    for i, merge in enumerate(model["merges"]):
+        a, b = merge.split(" ") if isinstance(merge, str) else merge
+        rank = vocab.get(a + b)
+        if rank is None or rank < prev:
+            raise UsageError(f"{path}: merge {i} ({a} {b}) " + ("makes no token of the vocabulary" if rank is None else
+                             f"makes id {rank}, below an earlier merge's {prev}") + "; only tokenizers whose ids "
+                             "follow their merges are supported")
+        prev = rank
+
+
 def bytelevel_pattern(pre: dict) -> str:
     """The single split regex equivalent to a tokenizer.json byte-level pre_tokenizer."""
     steps = pre.get("pretokenizers", []) if pre and pre["type"] == "Sequence" else [pre]
@@ -76,6 +91,7 @@ class Tokenizer:
             self.special = {t["content"]: t["id"] for t in tj["added_tokens"]}  # HF matches all added tokens
             byte_of = gpt2_byte_decoder()
             ranks = {bytes(byte_of[c] for c in tok): i for tok, i in model["vocab"].items() if tok not in self.special}
+            check_merge_ranks(model, json_file)
             pattern = bytelevel_pattern(tj["pre_tokenizer"])
             # Llama-3's tokenizer.json prepends <|begin_of_text|> with a TemplateProcessing post-processor
             self.add_bos = config.get("add_bos_token", "TemplateProcessing" in json.dumps(tj.get("post_processor")))
@@ -88,6 +104,7 @@ class Tokenizer:
             import sentencepiece
             self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
             self.vocab_size = self.sp.get_piece_size()
+            self.known = range(self.vocab_size)
             self.special = {self.sp.id_to_piece(i): i for i in range(self.vocab_size) if self.sp.is_control(i)}
             self.bos_id, self.eos_id, self.add_bos = self.sp.bos_id(), self.sp.eos_id(), True
         elif tj:
@@ -96,6 +113,7 @@ class Tokenizer:
             raise UsageError(f"{path} has no tokenizer.json or tokenizer.model; convert the model with convert_hf.py")
         if self.sp is None:
             self.vocab_size = max([*ranks.values(), *self.special.values()]) + 1
+            self.known = {*ranks.values(), *self.special.values()}
             self.tt = tiktoken.Encoding(path.name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=self.special)
             self.pattern = pattern
             self.missing = bytes(b for b in range(256) if bytes([b]) not in ranks)  # SmolLM2 lacks e.g. 0x04
@@ -153,8 +171,10 @@ class Tokenizer:
         return ids + ([self.eos_id] if eos else [])
 
     def decode(self, ids) -> str:
-        ids = list(ids)
-        return self.sp.decode(ids) if self.sp is not None else self.tt.decode(ids)  # bad UTF-8 -> U+FFFD
+        # ids with no token (a model's vocabulary padded past the tokenizer's can sample one) are skipped, as HF's
+        # tokenizers skip them; bad UTF-8 becomes U+FFFD
+        ids = [i for i in ids if i in self.known]
+        return self.sp.decode(ids) if self.sp is not None else self.tt.decode(ids)
 
     def apply_chat_template(self, messages: list, add_generation_prompt: bool = True) -> str:
         """The prompt text for a list of {"role", "content"} messages; encode it with encode_chat or
@@ -167,8 +187,22 @@ class Tokenizer:
             text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
             return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
         if "<|start_header_id|>" in self.special:  # Llama-3 (Meta's ChatFormat)
-            text = "<|begin_of_text|>" + "".join(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n"
-                                                 f"{m['content'].strip()}<|eot_id|>" for m in messages)
+            text = "<|begin_of_text|>"
+            # Llama-3.1/3.2's templates always open with a system turn: knowledge cutoff, a date (3.2: today's, 3.1:
+            # a fixed one), then the chat's own system prompt if it has one. Both are read from the template.
+            template = self.chat_template or ""
+            cutoff = re.search(r'"Cutting Knowledge Date: (.*?)\\n"', template)
+            if cutoff:
+                system = ""
+                if messages and messages[0]["role"] == "system":
+                    system, messages = messages[0]["content"].strip(), messages[1:]
+                today = re.search(r'strftime_now\("(.*?)"\)', template)
+                date = datetime.now().strftime(today.group(1)) if today else \
+                    re.search(r'set date_string = "(.*?)"', template).group(1)
+                text += (f"<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: {cutoff.group(1)}\n"
+                         f"Today Date: {date}\n\n{system}<|eot_id|>")
+            text += "".join(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
+                            for m in messages)
             return text + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else "")
         raise UsageError("this tokenizer has no chat format (no ChatML <|im_start|> or Llama-3 <|start_header_id|> "
                          "tokens); prompt it with plain text")

@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from balcony import BalconyModel, distillation_kl, exit_metrics, model_fingerprint
-from cli import UsageError, run_cli
+from cli import DEFAULT_CHECKPOINT, UsageError, run_cli
 from data import (add_data_args, data_files, get_batch, iter_batches, n_windows, open_tokens, step_windows,
                   tokenize_corpus)
 from model import Transformer
@@ -308,7 +308,7 @@ def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = " (default: %(default)s)"
     p.add_argument("--exit-layers", required=True, help="comma-separated layers to put balconies after, e.g. 15,18,21")
-    p.add_argument("--checkpoint", default="checkpoints/smollm2-135m-instruct", help="converted model folder" + d)
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="converted model folder" + d)
     p.add_argument("--out", default=None, help="trained exits (default: <checkpoint>/balcony.safetensors); the "
                    "training state and JSONL log go next to it as .state.pt and .log.jsonl")
     add_data_args(p)  # --data, --val-files, --val-fraction, --cache-dir, --num-proc

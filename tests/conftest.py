@@ -22,14 +22,14 @@ def tiny_args(**overrides) -> ModelArgs:
     return ModelArgs(**{**TINY, **overrides})
 
 
-def write_tiny_tokenizer(path: Path) -> Path:
-    """A real byte-level BPE (GPT-2 style, like SmolLM2's) trained on a fixed text: ids < 320, specials 0, 1, 2."""
+def write_tiny_tokenizer(path: Path, specials=SPECIALS) -> Path:
+    """A real byte-level BPE (GPT-2 style, like SmolLM2's) trained on a fixed text: ids < 320, specials first."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([CORPUS], trainer)
     tok.save(str(path))

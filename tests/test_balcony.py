@@ -1,6 +1,6 @@
-"""balcony.py: full depth is the base model bit for bit, exit k runs exactly k layers and one balcony, the backbone
-is frozen, Eq. 2's chunked KL equals the plain formula (values and gradients), and exit files round-trip and refuse
-other base models."""
+"""balcony.py: full depth is the original model (transformers' logits, and bit for bit a copy loaded without exits),
+exit k runs exactly k layers and one balcony, the backbone is frozen, Eq. 2's chunked KL equals the plain formula
+(values and gradients), and exit files round-trip and refuse other base models."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,14 +17,26 @@ def bm():
     return BalconyModel(Transformer(tiny_args()).eval(), [1, 3]).eval()
 
 
-def test_full_depth_is_the_base_model_bit_for_bit(bm):
-    idx = torch.randint(0, 320, (2, 16))
+def test_full_depth_is_the_original_model(tmp_path):
+    # independent references: transformers' LlamaForCausalLM on the same weights, and a second copy of the base model
+    # loaded without exits (wrapping must not touch the backbone: the exits are copies of the last layer, not it)
+    from test_convert import hf_model
+    from convert_hf import convert
+    hf = hf_model(num_key_value_heads=2, tie_word_embeddings=True)
+    hf.save_pretrained(tmp_path / "hf")
+    ckpt = convert(tmp_path / "hf", tmp_path / "ckpt")
+    bm = BalconyModel(Transformer.from_checkpoint(ckpt), [1, 2]).eval()
+    plain = Transformer.from_checkpoint(ckpt)
+    idx = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ref = bm.model(idx)
-        assert torch.equal(bm(idx), ref)
-        assert torch.equal(bm(idx, exit=bm.n_layers), ref)
-        bm.setup_caches(2, 32)
-        assert torch.equal(bm(idx, input_pos=torch.arange(16)), bm.model(idx, input_pos=torch.arange(16)))
+        ref = hf(idx).logits
+        for exit in (None, bm.n_layers):
+            assert torch.equal(bm(idx, exit=exit), plain(idx))
+            torch.testing.assert_close(bm(idx, exit=exit), ref, atol=1e-4, rtol=0)
+        bm.setup_caches(2, 32)  # cached: a prefill, then one token at a time
+        cached = torch.cat([bm(idx[:, :12], input_pos=torch.arange(12))] +
+                           [bm(idx[:, t:t + 1], input_pos=torch.tensor([t])) for t in range(12, 16)], dim=1)
+        torch.testing.assert_close(cached, ref, atol=1e-4, rtol=0)
 
 
 def count_calls(bm):

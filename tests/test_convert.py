@@ -106,8 +106,9 @@ def llama_cpp_rope_freqs(c) -> np.ndarray:
     return np.array(factors, dtype=np.float32)
 
 
-def write_gguf(path, hf, tokenizer_json, qtypes: dict, pre="smollm"):
-    """A llama GGUF of hf's weights, quantised per llama.cpp name suffix; returns {hf name: dequantised weight}."""
+def write_gguf(path, hf, tokenizer_json, qtypes: dict, pre="smollm", kv=None, rope_freqs=True):
+    """A llama GGUF of hf's weights, quantised per llama.cpp name suffix, with metadata kv added and rope_freqs.weight
+    for Llama-3.1 scaling (as llama.cpp writes it) unless told not to; returns {hf name: dequantised weight}."""
     import gguf
     from gguf.quants import dequantize, quantize
     c = hf.config
@@ -130,7 +131,9 @@ def write_gguf(path, hf, tokenizer_json, qtypes: dict, pre="smollm"):
     w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tj["model"]["merges"]])
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
-    if c.rope_parameters.get("rope_type") == "llama3":
+    for key, value in (kv or {}).items():
+        {str: w.add_string, float: w.add_float32, int: w.add_uint32}[type(value)](key, value)
+    if c.rope_parameters.get("rope_type") == "llama3" and rope_freqs:
         w.add_tensor("rope_freqs.weight", llama_cpp_rope_freqs(c))
     dequantised = {}
     for name, t in hf.state_dict().items():
@@ -193,6 +196,43 @@ def test_gguf_round_trip(tmp_path, case):
     text = "To be, or not 2 be: 1234 arrows  of  fortune!\n\n  0.5"
     assert ours.encode(text) == ref.encode(text).ids and ours.decode(ours.encode(text)) == text
     assert (ours.bos_id, ours.eos_id) == (1, 2)
+
+
+def llama31_gguf(tmp_path, **kw):
+    import gguf
+    hf = hf_model(**GGUF_CASES["llama3.1-style"][0])
+    f32 = dict.fromkeys((n.split(".")[0] for n in GGUF_NAMES.values()), gguf.GGMLQuantizationType.F32)
+    hf.load_state_dict(write_gguf(tmp_path / "tiny.gguf", hf, write_tiny_tokenizer(tmp_path / "t.json"), f32,
+                                  "llama-bpe", **kw), strict=False)
+    return hf, tmp_path / "tiny.gguf"
+
+
+LLAMA3_KV = {"llama.rope.scaling.type": "llama3", "llama.rope.scaling.factor": 8.0,
+             "llama.rope.scaling.original_context_length": 8192}
+
+
+@pytest.mark.parametrize("rope_freqs", [False, True])
+def test_gguf_llama3_scaling_keys(tmp_path, rope_freqs):
+    # rope.scaling.type 'llama3' alone, or with the rope_freqs tensor llama.cpp writes: one scaling, Meta's values
+    hf, path = llama31_gguf(tmp_path, kv=LLAMA3_KV, rope_freqs=rope_freqs)
+    out = convert(path, tmp_path / "ckpt")
+    assert json.loads((out / "config.json").read_text())["rope_scaling"] == dict(
+        factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+    assert max_logit_diff(hf, out) < 1e-4
+
+
+@pytest.mark.parametrize("kv,msg", [
+    ({"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0}, "RoPE scaling 'linear' is not supported"),
+    ({"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0,
+      "llama.rope.scaling.original_context_length": 4096}, "RoPE scaling 'yarn' is not supported"),
+    ({"llama.rope.scale_linear": 2.0}, "RoPE scaling 'linear' is not supported"),  # the legacy key
+    (dict(LLAMA3_KV, **{"llama.rope.scaling.factor": 4.0}), "rope_freqs.weight does not match"),  # freqs say 8
+])
+def test_gguf_other_rope_scaling_is_refused(tmp_path, kv, msg):
+    _, path = llama31_gguf(tmp_path, kv=kv)
+    with pytest.raises(UsageError, match=msg):
+        convert(path, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt" / "config.json").exists()
 
 
 def test_unpermute_inverts_llama_cpp():

@@ -197,8 +197,29 @@ def test_limit_and_fewshot_parsing():
     assert limits == {"arc_easy": 200, "mmlu": 50, "ppl": 200}
 
 
-def test_speed_reports_every_exit(setup):
+def test_speed_times_each_exit_at_its_own_depth(setup, monkeypatch):
+    # each exit's tokens/s must come from decoding at that exit (k backbone layers and its balcony per token), and its
+    # speedup from those runs against the full-depth run (its own speedup, 1, is the definition)
+    import generate
     bm, _ = setup
+    blocks = []
+    for i, layer in enumerate(bm.model.layers):
+        layer.register_forward_hook(lambda m, a, o, i=i: blocks.append(("layer", i, a[0].size(1))))
+    for k, ex in bm.exits.items():
+        ex.layer.register_forward_hook(lambda m, a, o, k=k: blocks.append(("balcony", int(k), a[0].size(1))))
+    runs, real = [], generate.generate
+
+    def spy(model, prompt, n, exit=None, **kw):
+        start = len(blocks)
+        r = real(model, prompt, n, exit=exit, **kw)
+        runs.append((exit, r, {b[:2] for b in blocks[start:] if b[2] == 1}))  # the blocks of one-token steps
+        return r
+    monkeypatch.setattr(generate, "generate", spy)
     full, ex = ev.eval_speed(bm, [None, 1], prompt_len=8, new_tokens=4)
-    assert full["speedup"] == 1 and ex["speedup"] > 0
+    (_, r_full, full_blocks), (_, r_1, exit_blocks) = runs[1:]  # runs[0] is the warm-up
+    assert [e for e, _, _ in runs[1:]] == [None, 1]
+    assert full_blocks == {("layer", i) for i in range(bm.n_layers)}
+    assert exit_blocks == {("layer", 0), ("balcony", 1)}
+    assert (full["decode_tok_s"], ex["decode_tok_s"]) == (r_full["tokens_per_s"], r_1["tokens_per_s"])
+    assert ex["speedup"] == r_1["tokens_per_s"] / r_full["tokens_per_s"] and full["speedup"] == 1
     assert all(r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 for r in (full, ex))

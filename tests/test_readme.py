@@ -5,6 +5,7 @@ import re
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import ROOT
@@ -56,3 +57,12 @@ def test_bad_input_is_one_line_exit_2(argv):
     assert r.returncode == 2, r.stderr
     last = r.stderr.strip().splitlines()[-1]  # argparse's own errors print the usage first
     assert "Traceback" not in r.stderr and last.startswith(f"{argv[0]}: error: ")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_path_defaults_are_anchored_at_the_repository(script):
+    # a relative default would be resolved against the working directory: scripts run from elsewhere would miss it
+    # (tests/test_default_model.py also runs generate.py from another directory on the real model)
+    parser = importlib.import_module(script.removesuffix(".py")).get_parser()
+    paths = [a.default for a in parser._actions if isinstance(a.default, (str, Path)) and "/" in str(a.default)]
+    assert all(Path(p).is_absolute() and Path(p).is_relative_to(ROOT) for p in paths), paths
