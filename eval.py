@@ -25,6 +25,7 @@ then adds its balcony block and the LM head on the continuation tokens only.
 |               |                                  | {a}\nB. {b}\nC. {c}\nD. {d}\nAnswer:" -> " A".." D"       |
 | lambada       | lambada_openai test (5153)       | text without its last word -> " {last word}"             |
 | ppl           | --data, train.py's held-out part | --block-size windows: ppl, KL from full, top-1 agreement |
+| heldout_chat  | chat_data.py's val.jsonl (64)    | the full model's answers: KL from full, top-1 agreement  |
 | speed         | random 32-token prompt           | generate.py, batch 1, greedy: tokens/s and speedup       |
 The table printed shows acc_norm for ARC-Challenge, HellaSwag and OpenBookQA, acc elsewhere (LAMBADA: greedy
 accuracy, plus its perplexity); the JSON has both.
@@ -52,6 +53,7 @@ from tqdm import tqdm
 
 from balcony import BalconyModel, exit_metrics
 from cli import DEFAULT_CHECKPOINT, DTYPES, ROOT, UsageError, run_cli
+from data import CHAT
 
 Task = namedtuple("Task", "load metric shots")  # load(root, shots) -> items [(contexts, choices, gold)]
 
@@ -267,6 +269,39 @@ def eval_ppl(bm, tokens: torch.Tensor, exits: list, block: int, limit, batch_siz
     return [dict(ppl=math.exp(nll[e]), kl=kl[e], top1_agree=agree[e], tokens=T) for e in range(len(exits))]
 
 
+def answer_tokens(tok, messages: list):
+    """A chat ending in an assistant turn -> (token ids, n): the last n ids are the assistant's answer and its
+    end-of-turn token, as the model generated them after the chat template's assistant header."""
+    prompt, whole = tok.encode_chat(messages[:-1]), tok.encode_chat(messages, add_generation_prompt=False)
+    end = max((i for i, t in enumerate(whole) if t in tok.stop_ids), default=len(whole) - 1) + 1
+    if whole[:len(prompt)] != prompt or end <= len(prompt):
+        raise UsageError(f"chat {messages[0]['content'][:40]!r}: the answer does not tokenise after its prompt")
+    return whole[:end], end - len(prompt)
+
+
+@torch.no_grad()
+def eval_heldout_chat(bm, tok, chats: list, exits: list, batch_size: int, chunk: int = 1024) -> list:
+    """The full model's own chat answers (chat_data.py's held-out val.jsonl) teacher-forced through each exit: KL(full
+    || exit) per token, top-1 agreement with the full model and perplexity, on the answer tokens only."""
+    seqs = sorted((answer_tokens(tok, m) for m in chats), key=lambda s: -len(s[0]))
+    device, sums, n_tok = bm.model.tok_embeddings.weight.device, torch.zeros(3, len(exits)), 0
+    for s in tqdm(range(0, len(seqs), batch_size), desc="heldout_chat"):
+        batch = seqs[s:s + batch_size]
+        x = torch.zeros(len(batch), len(batch[0][0]), dtype=torch.long)  # right-padded; causal, so padding is unseen
+        rows, pos, tgt = [], [], []
+        for b, (ids, n) in enumerate(batch):
+            x[b, :len(ids)] = torch.tensor(ids)
+            rows += [b] * n
+            pos += range(len(ids) - n - 1, len(ids) - 1)  # logits at position t predict token t+1
+            tgt += ids[-n:]
+        rows, pos, tgt = (torch.tensor(v, device=device) for v in (rows, pos, tgt))
+        h_full, *hs = [h[rows, pos] for h in exit_hidden(bm, x.to(device), [None] + exits)]  # (N_tok, D) each
+        sums += exit_metrics(bm.model.output, h_full, hs, tgt, chunk).cpu()
+        n_tok += len(tgt)
+    kl, agree, nll = (sums / n_tok).tolist()
+    return [dict(ppl=math.exp(nll[e]), kl=kl[e], top1_agree=agree[e], tokens=n_tok) for e in range(len(exits))]
+
+
 def eval_speed(bm, exits: list, prompt_len: int, new_tokens: int) -> list:
     """Table 3 on this machine: prefill and decode tokens/s per exit with generate.py (batch 1, greedy)."""
     from generate import generate
@@ -300,6 +335,9 @@ def markdown_table(results: dict, exits: list) -> str:
     if "ppl" in results:
         extra += [("ppl", "ppl", "ppl", 1, ".4g"), ("KL from full", "ppl", "kl", 1, ".4f"),
                   ("top-1 agree %", "ppl", "top1_agree", 100, ".1f")]
+    if "heldout_chat" in results:
+        extra += [("held-out chat KL", "heldout_chat", "kl", 1, ".4f"),
+                  ("held-out chat top-1 %", "heldout_chat", "top1_agree", 100, ".1f")]
     if "speed" in results:
         extra += [("prefill tok/s", "speed", "prefill_tok_s", 1, ".0f"),
                   ("decode tok/s", "speed", "decode_tok_s", 1, ".1f")]
@@ -348,7 +386,7 @@ def plot(results: dict, exits: list, n_layers: int, path: str):
 def parse_args_lists(args):
     """Validate the lists on the command line before loading anything: tasks, exits, shots and limits."""
     tasks = [t for t in args.tasks.split(",") if t]
-    known = [*TASKS, "ppl", "speed"]
+    known = [*TASKS, "ppl", "heldout_chat", "speed"]
     unknown = [t for t in tasks if t not in known]
     if unknown or not tasks:
         raise UsageError(f"unknown task(s) {unknown or args.tasks!r}; known: {', '.join(known)}")
@@ -379,6 +417,8 @@ def parse_args_lists(args):
             raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
     if "ppl" in tasks and args.data is not None and not Path(args.data).exists():
         raise UsageError(f"--data {args.data} not found")
+    if "heldout_chat" in tasks and not Path(args.chat_data).is_file():
+        raise UsageError(f"--chat-data {args.chat_data} not found; generate it: python chat_data.py")
     return tasks, exits, shots, limits
 
 
@@ -406,6 +446,11 @@ def main(args):
             tokens = torch.from_numpy(load_tokens(args.data and [args.data], tok, "val").astype("int64"))
             scores = eval_ppl(bm, tokens, exits, args.block_size, limits[t], args.batch_size)
             info = dict(n=scores[0]["tokens"], data=f"{args.data or 'Shakespeare'}, train.py's held-out split")
+        elif t == "heldout_chat":
+            from chat_data import read_chats
+            chats = read_chats(Path(args.chat_data))[:limits[t]]
+            scores = eval_heldout_chat(bm, tok, chats, exits, args.batch_size)
+            info = dict(n=scores[0]["tokens"], chats=len(chats), data=str(args.chat_data))
         else:
             if root is None:
                 from fetch import fetch
@@ -439,15 +484,16 @@ def get_parser():
                    help="trained exits (default: <checkpoint>/balcony.safetensors); not needed for --exits full")
     p.add_argument("--exits", default="15,18,21,full", help="comma-separated exit layers; 'full' is full depth")
     p.add_argument("--tasks", default="arc_easy,piqa,hellaswag,winogrande,lambada",
-                   help=f"comma-separated, from: {', '.join([*TASKS, 'ppl', 'speed'])}")
+                   help=f"comma-separated, from: {', '.join([*TASKS, 'ppl', 'heldout_chat', 'speed'])}")
     p.add_argument("--limit", default="", help="score the first N examples of each task (ppl: N windows); "
-                                                "task=N for one task, e.g. 200,mmlu=50,ppl=16")
+                                                "task=N for one task, e.g. 200,mmlu=50,ppl=16 (heldout_chat: N chats)")
     p.add_argument("--num-fewshot", default="", help="task=k overrides of the paper's shots (mmlu=5, hellaswag=10, "
                                                      "others 0), e.g. hellaswag=0,mmlu=0")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward")
     p.add_argument("--data", default=None, help="ppl: text file or folder, scored on the split train.py holds out "
                                                 "(default: Shakespeare's hamlet, macbeth, tempest)")
     p.add_argument("--block-size", type=int, default=512, help="ppl: tokens per window")
+    p.add_argument("--chat-data", default=CHAT / "val.jsonl", help="heldout_chat: chat_data.py's held-out chats")
     p.add_argument("--speed-prompt", type=int, default=32, help="speed: prompt tokens")
     p.add_argument("--speed-tokens", type=int, default=128, help="speed: new tokens per exit")
     p.add_argument("--evals-dir", default=None, help="fetched eval data (default: python fetch.py evals's folder)")

@@ -118,7 +118,7 @@ def test_bad_state_is_refused_in_one_line(setup, tmp_path):
     assert train.main(train.parse_args(base)) == 0
     other_model = str(make_tiny_checkpoint(tmp_path / "other", seed=1))
     cases = {"another base model": ["--checkpoint", other_model], "not --exit-layers [1, 3]": ["--exit-layers", "1,3"],
-             "lr 0.0005 -> 0.001": ["--lr", "1e-3"], "not a readable training state": []}
+             "lr 0.001 -> 0.002": ["--lr", "2e-3"], "not a readable training state": []}
     for expected, change in cases.items():
         if not change:  # last: damage the file
             state = tmp_path / "b.state.pt"
