@@ -15,7 +15,6 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from cli import UsageError
 from model import ModelArgs, RMSNorm, Transformer, TransformerBlock, ensure_cache
@@ -34,31 +33,61 @@ class BalconyExit(nn.Module):
 
 
 def _log_probs(output_weight, h):
-    return F.log_softmax(F.linear(h, output_weight).float(), dim=-1)  # (N, D) -> (N, vocab), in fp32
+    z = F.linear(h, output_weight)  # (N, D) -> (N, vocab)
+    return z.to(torch.promote_types(z.dtype, torch.float32)).log_softmax(-1)  # in fp32 (fp64 stays fp64)
 
 
 def _kl(teacher, student):
     return (teacher.exp() * (teacher - student)).sum()  # sum over tokens of KL(p || q), from log-probs
 
 
-def _kl_chunk(output_weight, h_full, *h_exits):
-    teacher = _log_probs(output_weight, h_full)
-    return torch.stack([_kl(teacher, _log_probs(output_weight, h)) for h in h_exits])
+def distillation_kl_reference(output_weight, h_full, h_exits):
+    """Eq. 2 as written, per exit: KL(p_full || p_exit) summed over tokens, shape (n_exits,). It makes every exit's
+    full (tokens, vocab) logits and lets autograd differentiate them: the form to read and to test against."""
+    teacher = _log_probs(output_weight, h_full.flatten(0, -2))
+    return torch.stack([F.kl_div(_log_probs(output_weight, h.flatten(0, -2)), teacher, log_target=True,
+                                 reduction="sum") for h in h_exits])
 
 
-def distillation_kl(output: nn.Linear, h_full, h_exits, chunk_size: int = 1024):
-    """Eq. 2, per exit: KL(p_full || p_exit) summed over tokens, as a tensor of shape (n_exits,).
-    h_full, h_exits[j]: (B, T, D) normalised hidden states. Logits never exist for more than `chunk_size` tokens at
-    once: with autograd on, each chunk is checkpointed and its logits recomputed in the backward pass."""
-    D = h_full.size(-1)
-    h_full = h_full.reshape(-1, D)
-    h_exits = [h.reshape(-1, D) for h in h_exits]
-    total = h_full.new_zeros(len(h_exits), dtype=torch.float32)
-    grad = torch.is_grad_enabled() and any(h.requires_grad for h in h_exits)
-    for s in range(0, h_full.size(0), chunk_size):
-        args = (output.weight, h_full[s:s + chunk_size], *[h[s:s + chunk_size] for h in h_exits])
-        total = total + (checkpoint(_kl_chunk, *args, use_reentrant=False) if grad else _kl_chunk(*args))
-    return total
+class FusedDistillationKL(torch.autograd.Function):
+    """Eq. 2 in chunks of tokens with its backward done in the forward pass (the fused linear cross-entropy of
+    Liger-Kernel and Cut Cross-Entropy, applied to KL). For logits z = h W^T of an exit, q = softmax(z) and the
+    teacher's p, d KL(p || q) / d z = q - p, so d KL / d h = (q - p) W: each chunk's logits are made, used for the
+    KL and that gradient, and dropped. The frozen head W gets no gradient; nothing is recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, chunk_size, need_grad, weight, h_full, *h_exits):
+        D, acc = weight.size(1), torch.promote_types(weight.dtype, torch.float32)  # softmax and KL in >= fp32
+        grads = [torch.empty_like(h, memory_format=torch.contiguous_format) for h in h_exits] if need_grad else []
+        h_full, h_exits = h_full.reshape(-1, D), [h.reshape(-1, D) for h in h_exits]
+        kl = torch.zeros(len(h_exits), dtype=acc, device=weight.device)
+        # the head's matmuls run in the head's own dtype (train.py --dtype), autocast or not
+        with torch.autocast(weight.device.type, enabled=False):
+            for s in range(0, h_full.size(0), chunk_size):
+                logp = F.linear(h_full[s:s + chunk_size].to(weight.dtype), weight).to(acc).log_softmax(-1)  # (c, V)
+                p = logp.exp()
+                neg_entropy = torch.dot(p.view(-1), logp.view(-1))  # sum p log p
+                for j, h in enumerate(h_exits):
+                    logq = F.linear(h[s:s + chunk_size].to(weight.dtype), weight).to(acc).log_softmax(-1)
+                    kl[j] += neg_entropy - torch.dot(p.view(-1), logq.view(-1))  # sum p (log p - log q)
+                    if need_grad:
+                        dz = logq.exp_().sub_(p)  # q - p, in place
+                        grads[j].view(-1, D)[s:s + chunk_size] = dz.to(weight.dtype) @ weight  # (c, D)
+        ctx.save_for_backward(*grads)
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        grads = [g * grad_kl[j].to(g.dtype) for j, g in enumerate(ctx.saved_tensors)]
+        return None, None, None, None, *grads
+
+
+def distillation_kl(output: nn.Linear, h_full, h_exits, chunk_size: int = 256):
+    """Eq. 2, per exit: KL(p_full || p_exit) summed over tokens, as a tensor of shape (n_exits,), equal to
+    distillation_kl_reference. h_full, h_exits[j]: (B, T, D) normalised hidden states; no logits tensor larger than
+    (chunk_size, vocab) ever exists, and the gradient reaches h_exits (never the frozen head or h_full)."""
+    need_grad = torch.is_grad_enabled() and any(h.requires_grad for h in h_exits)
+    return FusedDistillationKL.apply(chunk_size, need_grad, output.weight, h_full.detach(), *h_exits)
 
 
 @torch.no_grad()
@@ -169,12 +198,14 @@ class BalconyModel(nn.Module):
 
     # File I/O: the exit weights alone, tagged with the base model's fingerprint so they refuse other models.
 
-    def save_exits(self, path):
-        """Write the exit weights alone (safetensors, atomically) with the exit layers and the base's fingerprint."""
+    def save_exits(self, path, fingerprint: Optional[str] = None):
+        """Write the exit weights alone (safetensors, atomically) with the exit layers and the base's fingerprint
+        (pass it when it was taken before the backbone was sharded)."""
         from safetensors.torch import save_file
 
         path = Path(path)
-        meta = {"exit_layers": json.dumps(self.exit_layers), "base_fingerprint": model_fingerprint(self.model),
+        meta = {"exit_layers": json.dumps(self.exit_layers),
+                "base_fingerprint": fingerprint or model_fingerprint(self.model),
                 "model_args": self.model.args.to_json()}
         tensors = {f"exits.{k}": v.detach().contiguous().cpu() for k, v in self.exits.state_dict().items()}
         tmp = path.with_name(path.name + ".tmp")

@@ -1,33 +1,39 @@
 """
-Peak memory of one Balcony training step against sequence length and number of exits; on CUDA also tokens/s and MFU.
+One Balcony training step, ours against the authors' formulation, on the same model, batch and exits.
 
-    python bench_train.py --n-layers 8                               # CPU: SmolLM2-135M shapes, random weights
-    python bench_train.py --preset llama-3-8b --seq-lens 4096 --exits 3 --time   # CUDA: throughput and MFU too
+    python bench_train.py          # CPU: SmolLM2-135M shape, exits 15,18,21, batch 4 x 256, fp32, random weights
+    python bench_train.py --preset llama-3-8b --seq-len 4096 --batch-size 1 --dtype bfloat16 --compile  # a GPU
 
-The loss (balcony.distillation_kl, Eq. 2) makes logits for chunk_size tokens at a time and recomputes them in the
-backward pass, so its memory should follow chunk_size, not tokens x vocab x exits. The table sets chunk_size = all
-tokens against chunk_size = 256, next to what unchunked fp32 logits alone would take. Peak memory is, on CUDA,
-torch.cuda.max_memory_allocated; on CPU, the peak resident set size (VmHWM, reset through /proc/self/clear_refs)
-above the resident size before the step. Weights are random: memory and speed do not depend on their values.
+ours: train.ExitLoss, as train.py runs it (one no-grad backbone pass, the exits, balcony.distillation_kl: Eq. 2
+chunked, with its gradient made in the forward pass). authors: a transformers LlamaForCausalLM built from the same
+weights, run with output_hidden_states; each exit (a copy of the last decoder layer and the final norm, as ours) on
+its hidden states, then the head, full-vocab F.kl_div against the full model's logits, plain autograd. Both then
+clip and take an AdamW step on the exits alone.
+
+Each formulation runs in a fresh process, so their memory does not mix: step peak is the memory a step adds above
+what is resident before it (CUDA: max_memory_allocated; CPU: peak RSS, VmHWM reset through /proc/self/clear_refs),
+process peak the whole process's (weights included). Seconds per step are the median of --steps steps after one
+warm-up (which includes compiling). On CUDA, MFU counts the model FLOPs of flops_per_token. Weights are random:
+speed and memory do not depend on their values.
 """
 import argparse
+import contextlib
+import multiprocessing as mp
+import statistics
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-from balcony import BalconyModel, distillation_kl
-from cli import run_cli
+from balcony import BalconyModel
+from cli import DTYPES, run_cli
+from convert_hf import HF_WEIGHT_MAP
 from model import ModelArgs, Transformer
 from train import ExitLoss
 
 # dense bf16 peak of the GPU, for MFU (H100 SXM; pass --peak-tflops for another)
 H100_BF16_TFLOPS = 989.0
-
-
-def exit_layers(n_layers: int, n_exits: int) -> list:
-    step = max(1, n_layers // 10)  # 30 layers, 3 exits: 15, 18, 21 as in the paper
-    return [n_layers // 2 + i * step for i in range(n_exits)]
 
 
 def _rss_kb(field: str) -> int:
@@ -60,110 +66,158 @@ def flops_per_token(a: ModelArgs, n_exits: int, seq_len: int) -> float:
     return a.n_layers * per_layer + head + n_exits * (3 * per_layer + 2 * head)
 
 
-def main(args):
-    device = torch.device(args.device)
+# ---------------------------------------------------------------------------------------- the authors' formulation
+def hf_model(model: Transformer):
+    """A transformers LlamaForCausalLM sharing model's weights (no copy)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    a = model.args
+    config = LlamaConfig(hidden_size=a.dim, num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads,
+                         num_key_value_heads=a.n_kv_heads, head_dim=a.head_dim, vocab_size=a.vocab_size,
+                         intermediate_size=a.hidden_dim, rms_norm_eps=a.norm_eps, rope_theta=a.rope_theta,
+                         max_position_embeddings=a.max_seq_len, tie_word_embeddings=a.tie_embeddings,
+                         rope_scaling={"rope_type": "llama3", **a.rope_scaling} if a.rope_scaling else None,
+                         attn_implementation="sdpa")
+    ours = {v: k for k, v in HF_WEIGHT_MAP.items() if v is not None}
+    sd = {}
+    for name, t in model.state_dict().items():
+        parts = name.split(".")
+        key = ".".join(p if not p.isdigit() else "{}" for p in parts)
+        if key in ours:
+            sd[ours[key].format(*[p for p in parts if p.isdigit()])] = t
+    with torch.device("meta"):
+        hf = LlamaForCausalLM(config)
+    hf.load_state_dict(sd, strict=False, assign=True)
+    if a.tie_embeddings:
+        hf.lm_head.weight = hf.model.embed_tokens.weight
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(config).to(model.inv_freq.device)  # its buffers, not on meta
+    return hf.requires_grad_(False).eval()
+
+
+class AuthorsLoss(torch.nn.Module):
+    """Eq. 2 the direct way: every hidden state of the transformers model, then per exit a decoder layer and a norm
+    (copies of the last ones, fp32) and the head on them, full (B, T, vocab) logits and F.kl_div, autograd for the
+    backward."""
+
+    def __init__(self, hf, exit_layers):
+        super().__init__()
+        import copy
+
+        self.hf, self.exit_layers = hf, exit_layers
+        self.layers = torch.nn.ModuleList(copy.deepcopy(hf.model.layers[-1]) for _ in exit_layers)
+        self.norms = torch.nn.ModuleList(copy.deepcopy(hf.model.norm) for _ in exit_layers)
+        for m in (self.layers, self.norms):
+            m.float().requires_grad_(True)
+
+    def forward(self, x):
+        out = self.hf(x, output_hidden_states=True)
+        teacher = F.log_softmax(out.logits.float(), -1)  # (B, T, vocab)
+        pos = torch.arange(x.size(1), device=x.device)[None]
+        rope = self.hf.model.rotary_emb(out.hidden_states[0], pos)
+        loss = 0.0
+        for k, layer, norm in zip(self.exit_layers, self.layers, self.norms):
+            h = norm(layer(out.hidden_states[k], position_embeddings=rope, position_ids=pos))
+            student = F.log_softmax(self.hf.lm_head(h).float(), -1)
+            loss = loss + F.kl_div(student.flatten(0, 1), teacher.flatten(0, 1), log_target=True,
+                                   reduction="batchmean")  # batchmean over the B*T rows: the mean per token
+        return loss
+
+
+# ----------------------------------------------------------------------------------------------------- the bench
+def run(name: str, args) -> dict:
+    """Build the model and `name`'s loss, take the steps; seconds per step and memory. Runs in its own process."""
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
     margs = ModelArgs.from_name(args.preset)
     if args.n_layers:
         margs.n_layers = args.n_layers
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # autocast on CUDA, as train.py
-    ctx = torch.autocast("cuda", dtype=dtype) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     torch.manual_seed(0)
     with torch.device(device):
-        model = Transformer(margs)
-    print(f"{args.preset}{f' ({margs.n_layers} layers)' if args.n_layers else ''} on {device}, batch {args.batch_size}, "
-          f"fp32 weights{', bf16 autocast' if device.type == 'cuda' else ''}")
-    print(f"{'seq_len':>7} {'exits':>5} {'chunk':>6} | {'step peak MiB':>13} {'loss peak MiB':>13} | "
-          f"{'unchunked logits MiB':>20}")
-    for n_exits in map(int, args.exits.split(",")):
-        bm = BalconyModel(model, exit_layers(margs.n_layers, n_exits))
-        for T in map(int, args.seq_lens.split(",")):
-            tokens = args.batch_size * T
-            x = torch.randint(0, margs.vocab_size, (args.batch_size, T + 1), device=device)
-            x, y = x[:, :-1], x[:, 1:]
-            for chunk in sorted({tokens, args.chunk_size}, reverse=True):
-                loss_fn = ExitLoss(bm, chunk, 0.0)
-
-                def step():
-                    with ctx:
-                        loss, _, _ = loss_fn(x, y)
-                    loss.backward()
-                    bm.exits.zero_grad(set_to_none=True)
-
-                with torch.no_grad(), ctx:
-                    h_full, h_exits = bm.forward_train(x)
-                h_exits = [h.detach().requires_grad_() for h in h_exits]
-
-                def loss_only():
-                    with ctx:
-                        kl = distillation_kl(bm.model.output, h_full, h_exits, chunk)
-                    kl.sum().backward()
-                    for h in h_exits:
-                        h.grad = None
-
-                step()  # warm up: lazy allocations, allocator caches
-                mem_step, mem_loss = peak_mib(step, device), peak_mib(loss_only, device)
-                logits = tokens * margs.vocab_size * 4 * (n_exits + 1) / 2 ** 20
-                print(f"{T:>7} {n_exits:>5} {chunk:>6} | {mem_step:>13.0f} {mem_loss:>13.0f} | {logits:>20.0f}")
-        if args.time:
-            time_steps(bm, margs, n_exits, int(args.seq_lens.split(",")[-1]), args, ctx, device)
-        del bm
-
-
-def time_steps(bm, margs, n_exits, T, args, ctx, device):
-    """tokens/s and MFU of the full optimiser step (forward, backward, AdamW) as train.py runs it."""
-    loss_fn = ExitLoss(bm, args.chunk_size, 0.0)
+        model = Transformer(margs).to(dtype).requires_grad_(False)  # random weights, the same in both processes
+    exits = [int(k) for k in args.exits.split(",")]
+    if name == "ours":
+        bm = BalconyModel(model, exits)
+        bm.exits.float()  # fp32 master weights, as train.py
+        loss_fn, params = ExitLoss(bm, args.chunk_size, 0.0), list(bm.exits.parameters())
+        forward = lambda x: loss_fn(x, x)[0]  # noqa: E731
+    else:
+        loss_fn = AuthorsLoss(hf_model(model), exits)
+        del model
+        params, forward = [p for p in loss_fn.parameters() if p.requires_grad], loss_fn
     if args.compile:
-        loss_fn = torch.compile(loss_fn, dynamic=False)
-    opt = torch.optim.AdamW(bm.exits.parameters(), lr=1e-4, fused=device.type == "cuda")
-    x = torch.randint(0, margs.vocab_size, (args.batch_size, T + 1), device=device)
-    x, y = x[:, :-1], x[:, 1:]
+        forward = torch.compile(forward, dynamic=False)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+    ctx = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    x = torch.randint(0, margs.vocab_size, (args.batch_size, args.seq_len), device=device)
 
     def step():
         with ctx:
-            loss, _, _ = loss_fn(x, y)
+            loss = forward(x)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(bm.exits.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-
-    def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
     t0 = time.perf_counter()
-    step()  # compiles, if --compile
-    sync()
-    print(f"first step (includes compile): {time.perf_counter() - t0:.1f} s")
-    step()
-    sync()
-    t0 = time.perf_counter()
+    step()  # warm-up: compiles, if --compile; allocates AdamW's state
+    first = time.perf_counter() - t0
+    times, peaks = [], []
     for _ in range(args.steps):
-        step()
-    sync()
-    dt = (time.perf_counter() - t0) / args.steps
-    tok_s = args.batch_size * T / dt
-    line = f"{n_exits} exits, seq_len {T}: {dt * 1000:.0f} ms/step, {tok_s:,.0f} tokens/s"
-    if device.type == "cuda":
-        mfu = flops_per_token(margs, n_exits, T) * tok_s / (args.peak_tflops * 1e12)
-        line += f", MFU {mfu:.1%} of {args.peak_tflops:.0f} TFLOP/s"
-    print(line)
+        t0 = time.perf_counter()
+        peaks.append(peak_mib(step, device))
+        times.append(time.perf_counter() - t0)
+    process = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else _rss_kb("VmHWM") / 1024
+    if device.type != "cuda":  # VmHWM was reset before each step: the peak since start-up is the max of both
+        process = max(process, _rss_kb("VmRSS") / 1024 + max(peaks))
+    return dict(s=statistics.median(times), first=first, step_mib=max(peaks), process_mib=process,
+                flops=flops_per_token(margs, len(exits), args.seq_len))
+
+
+def main(args) -> int:
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    tokens = args.batch_size * args.seq_len
+    print(f"{args.preset}{f' ({args.n_layers} layers)' if args.n_layers else ''}, exits {args.exits}, batch "
+          f"{args.batch_size} x {args.seq_len}, {args.dtype}, chunk {args.chunk_size}, {args.device}, "
+          f"{torch.get_num_threads()} threads, compile {args.compile}; median of {args.steps} steps after a warm-up")
+    results = {}
+    with mp.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:  # a fresh process for each formulation
+        for name in args.formulations.split(","):
+            results[name] = pool.apply(run, (name, args))
+    print("| formulation | s/step | tokens/s | step peak MiB | process peak MiB | first step s |" +
+          (" MFU |" if args.device.startswith("cuda") else ""))
+    print("|---|---|---|---|---|---|" + ("---|" if args.device.startswith("cuda") else ""))
+    for name, r in results.items():
+        line = (f"| {name} | {r['s']:.2f} | {tokens / r['s']:,.0f} | {r['step_mib']:,.0f} | {r['process_mib']:,.0f} "
+                f"| {r['first']:.1f} |")
+        if args.device.startswith("cuda"):
+            line += f" {r['flops'] * tokens / r['s'] / (args.peak_tflops * 1e12):.1%} |"
+        print(line)
+    if {"ours", "authors"} <= set(results):
+        o, a = results["ours"], results["authors"]
+        print(f"ours: {a['s'] / o['s']:.2f}x the authors' speed, {o['step_mib'] / a['step_mib']:.2f}x their step "
+              f"memory, {o['process_mib'] / a['process_mib']:.2f}x their process peak")
+    return 0
 
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = " (default: %(default)s)"
+    cuda = torch.cuda.is_available()
     p.add_argument("--preset", default="smollm2-135m", help="model shape, random weights" + d)
-    p.add_argument("--n-layers", type=int, default=None, help="fewer backbone layers, for a quicker CPU run")
-    p.add_argument("--seq-lens", default="256,1024", help="comma-separated sequence lengths" + d)
-    p.add_argument("--exits", default="1,3", help="comma-separated numbers of exits" + d)
-    p.add_argument("--batch-size", type=int, default=1, help=d.strip())
-    p.add_argument("--chunk-size", type=int, default=256, help="the loss's chunk, against chunk = all tokens" + d)
-    p.add_argument("--time", action="store_true", help="also time optimiser steps at the last seq_len")
-    p.add_argument("--steps", type=int, default=10, help="timed steps with --time" + d)
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
-                   help="torch.compile the timed step (default: on with CUDA)")
+    p.add_argument("--n-layers", type=int, default=None, help="fewer backbone layers, for a quicker run")
+    p.add_argument("--exits", default="15,18,21", help="comma-separated exit layers" + d)
+    p.add_argument("--batch-size", type=int, default=4, help=d.strip())
+    p.add_argument("--seq-len", type=int, default=256, help=d.strip())
+    p.add_argument("--chunk-size", type=int, default=256, help="ours: tokens whose logits exist at once" + d)
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="the frozen model's weights (default: "
+                   "bfloat16 on CUDA, float32 on CPU); exits fp32 under autocast when not float32")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per formulation" + d)
+    p.add_argument("--formulations", default="ours,authors", help="which to run, in order" + d)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=cuda,
+                   help="torch.compile the loss (default: on with CUDA)")
     p.add_argument("--peak-tflops", type=float, default=H100_BF16_TFLOPS, help="GPU bf16 peak, for MFU" + d)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help=d.strip())
+    p.add_argument("--device", default="cuda" if cuda else "cpu", help=d.strip())
     return p
 
 

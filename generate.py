@@ -1,6 +1,6 @@
 """
-Generate text from a Balcony model: a batch of prompts, each at its own exit, or one prompt at full depth with
-self-speculative decoding.
+Generate text from a Balcony model: a batch of prompts, each at its own exit; or one prompt at full depth with
+self-speculative decoding, or token by token at the first confident exit.
 
 Exit k (paper section 3) runs backbone layers 1..k, balcony k and the shared head; deeper layers never run for it.
 Exits are nested, so a batch can mix them: every row runs layers 1..k1, the rows exiting at k1 take balcony k1, the
@@ -12,8 +12,12 @@ With --draft-exit d, balcony d drafts --speculate-k tokens and the full model ve
 drafts' layer-d hidden states and runs only layers d+1..N. Greedy output is the full model's, token for token;
 sampled output follows the full model's distribution (speculative rejection sampling, Leviathan et al. 2023).
 
+With --exit auto, each token leaves at the first exit whose confidence reaches --confidence (CALM's rule); tokens that
+left early get their deeper KV back-filled, exactly, when a later token goes deeper (ConfidenceCascade).
+
     python generate.py --prompt "The capital of France is" --exit 15
     python generate.py --chat --prompt "Write a haiku about balconies." --draft-exit 15 --speculate-k 4
+    python generate.py --chat --prompt "What is the capital of France?" --exit auto --confidence 0.9
 """
 import argparse
 import json
@@ -174,6 +178,7 @@ def check_request(prompt_tokens: int, max_new_tokens: int, context: int, where: 
 def generate(model: BalconyModel, prompts: list, max_new_tokens, exit=None, temperature: float = 0.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None, eos_id=None,
              draft_exit: Optional[int] = None, speculate_k: int = 4,
+             confidence: Optional[float] = None, confidence_measure: str = "prob",
              on_token: Optional[Callable[[int, int], None]] = None,
              generator: Optional[torch.Generator] = None) -> list:
     """Continue every prompt of a batch; returns one dict per prompt, in input order.
@@ -182,17 +187,32 @@ def generate(model: BalconyModel, prompts: list, max_new_tokens, exit=None, temp
     (None or n_layers: full depth, the untouched model; k: balcony k). max_new_tokens: an int, or one per prompt. A row
     stops after its max_new_tokens or after any id in eos_id (an id or a set of ids), and costs nothing from then on.
     temperature 0 is greedy; above 0, sampling with top_k / top_p from `generator`. draft_exit (one prompt, full
-    depth): self-speculative decoding drafted by balcony draft_exit, speculate_k tokens a round. on_token(i, id) is
-    called as prompt i gets each token. KV caches are allocated on the first call and reused while big enough.
+    depth): self-speculative decoding drafted by balcony draft_exit, speculate_k tokens a round. exit="auto" (one
+    prompt): the confidence cascade, each token from the first exit whose confidence_measure ("prob" or "margin")
+    reaches `confidence` (ConfidenceCascade). on_token(i, id) is called as prompt i gets each token. KV caches are
+    allocated on the first call and reused while big enough.
 
     Each dict: tokens (the new ids, a stop id included), exit (n_layers for full depth), prompt_tokens, prefill_s (the
     batch's prefill), decode_s (from the prefill to this row's last token), tokens_per_s (this row's decode rate);
-    with draft_exit also rounds, drafted, accepted, acceptance_rate, tokens_per_round."""
+    with draft_exit also rounds, drafted, accepted, acceptance_rate, tokens_per_round; with exit="auto" (whose exit
+    is "auto") also confidence, confidence_measure, exits (each token's), avg_layers (backbone layers per token) and
+    backfilled (backbone layer-positions run for earlier tokens)."""
     device = model.model.tok_embeddings.weight.device
     n, B = model.n_layers, len(prompts)
     if B == 0:
         raise UsageError("no prompts to generate from")
     exits, limits = per_prompt(exit, B, "exit"), per_prompt(max_new_tokens, B, "max_new_tokens")
+    auto = "auto" in exits
+    if auto:
+        if B > 1:
+            raise UsageError("the confidence cascade takes one prompt at a time")
+        if confidence is None:
+            raise UsageError("exit 'auto' needs a confidence threshold (e.g. 0.9)")
+        if confidence_measure not in CONFIDENCE:
+            raise UsageError(f"confidence measure {confidence_measure!r} is not one of {', '.join(CONFIDENCE)}")
+        if draft_exit is not None:
+            raise UsageError("the confidence cascade and speculative decoding do not combine; drop one of them")
+        exits = [None]  # for the checks and caches below: a token may go to full depth
     for e in exits:
         if e is not None and not 1 <= e <= n:
             raise UsageError(f"exit {e} is outside 1..{n} (the model has {n} layers)")
@@ -215,7 +235,7 @@ def generate(model: BalconyModel, prompts: list, max_new_tokens, exit=None, temp
     if _compiled and model.model.layers[0].attention.kv_cache is not None:
         S = max(S, model.model.layers[0].attention.kv_cache.k_cache.size(2))
     model.setup_caches(B, S, exits=[None if d == n else d for d in set(depths)] +
-                       ([] if draft_exit is None else [draft_exit]))
+                       ([] if draft_exit is None else [draft_exit]) + (model.exit_layers if auto else []))
 
     stop = {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -233,11 +253,13 @@ def generate(model: BalconyModel, prompts: list, max_new_tokens, exit=None, temp
 
     t0 = time.perf_counter()
     stats = None
+    samp = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
     if draft_exit is not None:
-        stats = speculative_decode(model, prompts[0], draft_exit, speculate_k, limits[0], emit,
-                                   dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator),
-                                   sync)
+        stats = speculative_decode(model, prompts[0], draft_exit, speculate_k, limits[0], emit, samp, sync)
         t1 = stats.pop("prefill_end")
+    elif auto:
+        cascade = ConfidenceCascade(model, confidence, confidence_measure)
+        t1 = cascade_decode(model, prompts[0], cascade, emit, samp, sync)
     else:
         # Rows sorted deepest exit first; the prompts right-padded into one prefill. Padding fills cache slots past
         # a row's own tokens, which its mask ignores until decoding overwrites them.
@@ -275,6 +297,10 @@ def generate(model: BalconyModel, prompts: list, max_new_tokens, exit=None, temp
         results[0].update(stats, draft_exit=draft_exit, speculate_k=speculate_k,
                           acceptance_rate=stats["accepted"] / drafted,
                           tokens_per_round=(len(out[0]) - 1) / max(stats["rounds"], 1))
+    if auto:
+        results[0].update(exit="auto", confidence=confidence, confidence_measure=confidence_measure,
+                          exits=cascade.exits, avg_layers=sum(cascade.exits) / len(cascade.exits),
+                          backfilled=cascade.backfilled)
     return results
 
 
@@ -318,21 +344,93 @@ def speculative_decode(model: BalconyModel, prompt: list, draft_exit: int, specu
     return stats
 
 
+CONFIDENCE = ("prob", "margin")  # CALM's softmax measures: the top probability, or top-1 minus top-2
+
+
+def exit_confidence(logits, measure: str = "prob"):
+    # logits: (..., vocab) -> (...) how sure an exit is of its top token, from the untempered softmax
+    top2 = logits.float().softmax(-1).topk(2, dim=-1).values
+    return top2[..., 0] if measure == "prob" else top2[..., 0] - top2[..., 1]
+
+
+class ConfidenceCascade:
+    """Token-level confidence exits with exact KV back-fill (batch 1; the paper's limitations section, CALM's exit
+    rule, FREE's and Apparate's exactness). A token runs layers 1..e1 and balcony e1; if the exit's confidence
+    reaches `threshold` it leaves there, else it goes on to the next exit, and full depth always emits.
+
+    A token that left at exit j has no KV in layers or balconies deeper than j. It waits in `pending[j]` with its
+    layer-j hidden state, and the next token that goes past j takes it along: the waiting positions ride in the same
+    forward as that token through layers j+1..j' and balcony j' (input_pos lists their positions, not necessarily
+    contiguous: each query row is masked to the slots <= its own position, and every slot it may read is written in
+    this pass or an earlier one). So a token at depth l reads layer-l KV of every earlier position, exactly what a
+    full-depth run writes there, and each (layer, position) is computed once. The caches must hold every layer and
+    every balcony."""
+
+    def __init__(self, model: BalconyModel, threshold: float, measure: str = "prob"):
+        self.model, self.threshold, self.measure = model, threshold, measure
+        self.ladder = [*model.exit_layers, model.n_layers]
+        self.pending = {}  # exit j -> (positions (k,), layer-j hidden states (1, k, D)) of tokens waiting there
+        self.exits = []  # the exit that emitted each token
+        self.backfilled = 0  # backbone (layer, position) pairs run for earlier tokens' positions
+
+    def __call__(self, idx, input_pos):
+        """idx (1, T) at positions input_pos (T,) -> (1, vocab) logits for the last position, from the first exit
+        confident enough (the prefill is a T-token step whose other positions ride along)."""
+        m = self.model
+        h, pos, prev = m.model.tok_embeddings(idx), input_pos, 0
+        for e in self.ladder:
+            h = m.run_layers(h, prev, e, pos)  # (1, riders, D), this step's tokens last
+            self.backfilled += (pos.numel() - idx.size(1)) * (e - prev)
+            if e == m.n_layers:
+                self.exits.append(e)
+                return m.model.output(m.model.norm(h[:, -1]))
+            # balcony e runs on every rider: its cache must hold them for later tokens that leave at e
+            logits = m.model.output(m.exit_hidden(e, h, pos)[:, -1])
+            if exit_confidence(logits, self.measure).item() >= self.threshold:
+                self.pending[e] = self._join(e, pos, h)
+                self.exits.append(e)
+                return logits
+            pos, h = self._join(e, pos, h)  # going deeper: the positions waiting at e come along
+            prev = e
+
+    def _join(self, e, pos, h):
+        # the positions waiting at exit e (no longer waiting), then pos: (k + T,) positions, (1, k + T, D) states
+        if e not in self.pending:
+            return pos, h
+        old_pos, old_h = self.pending.pop(e)
+        return torch.cat([old_pos, pos]), torch.cat([old_h, h], 1)
+
+
+def cascade_decode(model: BalconyModel, prompt: list, cascade: ConfidenceCascade, emit: Callable, samp: dict,
+                   sync: Callable) -> float:
+    """Decode one prompt with the confidence cascade (generate() with exit="auto"), giving tokens to emit(0, [id])
+    until it returns False. Returns the time the prefill ended; cascade.exits holds each token's exit."""
+    device = model.model.tok_embeddings.weight.device
+    pos = len(prompt)  # position of `cur`, the newest token, not yet in any cache
+    cur, _ = sample(cascade(torch.tensor([prompt], device=device), torch.arange(pos, device=device)), **samp)
+    sync()
+    prefill_end = time.perf_counter()
+    while emit(0, [cur.item()]):
+        cur, _ = sample(cascade(cur, torch.tensor([pos], device=device)), **samp)
+        pos += 1
+    return prefill_end
+
+
 def load_model(checkpoint, balcony=None, exits=(), device="cpu", dtype=torch.float32, labels=None) -> BalconyModel:
-    """The base model, with the balcony file loaded only if `exits` names a balcony exit (full depth needs none).
-    Every exit must be in range and trained; labels[i], if given, says where exits[i] came from in an error."""
+    """The base model, with the balcony file loaded only if `exits` names a balcony exit or "auto" (full depth needs
+    none). Every exit must be in range and trained; labels[i], if given, says where exits[i] came from in an error."""
     base = Transformer.from_checkpoint(checkpoint, device=device, dtype=dtype)
     n = base.args.n_layers
     labelled = list(zip(exits, labels or [None] * len(exits)))
     for e, label in labelled:
-        if e is not None and not 1 <= e <= n:
+        if e not in (None, "auto") and not 1 <= e <= n:
             raise UsageError(f"{label + ': ' if label else ''}exit {e} is outside 1..{n} (the model has {n} layers)")
     if all(e in (None, n) for e in exits):
         return BalconyModel(base, []).eval()
     balcony = balcony if balcony is not None else Path(checkpoint) / "balcony.safetensors"
     model = BalconyModel.from_exits_file(base, balcony)
     for e, label in labelled:
-        if label is not None and e is not None:
+        if label is not None and e not in (None, "auto"):
             try:
                 model._check_exit(e)
             except UsageError as err:
@@ -392,6 +490,14 @@ def main(args):
         raise UsageError(f"--top-k must be at least 1, not {args.top_k}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, not {args.batch_size}")
+    auto = args.exit == "auto"
+    if auto:
+        if args.compile:
+            raise UsageError("--compile applies to fixed exits and speculative decoding; the cascade's passes change "
+                             "size from token to token")
+        args.confidence = 0.9 if args.confidence is None else args.confidence
+    elif args.confidence is not None:
+        raise UsageError("--confidence applies to --exit auto only")
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     items = read_prompts(args.prompts, args.exit) if args.prompts else [(args.prompt, args.exit, None)]
@@ -406,14 +512,15 @@ def main(args):
     for ids, (*_, where) in zip(prompts, items):
         check_request(len(ids), args.max_new_tokens, model.model.args.max_seq_len, where)
     # One batch size and one cache for the whole run: allocated here, once, for the longest request
-    batch = 1 if args.draft_exit is not None else min(args.batch_size, len(prompts))
-    model.setup_caches(batch, max(map(len, prompts)) + args.max_new_tokens,
-                       exits=[*{None if e == model.n_layers else e for e in exits}] +
-                             ([] if args.draft_exit is None else [args.draft_exit]))
+    batch = 1 if args.draft_exit is not None or auto else min(args.batch_size, len(prompts))
+    cache_exits = [*{None if e in (model.n_layers, "auto") else e for e in exits}]
+    cache_exits += ([] if args.draft_exit is None else [args.draft_exit]) + (model.exit_layers if auto else [])
+    model.setup_caches(batch, max(map(len, prompts)) + args.max_new_tokens, exits=cache_exits)
     batches = [range(s, min(s + batch, len(prompts))) for s in range(0, len(prompts), batch)]
 
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_id=tokenizer.stop_ids,
-              draft_exit=args.draft_exit, speculate_k=args.speculate_k)
+              draft_exit=args.draft_exit, speculate_k=args.speculate_k, confidence=args.confidence,
+              confidence_measure=args.confidence_measure)
     compile_s = None
     if args.compile:  # the first run compiles (and records CUDA graphs); time it apart from the real run
         compile_steps()
@@ -462,6 +569,10 @@ def main(args):
         if args.draft_exit is not None:
             line += (f", draft exit {args.draft_exit} k={args.speculate_k}: acceptance {r['acceptance_rate']:.1%}, "
                      f"{r['tokens_per_round']:.2f} tokens per full-model forward")
+        if r["exit"] == "auto":
+            share = ", ".join(f"{e}: {r['exits'].count(e) / len(r['exits']):.0%}" for e in sorted(set(r["exits"])))
+            line += (f" ({args.confidence_measure} >= {args.confidence}): {r['avg_layers']:.1f} layers per token on "
+                     f"average, tokens per exit {share}, {r['backfilled']} layer-positions back-filled")
     else:
         line = (f"{len(prompts)} prompts in batches of {batch}: {n_new} new tokens in {wall:.1f} s, "
                 f"{n_new / wall:.1f} tokens/s overall")
@@ -470,13 +581,27 @@ def main(args):
     print(line, file=sys.stderr)
 
 
+def exit_arg(s: str):
+    if s == "auto":
+        return s
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"an exit layer or 'auto', not {s!r}") from None
+
+
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="converted model folder")
     p.add_argument("--balcony", default=None, help="trained exits (default: <checkpoint>/balcony.safetensors); "
                                                    "needed only for --exit or --draft-exit below full depth")
-    p.add_argument("--exit", type=int, default=None, help="exit layer; omitted: full depth, the untouched model")
+    p.add_argument("--exit", type=exit_arg, default=None,
+                   help="exit layer; 'auto': each token leaves at the first exit whose confidence reaches "
+                        "--confidence (one prompt at a time); omitted: full depth, the untouched model")
+    p.add_argument("--confidence", type=float, default=None, help="--exit auto: threshold (default 0.9)")
+    p.add_argument("--confidence-measure", default="prob", choices=CONFIDENCE,
+                   help="--exit auto: the top probability, or top-1 minus top-2 probability")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", default="Once upon a time,")
     src.add_argument("--prompts", default=None, metavar="FILE",

@@ -196,9 +196,11 @@ class Tokenizer:
                 system = ""
                 if messages and messages[0]["role"] == "system":
                     system, messages = messages[0]["content"].strip(), messages[1:]
-                today = re.search(r'strftime_now\("(.*?)"\)', template)
-                date = datetime.now().strftime(today.group(1)) if today else \
-                    re.search(r'set date_string = "(.*?)"', template).group(1)
+                date = re.search(r'strftime_now\("(.*?)"\)|set date_string = "(.*?)"', template)  # 3.2's comes first
+                if date is None:
+                    raise UsageError("the chat template has a Cutting Knowledge Date line but no date; it is not "
+                                     "Llama-3.1/3.2's template, prompt with plain text")
+                date = datetime.now().strftime(date.group(1)) if date.group(1) else date.group(2)
                 text += (f"<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: {cutoff.group(1)}\n"
                          f"Today Date: {date}\n\n{system}<|eot_id|>")
             text += "".join(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"

@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from balcony import BalconyModel, distillation_kl, exit_metrics, model_fingerprint
-from cli import DEFAULT_CHECKPOINT, UsageError, run_cli
+from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, run_cli
 from data import (add_data_args, data_files, get_batch, iter_batches, n_windows, open_tokens, step_windows,
                   tokenize_corpus)
 from model import Transformer
@@ -94,9 +94,9 @@ def get_lr(step: int, max_lr: float, warmup_steps: int, max_steps: int) -> float
 
 # ---------------------------------------------------------------------------------------------- training state
 def run_config(args, global_batch: int, data_key: str) -> dict:
-    """What a resumed run must share with the saved one to continue exactly (the data position is the step)."""
-    keys = ("seq_len", "lr", "warmup_steps", "max_steps", "weight_decay", "grad_clip", "init", "loss", "ce_weight",
-            "seed")
+    """What a resumed run must share with the saved one to continue exactly (the data position is the step).
+    --max-steps may grow: the learning rate then follows the new schedule from the resumed step on."""
+    keys = ("seq_len", "lr", "warmup_steps", "weight_decay", "grad_clip", "init", "loss", "ce_weight", "seed", "dtype")
     return {**{k: getattr(args, k) for k in keys}, "global_batch": global_batch, "data": data_key}
 
 
@@ -129,6 +129,45 @@ def load_state(path: Path, fingerprint: str, exit_layers: list, config: dict) ->
         raise UsageError(f"{path} was saved with other settings, so resuming would not continue exactly: "
                          + ", ".join(diff))
     return state
+
+
+def open_log(path: Path, resume_step=None):
+    """The JSONL log, for appending. A new run starts it afresh; a resumed one first drops the lines after its
+    state's step (written after that state was saved, they are about to be written again), so no step appears twice."""
+    if resume_step is None or not path.exists():
+        return open(path, "w")
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+    return open(path, "a")
+
+
+# ------------------------------------------------------------------------------------------------- multi-process
+def wrap_ddp(loss_fn: nn.Module, device) -> DDP:
+    """DDP over the trainable exits alone. It would otherwise broadcast every parameter and buffer from rank 0 at
+    start-up, the whole frozen backbone included (16 GB for Llama-3-8B), though every rank loaded the same weights."""
+    frozen = [n for n, p in loss_fn.named_parameters(remove_duplicate=False) if not p.requires_grad]
+    frozen += [n for n, _ in loss_fn.named_buffers(remove_duplicate=False)]
+    DDP._set_params_and_buffers_to_ignore_for_model(loss_fn, frozen)
+    return DDP(loss_fn, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def shard_backbone(bm: BalconyModel, device, world_size: int):
+    """--fsdp: FSDP2 shards each frozen backbone layer across the ranks; a layer's forward all-gathers it and frees
+    the gathered copy right after. The embeddings, final norm, head and the exits stay whole on every rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world_size,))
+    for layer in bm.model.layers:
+        # explicit True: FSDP2 would keep the gathered weights of a root module (each layer is one) for a backward
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True)  # moves the shard to the mesh's device
+    bm.exits.to(device)
+    for name, child in bm.model.named_children():
+        if name != "layers":
+            child.to(device)
+    bm.model.inv_freq = bm.model.inv_freq.to(device)
 
 
 STOP = []  # signals received; the loop finishes the step in flight, saves the state and exits, so resuming is exact
@@ -189,11 +228,21 @@ def train(args, rank: int, world_size: int, device) -> int:
         exit_layers = [int(k) for k in args.exit_layers.split(",")]
     except ValueError:
         raise UsageError(f"--exit-layers {args.exit_layers!r} is not a comma-separated list of layers") from None
+    if args.fsdp and not ddp:
+        raise UsageError("--fsdp shards the backbone across processes; launch with torchrun --nproc_per_node N")
+    args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = DTYPES[args.dtype]
     torch.manual_seed(args.seed)  # the same random exits on every rank (--init random)
-    bm = BalconyModel(Transformer.from_checkpoint(ckpt, device=device), exit_layers, init=args.init)
+    # the frozen backbone and head are stored in --dtype once (no per-step casts); with --fsdp each rank reads them
+    # into CPU memory and keeps only its shard of every layer on the device
+    model = Transformer.from_checkpoint(ckpt, device="cpu" if args.fsdp else device, dtype=dtype)
+    bm = BalconyModel(model, exit_layers, init=args.init)
+    bm.exits.float()  # the exits' master weights, and so AdamW's state, stay fp32 whatever --dtype is
     if args.seq_len > bm.model.args.max_seq_len:
         raise UsageError(f"--seq-len {args.seq_len} exceeds the model's context of {bm.model.args.max_seq_len}")
     fingerprint = model_fingerprint(bm.model)
+    if args.fsdp:
+        shard_backbone(bm, device, world_size)
 
     # rank 0 tokenises (or finds the cache); the others wait for it on disk, which may take hours on a big corpus:
     # longer than a collective's timeout
@@ -213,6 +262,9 @@ def train(args, rank: int, world_size: int, device) -> int:
     config, step = run_config(args, global_batch, folder.name), 0
     if args.resume:
         state = load_state(state_path, fingerprint, bm.exit_layers, config)
+        if state["step"] >= args.max_steps:
+            raise UsageError(f"{state_path} is already at step {state['step']}; to train on, resume with a larger "
+                             f"--max-steps")
         bm.exits.load_state_dict(state["exits"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
@@ -221,12 +273,13 @@ def train(args, rank: int, world_size: int, device) -> int:
     loss_fn = ExitLoss(bm, args.chunk_size, args.ce_weight if args.loss == "kl+ce" else 0.0)
     if device.type == "cuda" if args.compile is None else args.compile:
         loss_fn = torch.compile(loss_fn, dynamic=False)  # compiles on the first step
-    if ddp:  # DDP averages the exits' gradients; broadcasting the frozen inv_freq buffer every step would be waste
-        loss_fn = DDP(loss_fn, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    if ddp:
+        loss_fn = wrap_ddp(loss_fn, device)
+    # autocast runs the exits in --dtype (the frozen weights already are); the loss's softmax and KL stay fp32
+    ctx = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    log = open(log_path, "a" if args.resume else "w") if master else None
+    log = open_log(log_path, step if args.resume else None) if master else None
 
     def record(obj):
         if log:
@@ -236,7 +289,8 @@ def train(args, rank: int, world_size: int, device) -> int:
     say(f"{sum(p.numel() for p in params):,} trainable parameters in exits {bm.exit_layers}; "
         f"{n_train} training windows of {args.seq_len} tokens, {global_batch} per step; from step {step}")
     baseline = evaluate(bm, val_tokens, args, ctx, rank, world_size, baseline=True)
-    record({"step": step, "eval": "no_balcony", **metrics_by_exit(exit_layers, baseline)})
+    if not args.resume:  # a resumed run's log already has it
+        record({"step": step, "eval": "no_balcony", **metrics_by_exit(exit_layers, baseline)})
     say("no balcony (final norm + head on layer-k states): val KL " +
         ", ".join(f"{k}: {v:.3f}" for k, v in zip(bm.exit_layers, baseline[0])))
 
@@ -283,13 +337,12 @@ def train(args, rank: int, world_size: int, device) -> int:
                 final = evaluate(bm, val_tokens, args, ctx, rank, world_size)
                 record({"step": step, "eval": "balcony", **metrics_by_exit(exit_layers, final)})
                 say(f"step {step}: val KL " + ", ".join(f"{k}: {v:.3f}" for k, v in zip(exit_layers, final[0])))
-            if step < args.max_steps:
-                stop = stop_requested(ddp, device)  # a collective: every rank asks every step
-                if master and (stop or step % args.save_every == 0):
-                    save_state(state_path, bm, opt, step, fingerprint, config)
-                if stop:
-                    say(f"stopped at step {step}; state saved to {state_path}; continue with --resume")
-                    return 130
+            stop = step < args.max_steps and stop_requested(ddp, device)  # a collective: every rank asks
+            if master and (stop or step % args.save_every == 0 or step == args.max_steps):
+                save_state(state_path, bm, opt, step, fingerprint, config)  # the last step too: resume trains on
+            if stop:
+                say(f"stopped at step {step}; state saved to {state_path}; continue with --resume")
+                return 130
     finally:
         bar.close()
         for s, h in handlers.items():
@@ -297,7 +350,7 @@ def train(args, rank: int, world_size: int, device) -> int:
         if log:
             log.close()
     if master:
-        bm.save_exits(out)
+        bm.save_exits(out, fingerprint)
         say(f"{args.max_steps - start_step} steps in {time.time() - t_start:.0f} s (first step {first_step_s:.1f} s, "
             f"includes any compile); exits saved to {out}")
         say(exit_table(exit_layers, baseline, final))
@@ -325,7 +378,7 @@ def get_parser():
     p.add_argument("--loss", choices=["kl", "kl+ce"], default="kl", help="kl: Eq. 2; kl+ce adds each exit's "
                    "next-token cross-entropy" + d)
     p.add_argument("--ce-weight", type=float, default=1.0, help="weight of the CE term with --loss kl+ce" + d)
-    p.add_argument("--chunk-size", type=int, default=1024, help="tokens whose logits exist at once in the loss" + d)
+    p.add_argument("--chunk-size", type=int, default=256, help="tokens whose logits exist at once in the loss" + d)
     p.add_argument("--eval-every", type=int, default=30, help="validate every N steps, and at the end" + d)
     p.add_argument("--eval-windows", type=int, default=16, help="validation windows per evaluation" + d)
     p.add_argument("--save-every", type=int, default=50, help="write the training state every N steps" + d)
@@ -333,6 +386,10 @@ def get_parser():
     p.add_argument("--seed", type=int, default=1337, help="exit init and data order" + d)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the training step (default: on with CUDA)")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="the frozen backbone and head (default: "
+                   "bfloat16 on CUDA, float32 on CPU); the exits' weights and optimiser state stay float32")
+    p.add_argument("--fsdp", action="store_true", help="with torchrun: shard the frozen backbone across processes "
+                   "(FSDP2), for backbones too big for one GPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="without torchrun" + d)
     return p

@@ -108,5 +108,5 @@ def test_shakespeare_perplexity(ckpt, model):
 def test_scripts_run_from_another_directory(ckpt, tmp_path):
     # the default --checkpoint is anchored at the repository, like the data paths, not at the working directory
     r = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--chat", "--prompt", "Hi", "--max-new-tokens", "2"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                       cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr

@@ -49,7 +49,8 @@ def test_encode_pair_moves_trailing_space(setup):
 def test_loglik_equals_uncached_forward_at_every_exit(setup):
     bm, tok = setup
     exits = [None, 1, 2]
-    ll, greedy = ev.score(bm, tok, PAIRS, exits, batch_size=4)
+    ll, greedy, layers = ev.score(bm, tok, PAIRS, exits, batch_size=4)
+    assert layers.tolist() == [4, 1, 2]
     for e, exit in enumerate(exits):
         for i, (ctx, cont) in enumerate(PAIRS):
             ref_ll, ref_greedy = reference(bm, tok, ctx, cont, exit)
@@ -59,15 +60,15 @@ def test_loglik_equals_uncached_forward_at_every_exit(setup):
 
 def test_full_depth_equals_base_model(setup, tiny_ckpt):
     bm, tok = setup
-    ll, _ = ev.score(bm, tok, PAIRS, [None, 1], batch_size=3)
+    ll, _, _ = ev.score(bm, tok, PAIRS, [None, 1], batch_size=3)
     base_only = BalconyModel(Transformer.from_checkpoint(tiny_ckpt), []).eval()
-    ll_base, _ = ev.score(base_only, tok, PAIRS, [None], batch_size=3)
+    ll_base, _, _ = ev.score(base_only, tok, PAIRS, [None], batch_size=3)
     assert torch.equal(ll[0], ll_base[0])
 
 
 def test_batching_matches_one_by_one(setup):
     bm, tok = setup
-    batched, g1 = ev.score(bm, tok, PAIRS, [None, 2], batch_size=len(PAIRS))
+    batched, g1, _ = ev.score(bm, tok, PAIRS, [None, 2], batch_size=len(PAIRS))
     single = [ev.score(bm, tok, [p], [None, 2], batch_size=1) for p in PAIRS]
     torch.testing.assert_close(batched, torch.cat([s[0] for s in single], 1), atol=1e-5, rtol=0)
     assert torch.equal(g1, torch.cat([s[1] for s in single], 1))
@@ -77,7 +78,7 @@ def test_long_context_is_cut_from_the_left(setup):
     bm, tok = setup
     n = bm.model.args.max_seq_len
     long_ctx = "To be, or not to be, " * n  # far more than max_seq_len tokens
-    ll, _ = ev.score(bm, tok, [(long_ctx, " that is")], [None], batch_size=1)
+    ll, _, _ = ev.score(bm, tok, [(long_ctx, " that is")], [None], batch_size=1)
     ctx_ids, cont_ids = ev.encode_pair(tok, long_ctx, " that is")
     idx = torch.tensor([(ctx_ids + cont_ids)[-(n + 1):-1]])
     with torch.no_grad():
@@ -163,7 +164,7 @@ def test_end_to_end_on_arc_arrow_file(tiny_ckpt, tmp_path):
     assert r.returncode == 0, r.stderr
     assert png.exists() or not plot
     res = json.loads(out.read_text())["results"]["arc_easy"]
-    assert res["n"] == 4 and set(res["exits"]["full"]) == {"acc", "acc_norm"}
+    assert res["n"] == 4 and set(res["exits"]["full"]) == {"acc", "acc_norm", "layers"}
     assert "| full |" in r.stdout
 
 
@@ -212,7 +213,7 @@ def test_speed_times_each_exit_at_its_own_depth(setup, monkeypatch):
     def spy(model, prompt, n, exit=None, **kw):
         start = len(blocks)
         r = real(model, prompt, n, exit=exit, **kw)
-        runs.append((exit, r, {b[:2] for b in blocks[start:] if b[2] == 1}))  # the blocks of one-token steps
+        runs.append((exit, r[0], {b[:2] for b in blocks[start:] if b[2] == 1}))  # the blocks of one-token steps
         return r
     monkeypatch.setattr(generate, "generate", spy)
     full, ex = ev.eval_speed(bm, [None, 1], prompt_len=8, new_tokens=4)
@@ -223,3 +224,77 @@ def test_speed_times_each_exit_at_its_own_depth(setup, monkeypatch):
     assert (full["decode_tok_s"], ex["decode_tok_s"]) == (r_full["tokens_per_s"], r_1["tokens_per_s"])
     assert ex["speedup"] == r_1["tokens_per_s"] / r_full["tokens_per_s"] and full["speedup"] == 1
     assert all(r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 for r in (full, ex))
+
+
+# ---- the confidence cascade as an exit (auto@T) ----
+
+def cascade_setup(tiny_ckpt):
+    # sharper exits than init="random" gives, so that a middle threshold sends positions to several exits
+    torch.manual_seed(0)
+    bm = BalconyModel(Transformer.from_checkpoint(tiny_ckpt), [1, 2, 3]).eval()
+    with torch.no_grad():
+        for ex in bm.exits.values():
+            for p in ex.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+            ex.norm.weight.mul_(20)
+    return bm, Tokenizer.from_checkpoint(tiny_ckpt)
+
+
+@pytest.mark.parametrize("measure", ["prob", "margin"])
+def test_teacher_forced_cascade_is_generates_cascade(tiny_ckpt, measure):
+    # generate.py's cascade token by token (exact back-fill) == eval.py's pick from one uncached pass, on its tokens
+    from generate import generate
+    bm, _ = cascade_setup(tiny_ckpt)
+    prompt = [5, 17, 33, 100, 7, 250, 12]
+    r = generate(bm, [prompt], 30, exit="auto", confidence=0.6, confidence_measure=measure, temperature=1.0,
+                 generator=torch.Generator().manual_seed(0))[0]
+    assert len(set(r["exits"])) >= 2
+    x = torch.tensor([prompt + r["tokens"][:-1]])
+    with torch.no_grad():
+        (h, depth), = ev.exit_hidden(bm, x, [ev.Auto(0.6)], measure)
+        logits = bm.model.output(h[0, len(prompt) - 1:])
+    assert depth[0, len(prompt) - 1:].tolist() == r["exits"]
+    for e in set(r["exits"]):  # each position's logits are those of the exit it took
+        at = depth[0] == e
+        torch.testing.assert_close(bm.model.output(h[0, at]), bm(x, exit=e)[0, at], atol=1e-5, rtol=1e-5)
+    assert logits.shape[0] == len(r["tokens"])
+
+
+def test_auto_thresholds_bracket_the_fixed_exits(tiny_ckpt):
+    bm, tok = cascade_setup(tiny_ckpt)
+    exits = [1, None, ev.Auto(0.0), ev.Auto(0.6), ev.Auto(1.01)]
+    ll, _, layers = ev.score(bm, tok, PAIRS, exits, batch_size=4)
+    assert torch.equal(ll[2], ll[0]) and torch.equal(ll[4], ll[1])  # threshold 0: exit 1; above 1: full depth
+    assert layers[2] == 1 and layers[4] == 4 and 1 <= layers[3] <= 4
+    chat = ev.eval_chat(bm, tok, exits, 2, new_tokens=6)
+    assert chat[1]["agree"] == 1 and chat[4]["agree"] == 1 and chat[2]["agree"] == chat[0]["agree"]
+    assert [c["layers"] for c in chat[:3]] == [1, 4, 1] and chat[4]["gen_layers"] == 4
+    assert all(c["decode_tok_s"] > 0 for c in chat) and chat[1]["speedup"] == 1
+    speed = ev.eval_speed(bm, exits, prompt_len=8, new_tokens=4)
+    assert [s["layers"] for s in speed[:3]] + [speed[4]["layers"]] == [1, 4, 1, 4]
+
+
+def test_cascade_rows_end_to_end(tiny_ckpt, tmp_path, capsys):
+    bm, _ = cascade_setup(tiny_ckpt)
+    bm.save_exits(tiny_ckpt / "balcony.safetensors")
+    out, png = tmp_path / "eval.json", tmp_path / "plot.png"
+    plot = ["--plot", str(png)] if importlib.util.find_spec("matplotlib") else []
+    ev.main(ev.get_parser().parse_args(["--checkpoint", str(tiny_ckpt), "--exits", "1,2,full,auto@0.5,auto@0.8",
+                                        "--tasks", "chat,speed", "--limit", "chat=2", "--chat-tokens", "5",
+                                        "--speed-tokens", "4", "--json", str(out), *plot]))
+    assert png.exists() or not plot
+    res = json.loads(out.read_text())
+    assert res["exits"] == ["1", "2", "full", "auto@0.5", "auto@0.8"]
+    assert set(res["results"]["chat"]["exits"]["auto@0.5"]) >= {"agree", "layers", "decode_tok_s", "gen_layers"}
+    assert "| auto@0.8 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("spec", ["auto", "auto@", "auto@x", "auto@-1"])
+def test_bad_auto_exit(spec):
+    with pytest.raises(ev.UsageError, match="auto@THRESHOLD"):
+        ev.parse_args_lists(ev.get_parser().parse_args(["--exits", f"15,{spec}"]))
+
+
+def test_auto_exit_parsing():
+    args = ev.get_parser().parse_args(["--exits", "15,full,auto@0.9,auto@.5", "--tasks", "chat"])
+    assert ev.parse_args_lists(args)[1] == [15, None, ev.Auto(0.9), ev.Auto(0.5)]

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import CORPUS, ROOT, make_tiny_checkpoint
+from conftest import CORPUS, ROOT, make_tiny_checkpoint, tiny_args
 
 import train
 from balcony import BalconyModel
@@ -38,7 +38,9 @@ def read_exits(path):
     return load_file(str(path))
 
 
-def test_backbone_untouched_and_only_exits_optimised(setup, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_backbone_untouched_and_only_exits_optimised(setup, tmp_path, monkeypatch, dtype):
+    """--dtype bfloat16: the backbone is stored in bf16 (cast once), the exits and AdamW's state stay fp32."""
     ckpt, data = setup
     models, optimisers = [], []
 
@@ -55,12 +57,16 @@ def test_backbone_untouched_and_only_exits_optimised(setup, tmp_path, monkeypatc
     monkeypatch.setattr(train, "BalconyModel", SpyBalcony)
     monkeypatch.setattr(train.torch.optim, "AdamW", SpyAdamW)
     before = read_exits(ckpt / "model.safetensors")
-    assert train.main(train.parse_args(argv(tmp_path, ckpt, data, "b.safetensors", "--loss", "kl+ce"))) == 0
+    args = argv(tmp_path, ckpt, data, "b.safetensors", "--loss", "kl+ce", "--dtype", dtype)
+    assert train.main(train.parse_args(args)) == 0
     bm, opt = models[0], optimisers[0]
     backbone = bm.model.checkpoint_state_dict()
     assert set(backbone) == set(before)
     for name, t in before.items():
-        assert torch.equal(backbone[name], t), name  # bit-identical after training
+        assert torch.equal(backbone[name], t.to(getattr(torch, dtype))), name  # bit-identical after training
+    assert all(p.dtype == torch.float32 for p in bm.exits.parameters())
+    assert all(v.dtype == torch.float32 for st in opt.state.values() for k, v in st.items() if k != "step")
+    assert all(t.dtype == torch.float32 for t in read_exits(tmp_path / "b.safetensors").values())
     trained = {id(p) for g in opt.param_groups for p in g["params"]}
     assert trained == {id(p) for p in bm.exits.parameters()}
     assert not trained & {id(p) for p in bm.model.parameters()}
@@ -82,34 +88,104 @@ def test_loss_goes_down(setup, tmp_path):
     assert final["step"] == 30 and list(final["val_kl"]) == ["1", "2", "full"] and final["val_kl"]["full"] < 1e-5
 
 
-def test_resume_continues_exactly(setup, tmp_path):
-    ckpt, data = setup
-    # an uninterrupted run of 6 steps leaves its step-3 state behind (no state is written at the last step)
-    extra = ("--grad-accum", "2", "--save-every", "3", "--eval-every", "100")
-    assert train.main(train.parse_args(argv(tmp_path, ckpt, data, "a.safetensors", *extra))) == 0
-    assert torch.load(tmp_path / "a.state.pt", weights_only=True)["step"] == 3
-    shutil.copy(tmp_path / "a.state.pt", tmp_path / "b.state.pt")
-    assert train.main(train.parse_args(argv(tmp_path, ckpt, data, "b.safetensors", *extra, "--resume"))) == 0
-    a, b = read_exits(tmp_path / "a.safetensors"), read_exits(tmp_path / "b.safetensors")
+def log_steps(path):
+    log = [json.loads(line) for line in path.read_text().splitlines()]
+    return [r["step"] for r in log if "kl" in r], [r["step"] for r in log if r.get("eval") == "no_balcony"]
+
+
+def assert_same_exits(a_path, b_path):
+    a, b = read_exits(a_path), read_exits(b_path)
     assert set(a) == set(b)
     for k in a:
         assert torch.equal(a[k], b[k]), k
 
 
-def test_two_process_ddp_matches_one_process(setup, tmp_path):
+def test_interrupted_run_resumes_exactly(setup, tmp_path, monkeypatch):
     ckpt, data = setup
-    common = ("--max-steps", "3", "--eval-every", "100", "--save-every", "100")
-    one = argv(tmp_path, ckpt, data, "one.safetensors", *common, "--grad-accum", "2")  # global batch 2 * 2 * 1
-    assert train.main(train.parse_args(one)) == 0
-    two = argv(tmp_path, ckpt, data, "two.safetensors", *common)  # global batch 2 * 1 * 2
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(ROOT / "train.py"), *two], capture_output=True, text=True, cwd=ROOT, timeout=180)
-    assert r.returncode == 0, r.stderr[-3000:]
+    extra = ("--grad-accum", "2", "--eval-every", "100")
+    assert train.main(train.parse_args(argv(tmp_path, ckpt, data, "a.safetensors", *extra))) == 0
+    # b: as if Ctrl-C came during step 3; the loop saves the state after that step and stops
+    stops = iter([False, False, True])
+    monkeypatch.setattr(train, "stop_requested", lambda ddp, device: next(stops))
+    assert train.main(train.parse_args(argv(tmp_path, ckpt, data, "b.safetensors", *extra))) == 130
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "b.state.pt", weights_only=True)["step"] == 3
+    with open(tmp_path / "b.log.jsonl", "a") as f:  # a line logged after the save (a crash) is dropped on resume
+        f.write(json.dumps({"step": 4, "kl": [9.0, 9.0]}) + "\n")
+    assert train.main(train.parse_args(argv(tmp_path, ckpt, data, "b.safetensors", *extra, "--resume"))) == 0
+    assert_same_exits(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    assert log_steps(tmp_path / "b.log.jsonl") == log_steps(tmp_path / "a.log.jsonl") == ([1, 2, 3, 4, 5, 6], [0])
+
+
+def test_finished_run_resumes_with_more_steps(setup, tmp_path, monkeypatch):
+    """A finished 4-step run, resumed with --max-steps 6, continues exactly: its exits equal, bit for bit, those of
+    one uninterrupted 6-step run whose learning rate follows the 4-step schedule for steps 0..3 and the 6-step one
+    from step 4 (the schedule switches at the resume, as the README says); the state (exits, AdamW moments, data
+    position, RNG) carries over unchanged."""
+    ckpt, data = setup
+    extra = ("--eval-every", "100", "--warmup-steps", "1")
+    assert train.main(train.parse_args(argv(tmp_path, ckpt, data, "b.safetensors", *extra, "--max-steps", "4"))) == 0
+    assert torch.load(tmp_path / "b.state.pt", weights_only=True)["step"] == 4
+    resumed = argv(tmp_path, ckpt, data, "b.safetensors", *extra, "--max-steps", "6", "--resume")
+    assert train.main(train.parse_args(resumed)) == 0
+
+    get_lr = train.get_lr
+    monkeypatch.setattr(train, "get_lr", lambda s, lr, w, n: get_lr(s, lr, w, 4 if s < 4 else n))
+    assert train.main(train.parse_args(argv(tmp_path, ckpt, data, "a.safetensors", *extra, "--max-steps", "6"))) == 0
+    assert_same_exits(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    assert log_steps(tmp_path / "b.log.jsonl") == ([1, 2, 3, 4, 5, 6], [0])
+    lrs = [r["lr"] for r in map(json.loads, (tmp_path / "b.log.jsonl").read_text().splitlines()) if "lr" in r]
+    assert lrs == [get_lr(s, 5e-4, 1, 4 if s < 4 else 6) for s in range(6)]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_one_process_and_resume(setup, tmp_path, mode):
+    """2 processes (gloo, CPU) with batch 2 each against 1 process accumulating two batches of 2: the same global
+    batch, so the same exits. Each trains 2 steps, then resumes to 3: resuming works under DDP and FSDP too."""
+    ckpt, data = setup
+    common = ("--eval-every", "100", "--save-every", "100")
+    for steps, resume in (("2", ()), ("3", ("--resume",))):
+        one = argv(tmp_path, ckpt, data, "one.safetensors", *common, "--grad-accum", "2", "--max-steps", steps, *resume)
+        assert train.main(train.parse_args(one)) == 0
+        two = argv(tmp_path, ckpt, data, "two.safetensors", *common, "--max-steps", steps, *resume,
+                   *(["--fsdp"] if mode == "fsdp" else []))
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            str(ROOT / "train.py"), *two], capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
     a, b = read_exits(tmp_path / "one.safetensors"), read_exits(tmp_path / "two.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     init = BalconyModel(Transformer.from_checkpoint(ckpt), [1, 2]).exits.state_dict()
     assert not torch.equal(a["exits.1.layer.feed_forward.w1.weight"], init["1.layer.feed_forward.w1.weight"])
+
+
+def _ddp_worker(rank, init_file, results):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.manual_seed(rank)  # a different backbone on each rank
+    model = Transformer(tiny_args())
+    torch.manual_seed(0)  # the same exits
+    bm = BalconyModel(model, [1, 2], init="random")
+    before = {k: v.clone() for k, v in bm.model.state_dict().items()}
+    wrapped = train.wrap_ddp(train.ExitLoss(bm, 16, 0.0), torch.device("cpu"))
+    x = torch.randint(0, 320, (2, 8))
+    wrapped(x, x)[0].backward()
+    results[rank] = (all(torch.equal(v, bm.model.state_dict()[k]) for k, v in before.items()),
+                     {k: p.grad.clone() for k, p in bm.exits.named_parameters()})
+    dist.destroy_process_group()
+
+
+def test_ddp_sends_no_backbone_and_averages_exit_gradients(tmp_path):
+    """DDP normally broadcasts rank 0's parameters and buffers at start-up; wrap_ddp leaves the frozen backbone out:
+    a rank whose backbone differs keeps its own, while the exits' gradients are still averaged."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), results), nprocs=2)
+    assert results[0][0] and results[1][0]  # each rank's backbone is its own
+    for k, g in results[0][1].items():
+        torch.testing.assert_close(g, results[1][1][k])
 
 
 def test_bad_state_is_refused_in_one_line(setup, tmp_path):
@@ -118,7 +194,8 @@ def test_bad_state_is_refused_in_one_line(setup, tmp_path):
     assert train.main(train.parse_args(base)) == 0
     other_model = str(make_tiny_checkpoint(tmp_path / "other", seed=1))
     cases = {"another base model": ["--checkpoint", other_model], "not --exit-layers [1, 3]": ["--exit-layers", "1,3"],
-             "lr 0.001 -> 0.002": ["--lr", "2e-3"], "not a readable training state": []}
+             "lr 0.001 -> 0.002": ["--lr", "2e-3"], "already at step 4": ["--eval-every", "100"],
+             "not a readable training state": []}
     for expected, change in cases.items():
         if not change:  # last: damage the file
             state = tmp_path / "b.state.pt"
@@ -136,3 +213,23 @@ def test_lr_schedule():
     assert max(lrs) == pytest.approx(5e-4, rel=0.01)
     assert lrs[100] == pytest.approx(5e-5)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_bench_authors_formulation_is_the_same_objective():
+    """bench_train.py's peer: the transformers model with all hidden states and F.kl_div per exit gives ExitLoss's
+    value and the same exit gradients (compared by norm: the two hold their exits under different names)."""
+    import bench_train
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_args()).requires_grad_(False)  # fp32: the authors' loss casts logits with .float()
+    x = torch.randint(0, 320, (2, 12))
+    bm = BalconyModel(model, [1, 2])
+    ours = train.ExitLoss(bm, 5, 0.0)(x, x)[0]
+    ours.backward()
+    authors = bench_train.AuthorsLoss(bench_train.hf_model(model), [1, 2])
+    theirs = authors(x)
+    theirs.backward()
+    assert ours > 1e-3
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=0)
+    norms = lambda ps: sorted(p.grad.norm().item() for p in ps if p.grad is not None)  # noqa: E731
+    torch.testing.assert_close(norms(authors.parameters()), norms(bm.exits.parameters()), rtol=1e-4, atol=0)
