@@ -29,7 +29,7 @@ def main(args):
         ids = tok.encode_chat([{"role": "user", "content": prompt}])
         print(f"\n### {prompt}\n\n| exit | tokens/s | answer |\n|---|---|---|")
         for e in exits:
-            r = generate(model, ids, args.max_new_tokens, exit=e, eos_id=tok.stop_ids)
+            r = generate(model, [ids], args.max_new_tokens, exit=e, eos_id=tok.stop_ids)[0]
             text = tok.decode([t for t in r["tokens"] if t not in tok.stop_ids]).strip().replace("\n", " / ")
             cut = "" if r["tokens"][-1] in tok.stop_ids else " ..."  # stopped by --max-new-tokens
             print(f"| {'full' if e is None else e} | {r['tokens_per_s']:.1f} | {text.replace('|', '/')}{cut} |",
