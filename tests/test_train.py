@@ -135,7 +135,7 @@ def test_finished_run_resumes_with_more_steps(setup, tmp_path, monkeypatch):
     assert_same_exits(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
     assert log_steps(tmp_path / "b.log.jsonl") == ([1, 2, 3, 4, 5, 6], [0])
     lrs = [r["lr"] for r in map(json.loads, (tmp_path / "b.log.jsonl").read_text().splitlines()) if "lr" in r]
-    assert lrs == [get_lr(s, 5e-4, 1, 4 if s < 4 else 6) for s in range(6)]
+    assert lrs == [get_lr(s, train.get_parser().get_default("lr"), 1, 4 if s < 4 else 6) for s in range(6)]
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
