@@ -137,6 +137,12 @@ def unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, out // n_heads // 2, 2, inp).swapaxes(1, 2).reshape(out, inp)
 
 
+def permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    # the inverse of unpermute, for export.py writing a GGUF: per head, rows go from (2, hd/2) order to (hd/2, 2)
+    out, inp = w.shape
+    return w.reshape(n_heads, 2, out // n_heads // 2, inp).swapaxes(1, 2).reshape(out, inp)
+
+
 def gguf_args(reader) -> ModelArgs:
     def get(key, default=None):
         f = reader.fields.get(key)
@@ -184,6 +190,23 @@ def gguf_args(reader) -> ModelArgs:
     return args
 
 
+GGUF_PRE_TOKENIZERS = ("smollm", "gpt2", "llama-bpe")  # llama.cpp's tokenizer.ggml.pre names we know
+
+
+def gguf_pre_tokenizer(pre: str) -> dict:
+    """HF's tokenizer.json pre_tokenizer for llama.cpp's pre-tokenizer name (export.py matches it backwards)."""
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    if pre == "smollm":  # llama.cpp's 'smollm': every digit is its own piece, then GPT-2's regex
+        return {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]}
+    if pre in ("gpt2", "default"):
+        return byte_level
+    if pre == "llama-bpe":  # Llama-3: its own split regex, then bytes only
+        return {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated", "invert": False},
+            dict(byte_level, use_regex=False)]}
+    raise UsageError(f"GGUF pre-tokenizer {pre!r} is not supported (known: {', '.join(GGUF_PRE_TOKENIZERS)})")
+
+
 def gguf_tokenizer(reader) -> dict:
     """tokenizer.json + tokenizer_config.json (HF's format, so HF's tokenizers can read it) from tokenizer.ggml.*"""
     f = reader.fields
@@ -196,18 +219,7 @@ def gguf_tokenizer(reader) -> dict:
             raise UsageError(f"GGUF metadata {key} is missing")
     tokens, types = f["tokenizer.ggml.tokens"].contents(), f["tokenizer.ggml.token_type"].contents()
     pre = f["tokenizer.ggml.pre"].contents() if "tokenizer.ggml.pre" in f else "default"
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-    if pre == "smollm":  # llama.cpp's 'smollm': every digit is its own piece, then GPT-2's regex
-        pre_tokenizer = {"type": "Sequence",
-                         "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]}
-    elif pre in ("gpt2", "default"):
-        pre_tokenizer = byte_level
-    elif pre == "llama-bpe":  # Llama-3: its own split regex, then bytes only
-        pre_tokenizer = {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated", "invert": False},
-            dict(byte_level, use_regex=False)]}
-    else:
-        raise UsageError(f"GGUF pre-tokenizer {pre!r} is not supported (known: smollm, gpt2, llama-bpe)")
+    pre_tokenizer = gguf_pre_tokenizer(pre)
     control = [i for i, t in enumerate(types) if t == 3]  # llama.cpp token type 3 = control (special) token
     tokenizer = {
         "version": "1.0", "truncation": None, "padding": None,

@@ -12,6 +12,7 @@ from conftest import ROOT
 
 SCRIPTS = ["convert_hf.py", "fetch.py", "train.py", "generate.py", "eval.py", "bench_train.py", "bench_generate.py",
            "data.py", "bench_data.py", "chat_data.py", "demo.py"]
+SCRIPTS += ["export.py", "bench_export.py"]
 
 
 def readme_commands():
