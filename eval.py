@@ -25,6 +25,7 @@ then adds its balcony block and the LM head on the continuation tokens only.
 |               |                                  | {a}\nB. {b}\nC. {c}\nD. {d}\nAnswer:" -> " A".." D"       |
 | lambada       | lambada_openai test (5153)       | text without its last word -> " {last word}"             |
 | ppl           | --data, train.py's held-out part | --block-size windows: ppl, KL from full, top-1 agreement |
+| heldout_chat  | chat_data.py's val.jsonl (64)    | the full model's answers: KL from full, top-1 agreement  |
 | chat          | CHAT_PROMPTS, chat template      | the full model's greedy answer, teacher-forced: top-1    |
 |               |                                  | agreement per exit; generate.py tokens/s on the prompts  |
 | speed         | random 32-token prompt           | generate.py, batch 1, greedy: tokens/s and speedup       |
@@ -58,6 +59,7 @@ from tqdm import tqdm
 
 from balcony import BalconyModel, exit_metrics
 from cli import DEFAULT_CHECKPOINT, DTYPES, ROOT, UsageError, run_cli
+from data import CHAT
 from generate import CONFIDENCE, exit_confidence
 
 Task = namedtuple("Task", "load metric shots")  # load(root, shots) -> items [(contexts, choices, gold)]
@@ -305,6 +307,43 @@ def eval_ppl(bm, tokens: torch.Tensor, exits: list, block: int, limit, batch_siz
             for e in range(len(exits))]
 
 
+def answer_tokens(tok, messages: list):
+    """A chat ending in an assistant turn -> (token ids, n): the last n ids are the assistant's answer and its
+    end-of-turn token, as the model generated them after the chat template's assistant header."""
+    prompt, whole = tok.encode_chat(messages[:-1]), tok.encode_chat(messages, add_generation_prompt=False)
+    end = max((i for i, t in enumerate(whole) if t in tok.stop_ids), default=len(whole) - 1) + 1
+    if whole[:len(prompt)] != prompt or end <= len(prompt):
+        raise UsageError(f"chat {messages[0]['content'][:40]!r}: the answer does not tokenise after its prompt")
+    return whole[:end], end - len(prompt)
+
+
+@torch.no_grad()
+def eval_heldout_chat(bm, tok, chats: list, exits: list, batch_size: int, chunk: int = 1024,
+                      measure: str = "prob") -> list:
+    """The full model's own chat answers (chat_data.py's held-out val.jsonl) teacher-forced through each exit: KL(full
+    || exit) per token, top-1 agreement with the full model, perplexity and backbone layers, on the answer tokens."""
+    seqs = sorted((answer_tokens(tok, m) for m in chats), key=lambda s: -len(s[0]))
+    device, sums, n_tok = bm.model.tok_embeddings.weight.device, torch.zeros(4, len(exits)), 0
+    for s in tqdm(range(0, len(seqs), batch_size), desc="heldout_chat"):
+        batch = seqs[s:s + batch_size]
+        x = torch.zeros(len(batch), len(batch[0][0]), dtype=torch.long)  # right-padded; causal, so padding is unseen
+        rows, pos, tgt = [], [], []
+        for b, (ids, n) in enumerate(batch):
+            x[b, :len(ids)] = torch.tensor(ids)
+            rows += [b] * n
+            pos += range(len(ids) - n - 1, len(ids) - 1)  # logits at position t predict token t+1
+            tgt += ids[-n:]
+        rows, pos, tgt = (torch.tensor(v, device=device) for v in (rows, pos, tgt))
+        (h_full, _), *hs = [(h[rows, pos], d[rows, pos]) for h, d in exit_hidden(bm, x.to(device), [None] + exits,
+                                                                                measure, chunk)]  # (N_tok, D), (N_tok,)
+        sums[:3] += exit_metrics(bm.model.output, h_full, [h for h, _ in hs], tgt, chunk).cpu()
+        sums[3] += torch.tensor([d.sum().item() for _, d in hs])
+        n_tok += len(tgt)
+    kl, agree, nll, layers = (sums / n_tok).tolist()
+    return [dict(ppl=math.exp(nll[e]), kl=kl[e], top1_agree=agree[e], layers=layers[e], tokens=n_tok)
+            for e in range(len(exits))]
+
+
 def generate_kw(e, measure: str) -> dict:
     """generate()'s arguments for an exit of --exits."""
     if isinstance(e, Auto):
@@ -404,6 +443,10 @@ def markdown_table(results: dict, exits: list) -> str:
         extra += [("ppl", "ppl", "ppl", 1, ".4g"), ("KL from full", "ppl", "kl", 1, ".4f"),
                   ("top-1 agree %", "ppl", "top1_agree", 100, ".1f")]
         extra += [("ppl layers", "ppl", "layers", 1, ".1f")] if auto else []
+    if "heldout_chat" in results:
+        extra += [("held-out chat KL", "heldout_chat", "kl", 1, ".4f"),
+                  ("held-out chat top-1 %", "heldout_chat", "top1_agree", 100, ".1f")]
+        extra += [("held-out chat layers", "heldout_chat", "layers", 1, ".1f")] if auto else []
     if "chat" in results:
         extra += [(f"chat agree % (n={results['chat']['n']})", "chat", "agree", 100, ".1f"),
                   ("chat layers", "chat", "layers", 1, ".1f"), ("chat tok/s", "chat", "decode_tok_s", 1, ".1f")]
@@ -473,7 +516,7 @@ def plot(results: dict, exits: list, path: str):
 def parse_args_lists(args):
     """Validate the lists on the command line before loading anything: tasks, exits, shots and limits."""
     tasks = [t for t in args.tasks.split(",") if t]
-    known = [*TASKS, "ppl", "chat", "speed"]
+    known = [*TASKS, "ppl", "heldout_chat", "chat", "speed"]
     unknown = [t for t in tasks if t not in known]
     if unknown or not tasks:
         raise UsageError(f"unknown task(s) {unknown or args.tasks!r}; known: {', '.join(known)}")
@@ -507,6 +550,8 @@ def parse_args_lists(args):
             raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
     if "ppl" in tasks and args.data is not None and not Path(args.data).exists():
         raise UsageError(f"--data {args.data} not found")
+    if "heldout_chat" in tasks and not Path(args.chat_data).is_file():
+        raise UsageError(f"--chat-data {args.chat_data} not found; generate it: python chat_data.py")
     return tasks, exits, shots, limits
 
 
@@ -535,6 +580,11 @@ def main(args):
             scores = eval_ppl(bm, tokens, exits, args.block_size, limits[t], args.batch_size,
                               measure=args.confidence_measure)
             info = dict(n=scores[0]["tokens"], data=f"{args.data or 'Shakespeare'}, train.py's held-out split")
+        elif t == "heldout_chat":
+            from chat_data import read_chats
+            chats = read_chats(Path(args.chat_data))[:limits[t]]
+            scores = eval_heldout_chat(bm, tok, chats, exits, args.batch_size, measure=args.confidence_measure)
+            info = dict(n=scores[0]["tokens"], chats=len(chats), data=str(args.chat_data))
         elif t == "chat":
             scores = eval_chat(bm, tok, exits, limits[t], args.chat_tokens, args.confidence_measure)
             info = dict(n=scores[0]["tokens"], prompts=len(CHAT_PROMPTS[:limits[t]]))
@@ -573,15 +623,16 @@ def get_parser():
     p.add_argument("--confidence-measure", default="prob", choices=CONFIDENCE,
                    help="auto@T: the top probability, or top-1 minus top-2 probability")
     p.add_argument("--tasks", default="arc_easy,piqa,hellaswag,winogrande,lambada",
-                   help=f"comma-separated, from: {', '.join([*TASKS, 'ppl', 'chat', 'speed'])}")
+                   help=f"comma-separated, from: {', '.join([*TASKS, 'ppl', 'heldout_chat', 'chat', 'speed'])}")
     p.add_argument("--limit", default="", help="score the first N examples of each task (ppl: N windows); "
-                                                "task=N for one task, e.g. 200,mmlu=50,ppl=16")
+                                                "task=N for one task, e.g. 200,mmlu=50,ppl=16 (heldout_chat: N chats)")
     p.add_argument("--num-fewshot", default="", help="task=k overrides of the paper's shots (mmlu=5, hellaswag=10, "
                                                      "others 0), e.g. hellaswag=0,mmlu=0")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward")
     p.add_argument("--data", default=None, help="ppl: text file or folder, scored on the split train.py holds out "
                                                 "(default: Shakespeare's hamlet, macbeth, tempest)")
     p.add_argument("--block-size", type=int, default=512, help="ppl: tokens per window")
+    p.add_argument("--chat-data", default=CHAT / "val.jsonl", help="heldout_chat: chat_data.py's held-out chats")
     p.add_argument("--speed-prompt", type=int, default=32, help="speed: prompt tokens")
     p.add_argument("--speed-tokens", type=int, default=128, help="speed: new tokens per exit")
     p.add_argument("--chat-tokens", type=int, default=48, help="chat: new tokens per prompt")

@@ -1,7 +1,7 @@
 """
 Train Balcony exits on a frozen converted checkpoint: the self-distillation loss of the paper's Eq. 2 (section 3).
 
-    python train.py --exit-layers 15,18,21                  # SmolLM2-135M, Shakespeare, ~15 min on 2 CPU cores
+    python train.py --exit-layers 15,18,21                  # SmolLM2-135M on its own chats (python chat_data.py)
     torchrun --nproc_per_node 8 train.py --exit-layers 15,18,21 --data corpus/ --seq-len 4096 --batch-size 4
 
 Only the exits learn; the backbone and the shared LM head are frozen, so every batch costs one no-grad backbone pass
@@ -415,8 +415,8 @@ def get_parser():
     p.add_argument("--seq-len", type=int, default=256, help="tokens per window" + d)
     p.add_argument("--batch-size", type=int, default=2, help="windows per micro-batch per process" + d)
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step" + d)
-    p.add_argument("--max-steps", type=int, default=150, help="optimiser steps" + d)
-    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (paper: 5e-4)" + d)
+    p.add_argument("--max-steps", type=int, default=60, help="optimiser steps (60: one epoch of data/chat)" + d)
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (paper: 5e-4)" + d)
     p.add_argument("--warmup-steps", type=int, default=10, help="linear warmup, then cosine to lr/10" + d)
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay" + d)
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm" + d)
@@ -434,7 +434,7 @@ def get_parser():
                    "current full model, detached; --out is then a new checkpoint folder whose full depth is no "
                    "longer the original model")
     p.add_argument("--chunk-size", type=int, default=256, help="tokens whose logits exist at once in the loss" + d)
-    p.add_argument("--eval-every", type=int, default=75, help="validate every N steps, and at the end" + d)
+    p.add_argument("--eval-every", type=int, default=30, help="validate every N steps, and at the end" + d)
     p.add_argument("--eval-windows", type=int, default=16, help="validation windows per evaluation" + d)
     p.add_argument("--save-every", type=int, default=50, help="write the training state every N steps" + d)
     p.add_argument("--resume", action="store_true", help="continue from the training state next to --out")

@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT
 
 SCRIPTS = ["convert_hf.py", "fetch.py", "train.py", "generate.py", "eval.py", "bench_train.py", "bench_generate.py",
-           "data.py", "bench_data.py"]
+           "data.py", "bench_data.py", "chat_data.py", "demo.py"]
 SCRIPTS += ["export.py", "bench_export.py"]
 SCRIPTS += ["ablate.py"]
 
@@ -53,6 +53,8 @@ def test_help(script):
     ["eval.py", "--tasks", "arc_easy", "--checkpoint", "/nonexistent"],
     ["train.py", "--exit-layers", "15", "--seq-len", "0"],
     ["generate.py", "--top-p", "2"],
+    ["chat_data.py", "--n-train", "0"],
+    ["demo.py", "--exits", "15,x"],
 ])
 def test_bad_input_is_one_line_exit_2(argv):
     r = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)

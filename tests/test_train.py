@@ -141,7 +141,7 @@ def test_finished_run_resumes_with_more_steps(setup, tmp_path, monkeypatch):
     assert_same_exits(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
     assert log_steps(tmp_path / "b.log.jsonl") == ([1, 2, 3, 4, 5, 6], [0])
     lrs = [r["lr"] for r in map(json.loads, (tmp_path / "b.log.jsonl").read_text().splitlines()) if "lr" in r]
-    assert lrs == [get_lr(s, 5e-4, 1, 4 if s < 4 else 6) for s in range(6)]
+    assert lrs == [get_lr(s, train.get_parser().get_default("lr"), 1, 4 if s < 4 else 6) for s in range(6)]
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
@@ -200,7 +200,7 @@ def test_bad_state_is_refused_in_one_line(setup, tmp_path):
     assert train.main(train.parse_args(base)) == 0
     other_model = str(make_tiny_checkpoint(tmp_path / "other", seed=1))
     cases = {"another base model": ["--checkpoint", other_model], "not --exit-layers [1, 3]": ["--exit-layers", "1,3"],
-             "lr 0.0005 -> 0.001": ["--lr", "1e-3"], "at step 4, past --max-steps 3": ["--max-steps", "3"],
+             "lr 0.001 -> 0.002": ["--lr", "2e-3"], "at step 4, past --max-steps 3": ["--max-steps", "3"],
              "not a readable training state": []}
     for expected, change in cases.items():
         if not change:  # last: damage the file
