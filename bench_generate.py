@@ -28,22 +28,17 @@ QUESTIONS = [PROMPT, "What is the capital of France?", "Write a haiku about balc
 TABLES = ["hf", "batch", "mixed", "exits", "speculative"]
 
 
-def transformers_model(model):
-    """transformers' LlamaForCausalLM holding our model's weights (renamed with convert_hf's table), same dtype."""
+def transformers_model(model, tok):
+    """transformers' LlamaForCausalLM holding our model's weights (export.py's config and names), same dtype."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from convert_hf import HF_WEIGHT_MAP, rename
+    from convert_hf import HF_WEIGHT_MAP
+    from export import hf_config, renamed
     a = model.args
-    rope = {} if a.rope_scaling is None else dict(rope_scaling=dict(a.rope_scaling, rope_type="llama3"))
-    config = LlamaConfig(hidden_size=a.dim, num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads,
-                         num_key_value_heads=a.n_kv_heads, vocab_size=a.vocab_size, intermediate_size=a.hidden_dim,
-                         head_dim=a.head_dim, rms_norm_eps=a.norm_eps, rope_theta=a.rope_theta,
-                         max_position_embeddings=a.max_seq_len, tie_word_embeddings=a.tie_embeddings, **rope)
+    config = LlamaConfig(**hf_config(a, tok, "float32"))
     with torch.device("meta"):
         hf = LlamaForCausalLM(config)
-    ours_to_hf = {v: k for k, v in HF_WEIGHT_MAP.items() if v is not None}
-    sd = {rename(k, ours_to_hf, a.n_layers): v for k, v in model.checkpoint_state_dict().items()}
-    hf.load_state_dict(sd, strict=False, assign=True)
+    hf.load_state_dict(renamed(model.checkpoint_state_dict(), HF_WEIGHT_MAP, a.n_layers), strict=False, assign=True)
     hf.tie_weights()
     for m in hf.modules():  # the RoPE buffers, which stay on meta: ours, in fp32
         if hasattr(m, "inv_freq"):
@@ -65,10 +60,10 @@ def median_rate(fn, n_new: int, reps: int):
     return statistics.median(rates), tokens
 
 
-def table_hf(model, prompt_ids, args):
+def table_hf(model, tok, prompt_ids, args):
     from transformers.utils import logging
     logging.set_verbosity_error()
-    hf = transformers_model(model.model)
+    hf = transformers_model(model.model, tok)
     idx = torch.tensor([prompt_ids])
 
     def ours(n):
@@ -135,7 +130,7 @@ def main(args):
     if "hf" in args.tables:
         print(f"Batch 1, full depth, {len(prompt_ids)}-token prompt: decode tokens/s")
         print("| dtype | ours | transformers | ours / transformers | greedy identical |\n|---|---|---|---|---|")
-        table_hf(model, prompt_ids, args)
+        table_hf(model, tok, prompt_ids, args)
         print()
 
     if "batch" in args.tables:
