@@ -48,7 +48,7 @@ class ExitLoss(nn.Module):
     KL averaged over tokens, plus (--loss kl+ce) ce_weight times the exit's cross-entropy against the next token.
     Returns the loss and the unweighted per-exit KL and CE (None without CE) for the log."""
 
-    def __init__(self, bm: BalconyModel, chunk_size: int, kl_weight: float = 1.0, ce_weight: float = 0.0):
+    def __init__(self, bm: BalconyModel, chunk_size: int, ce_weight: float = 0.0, kl_weight: float = 1.0):
         super().__init__()
         self.bm, self.chunk_size, self.kl_weight, self.ce_weight = bm, chunk_size, kl_weight, ce_weight
 
@@ -312,7 +312,7 @@ def train(args, rank: int, world_size: int, device) -> int:
         torch.set_rng_state(state["rng"])
         step = state["step"]
 
-    loss_fn = ExitLoss(bm, args.chunk_size, args.kl_weight, args.ce_weight if args.loss == "kl+ce" else 0.0)
+    loss_fn = ExitLoss(bm, args.chunk_size, args.ce_weight if args.loss == "kl+ce" else 0.0, args.kl_weight)
     if device.type == "cuda" if args.compile is None else args.compile:
         loss_fn = torch.compile(loss_fn, dynamic=False)  # compiles on the first step
     if ddp:

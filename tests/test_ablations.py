@@ -127,7 +127,7 @@ def test_kl_weight_scales_the_kl_term():
 
     def loss_and_grads(kl_weight, ce_weight):
         bm.zero_grad()
-        loss, kl, ce = train.ExitLoss(bm, 7, kl_weight, ce_weight)(x, y)
+        loss, kl, ce = train.ExitLoss(bm, 7, ce_weight=ce_weight, kl_weight=kl_weight)(x, y)
         loss.backward()
         return loss, kl, ce, [p.grad.clone() for p in bm.exits.parameters()]
 
