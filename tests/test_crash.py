@@ -81,28 +81,31 @@ def test_sigkill_loses_at_most_the_steps_since_the_last_state(setup, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the uninterrupted run's exits
 
 
-def killed_while_writing(write, check, kills=6):
-    """Fork a child that writes a file over and over; SIGKILL it at a random moment after its first complete write;
-    the file must stay complete. check() reads it back and returns the version found, so a kill that left a file
-    never rewritten by the child would show."""
-    rng = random.Random(1)
-    for _ in range(kills):
-        done_r, done_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: write forever, never return into pytest
-            try:
-                for i in range(1, 10**6):
-                    write(i)
-                    os.write(done_w, b".")
-            finally:
-                os._exit(1)
-        os.read(done_r, 1)  # one version written
-        time.sleep(rng.uniform(0, 0.3))
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        os.close(done_r)
-        os.close(done_w)
-        assert check() > 0
+# A separate process writes the file over and over: forking pytest itself deadlocks once an earlier test has used
+# torch's thread pool (OpenMP does not survive fork), so the writer is a fresh interpreter.
+WRITER = """
+import sys
+from pathlib import Path
+
+import torch
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
+import train
+from balcony import BalconyModel
+from conftest import tiny_args
+from model import Transformer
+kind, path = sys.argv[2], Path(sys.argv[3])
+torch.manual_seed(0)
+bm = BalconyModel(Transformer(tiny_args(dim=256, hidden_dim=768, n_heads=4, n_kv_heads=4)), [1, 2, 3])
+opt = torch.optim.AdamW(bm.exits.parameters())
+for i in range(1, 10**6):
+    with torch.no_grad():
+        next(bm.exits.parameters()).fill_(i)  # each version differs
+    if kind == "exits":
+        bm.save_exits(path)
+    else:
+        train.save_state(path, bm, opt, i, "fingerprint", {})
+    print(i, flush=True)
+"""
 
 
 @pytest.mark.parametrize("kind", ["exits", "state"])
@@ -110,28 +113,30 @@ def test_files_killed_mid_write_keep_their_previous_version(tmp_path, kind):
     # exits of ~10 MB, so that writing is most of each loop and most kills land inside a write. (torch.save writes in
     # many pieces: without the temp file and rename, this test fails. safetensors writes its buffer in one system
     # call, which SIGKILL does not split, so there only the rename protects against an error or power loss mid-write.)
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # the writer's model, so its exit files carry this model's fingerprint
     bm = BalconyModel(Transformer(tiny_args(dim=256, hidden_dim=768, n_heads=4, n_kv_heads=4)), [1, 2, 3])
     path = tmp_path / ("balcony.safetensors" if kind == "exits" else "b.state.pt")
-    opt = torch.optim.AdamW(bm.exits.parameters())
+    if kind == "exits":
+        bm.save_exits(path)  # a first complete version
+    else:
+        train.save_state(path, bm, torch.optim.AdamW(bm.exits.parameters()), 0, "fingerprint", {})
 
-    def write(i):
-        with torch.no_grad():
-            next(bm.exits.parameters()).fill_(i)  # each version differs
-        if kind == "exits":
-            bm.save_exits(path)
-        else:
-            train.save_state(path, bm, opt, i, "fingerprint", {})
-
-    def check():  # both raise on a truncated or damaged file
+    def check():  # both raise on a truncated or damaged file; a version > 0 shows the writer's file was read
         if kind == "exits":
             loaded = BalconyModel(bm.model, [1, 2, 3])
             loaded.load_exits(path)
             return next(loaded.exits.parameters()).flatten()[0].item()
         return torch.load(path, weights_only=True)["step"]
 
-    write(0)  # a first complete version
-    killed_while_writing(write, check)
+    rng = random.Random(1)
+    for _ in range(4):  # SIGKILL the writer at a random moment after its first complete write
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(ROOT), kind, str(path)], stdout=subprocess.PIPE,
+                                text=True)
+        assert proc.stdout.readline().strip(), "the writer died before its first write"
+        time.sleep(rng.uniform(0, 0.3))
+        proc.kill()
+        proc.communicate()
+        assert check() > 0
 
 
 def test_ctrl_c_saves_the_state_and_exits_130(setup, tmp_path):
