@@ -13,6 +13,7 @@ Section 4.3's ablations are flags: --init random, --balcony mlp|attn, --loss kl+
 """
 import argparse
 import contextlib
+import gc
 import json
 import math
 import os
@@ -240,11 +241,14 @@ def main(args) -> int:
             torch.cuda.set_device(device)
     else:
         rank, world_size, device = 0, 1, torch.device(args.device)
-    try:
-        return train(args, rank, world_size, device)
-    finally:
-        if ddp:
-            dist.destroy_process_group()
+    code = train(args, rank, world_size, device)  # on an error torchrun ends the other ranks: no teardown to hang in
+    if ddp:
+        dist.barrier()
+        # FSDP's modules sit in reference cycles that hold gloo work handles: freed at interpreter exit, after the
+        # process group, they abort the process ("terminate called without an active exception"). Free them first.
+        gc.collect()
+        dist.destroy_process_group()
+    return code
 
 
 def train(args, rank: int, world_size: int, device) -> int:

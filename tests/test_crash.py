@@ -67,9 +67,12 @@ def test_sigkill_loses_at_most_the_steps_since_the_last_state(setup, tmp_path):
     rng, resumed_from = random.Random(0), 0
     for attempt in range(3):  # run, kill, resume, kill, resume, kill; then resume to the end in-process
         proc = start_training(train_argv(tmp_path, ckpt, data, "run.safetensors", *["--resume"] * (attempt > 0)))
-        if wait_for_steps(proc, log, max(logged_steps(log), default=0)) is None:  # new progress, not old lines
+        # a random step among this attempt's ten (well before the end), then a random point inside a step: in the
+        # update, in the log write, in the state write. Steps, not seconds: CI runs all 40 steps in half a second.
+        target = rng.randrange(attempt * 10, attempt * 10 + 8)
+        if wait_for_steps(proc, log, max(target, *logged_steps(log), 0)) is None:  # new progress, not old lines
             pytest.fail(f"training ended before it could be killed: {proc.communicate()[1][-2000:]}")
-        time.sleep(rng.uniform(0, 0.3))  # a random point: in a step, in the log write, in the state write
+        time.sleep(rng.uniform(0, 0.02))
         proc.kill()
         proc.communicate()
         last = max(logged_steps(log))
