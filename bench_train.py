@@ -8,7 +8,8 @@ ours: train.ExitLoss, as train.py runs it (one no-grad backbone pass, the exits,
 chunked, with its gradient made in the forward pass). authors: a transformers LlamaForCausalLM built from the same
 weights, run with output_hidden_states; each exit (a copy of the last decoder layer and the final norm, as ours) on
 its hidden states, then the head, full-vocab F.kl_div against the full model's logits, plain autograd. Both then
-clip and take an AdamW step on the exits alone.
+clip and take an AdamW step on the exits alone. floor: only the matrix products that any formulation must do
+(bench_train.matmul_floor), timed the same way; its time bounds every formulation's from below.
 
 Each formulation runs in a fresh process, so their memory does not mix: step peak is the memory a step adds above
 what is resident before it (CUDA: max_memory_allocated; CPU: peak RSS, VmHWM reset through /proc/self/clear_refs),
@@ -123,6 +124,29 @@ class AuthorsLoss(torch.nn.Module):
         return loss
 
 
+def matmul_floor(model: Transformer, n_exits: int, tokens: int):
+    """A step that does the matrix products no formulation of Eq. 2 can avoid, and nothing else: the backbone's
+    projections forward; the head forward for the teacher and each exit; the head backward to each exit's hidden
+    states; each exit block's projections forward and backward (input and weight gradients). No attention, norm,
+    softmax or optimizer: its time is a floor under any step's on this machine."""
+    w = lambda layer: [p for p in layer.parameters() if p.dim() == 2]  # noqa: E731
+    backbone, block, head = [p for layer in model.layers for p in w(layer)], w(model.layers[-1]), model.output.weight
+    acts = {d: torch.randn(tokens, d, dtype=head.dtype, device=head.device)
+            for d in {d for p in backbone for d in p.shape}}
+    grad_logits = torch.randn(tokens, head.shape[0], dtype=head.dtype, device=head.device)
+
+    def step():
+        for p in backbone:
+            F.linear(acts[p.shape[1]], p)
+        for _ in range(1 + n_exits):
+            F.linear(acts[head.shape[1]], head)
+        for _ in range(n_exits):
+            grad_logits @ head
+            for p in block:
+                F.linear(acts[p.shape[1]], p), acts[p.shape[0]] @ p, acts[p.shape[0]].T @ acts[p.shape[1]]
+    return step
+
+
 # ----------------------------------------------------------------------------------------------------- the bench
 def run(name: str, args) -> dict:
     """Build the model and `name`'s loss, take the steps; seconds per step and memory. Runs in its own process."""
@@ -134,6 +158,9 @@ def run(name: str, args) -> dict:
     with torch.device(device):
         model = Transformer(margs).to(dtype).requires_grad_(False)  # random weights, the same in both processes
     exits = [int(k) for k in args.exits.split(",")]
+    x = torch.randint(0, margs.vocab_size, (args.batch_size, args.seq_len), device=device)
+    if name == "floor":
+        return measure(matmul_floor(model, len(exits), x.numel()), margs, exits, args, device)
     if name == "ours":
         bm = BalconyModel(model, exits)
         bm.exits.float()  # fp32 master weights, as train.py
@@ -147,7 +174,6 @@ def run(name: str, args) -> dict:
         forward = torch.compile(forward, dynamic=False)
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
     ctx = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    x = torch.randint(0, margs.vocab_size, (args.batch_size, args.seq_len), device=device)
 
     def step():
         with ctx:
@@ -156,9 +182,14 @@ def run(name: str, args) -> dict:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
 
+    return measure(step, margs, exits, args, device)
+
+
+def measure(step, margs, exits, args, device) -> dict:
+    """One warm-up step, then --steps timed ones: the fastest step's seconds and the memory peaks."""
+    if device.type == "cuda":
+        step = (lambda f: lambda: (f(), torch.cuda.synchronize()))(step)
     t0 = time.perf_counter()
     step()  # warm-up: compiles, if --compile; allocates AdamW's state
     first = time.perf_counter() - t0
@@ -201,6 +232,12 @@ def main(args) -> int:
         o, a = results["ours"], results["authors"]
         print(f"ours: {a['s'] / o['s']:.2f}x the authors' speed, {o['step_mib'] / a['step_mib']:.2f}x their step "
               f"memory, {o['process_mib'] / a['process_mib']:.2f}x their process peak")
+    if "floor" in results:
+        f = results["floor"]
+        print("against the matrix products alone: " + ", ".join(f"{n}'s step takes {r['s'] / f['s']:.2f}x their time"
+                                                               for n, r in results.items() if n != "floor") +
+              (f"; no formulation can run faster than {results['authors']['s'] / f['s']:.2f}x the authors'"
+               if "authors" in results else ""))
     return 0
 
 
@@ -218,7 +255,8 @@ def get_parser():
                    "bfloat16 on CUDA, float32 on CPU); exits fp32 under autocast when not float32")
     p.add_argument("--steps", type=int, default=3, help="timed steps per formulation" + d)
     p.add_argument("--rounds", type=int, default=2, help="runs of each formulation, alternating" + d)
-    p.add_argument("--formulations", default="ours,authors", help="which to run, in order" + d)
+    p.add_argument("--formulations", default="ours,authors,floor",
+                   help="which to run, in order (floor: the unavoidable matrix products alone)" + d)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=cuda,
                    help="torch.compile the loss (default: on with CUDA)")
     p.add_argument("--peak-tflops", type=float, default=H100_BF16_TFLOPS, help="GPU bf16 peak, for MFU" + d)

@@ -190,7 +190,7 @@ def gguf_args(reader) -> ModelArgs:
     return args
 
 
-GGUF_PRE_TOKENIZERS = ("smollm", "gpt2", "llama-bpe")  # llama.cpp's tokenizer.ggml.pre names we know
+GGUF_PRE_TOKENIZERS = ("smollm", "gpt-2", "llama-bpe")  # llama.cpp's tokenizer.ggml.pre names we know
 
 
 def gguf_pre_tokenizer(pre: str) -> dict:
@@ -198,7 +198,7 @@ def gguf_pre_tokenizer(pre: str) -> dict:
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
     if pre == "smollm":  # llama.cpp's 'smollm': every digit is its own piece, then GPT-2's regex
         return {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]}
-    if pre in ("gpt2", "default"):
+    if pre in ("gpt-2", "default"):
         return byte_level
     if pre == "llama-bpe":  # Llama-3: its own split regex, then bytes only
         return {"type": "Sequence", "pretokenizers": [
