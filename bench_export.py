@@ -3,7 +3,7 @@ An exported exit in llama.cpp against the same exit here: greedy tokens of a cha
 decode speed of each engine is printed side by side. Needs llama-cpp-python (`pip install llama-cpp-python` builds
 llama.cpp from source); it is not a requirement of the project.
 
-    python bench_export.py --exit 21 --balcony /work/exits/shakespeare-15-18-21.safetensors --max-new-tokens 64
+    python bench_export.py --exit 21 --balcony /work/exits/chat-15-18-21.safetensors --max-new-tokens 64
 
 The exit is exported to a float32 GGUF in a temporary folder (export.py), prompted with the chat template through our
 tokenizer (llama.cpp's tokenisation of the same text is checked against it), then both decode --max-new-tokens tokens
