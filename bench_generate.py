@@ -60,12 +60,17 @@ def median_rate(fn, n_new: int, reps: int):
     return statistics.median(rates), tokens
 
 
+def decode_matrices(model) -> list:
+    """The weight matrices a full-depth decode step multiplies: every layer's, then the head (once, tied or not)."""
+    head = ("tok_embeddings.weight", "output.weight")
+    return [w for name, w in model.named_parameters() if w.dim() == 2 and name not in head] + [model.output.weight]
+
+
 def gemv_ceiling(model, reps: int) -> float:
     """Tokens/s of batch-1 decoding if it did nothing but read the weights: one vector-matrix product per matrix of
     every layer and the head, nothing else (no attention, norms or Python). No decoder of these weights can beat it
     on this machine, so it bounds what any ratio to transformers can be."""
-    mats = [w for name, w in model.model.named_parameters() if w.dim() == 2 and name not in ("tok_embeddings.weight", "output.weight")]
-    mats.append(model.model.output.weight)
+    mats = decode_matrices(model.model)
     xs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype, device=w.device) for w in mats}
     times = []
     with torch.no_grad():

@@ -338,3 +338,16 @@ def test_cli_error_is_one_line(tiny_with_balcony, args):
     r = run_cli("--checkpoint", tiny_with_balcony, *args)
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.startswith("generate.py: error: ")
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_bench_ceiling_reads_every_matrix_once(tied):
+    """bench_generate.py's weights-read ceiling multiplies each layer matrix and the head once, tied or not: a
+    matrix missed would raise the ceiling, one read twice would lower it."""
+    import bench_generate
+    a = tiny_args(tie_embeddings=tied)
+    model = Transformer(a)
+    per_layer = a.dim * a.head_dim * 2 * (a.n_heads + a.n_kv_heads) + 3 * a.dim * a.hidden_dim
+    mats = bench_generate.decode_matrices(model)
+    assert sum(m.numel() for m in mats) == a.n_layers * per_layer + a.vocab_size * a.dim
+    assert mats[-1] is model.output.weight

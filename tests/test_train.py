@@ -239,3 +239,17 @@ def test_bench_authors_formulation_is_the_same_objective():
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=0)
     norms = lambda ps: sorted(p.grad.norm().item() for p in ps if p.grad is not None)  # noqa: E731
     torch.testing.assert_close(norms(authors.parameters()), norms(bm.exits.parameters()), rtol=1e-4, atol=0)
+
+
+def test_bench_floor_does_the_counted_matrix_products():
+    """bench_train.py's floor step does exactly the FLOPs flops_per_token counts, less attention's (which it skips):
+    a floor that missed a product would flatter every formulation."""
+    import bench_train
+    from torch.utils.flop_counter import FlopCounterMode
+
+    a, n_exits, batch, seq = tiny_args(), 2, 2, 12
+    step = bench_train.matmul_floor(Transformer(a).requires_grad_(False), n_exits, batch * seq)
+    with FlopCounterMode(display=False) as counter:
+        step()
+    attention = 4 * seq * a.n_heads * a.head_dim * (a.n_layers + 3 * n_exits)
+    assert counter.get_total_flops() == batch * seq * (bench_train.flops_per_token(a, n_exits, seq) - attention)
