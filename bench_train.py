@@ -188,10 +188,10 @@ def run(name: str, args) -> dict:
 
 def measure(step, margs, exits, args, device) -> dict:
     """One warm-up step, then --steps timed ones: the fastest step's seconds and the memory peaks."""
-    if device.type == "cuda":
-        step = (lambda f: lambda: (f(), torch.cuda.synchronize()))(step)
     t0 = time.perf_counter()
     step()  # warm-up: compiles, if --compile; allocates AdamW's state
+    if device.type == "cuda":
+        torch.cuda.synchronize()  # the timed steps are synchronised by peak_mib
     first = time.perf_counter() - t0
     times, peaks = [], []
     for _ in range(args.steps):
