@@ -57,7 +57,7 @@ def run_paths(name: str, args, out: Path):
 def train_run(name: str, args, out: Path) -> int:
     _, exits, train_out = run_paths(name, args, out)
     budget = ["--checkpoint", args.checkpoint, "--exit-layers", args.exit_layers, "--max-steps", args.max_steps,
-              "--seq-len", args.seq_len, "--batch-size", args.batch_size,
+              "--seq-len", args.seq_len, "--batch-size", args.batch_size, "--lr", args.lr,
               "--warmup-steps", max(1, args.max_steps // 10), "--eval-every", args.max_steps,
               "--eval-windows", 1, "--save-every", args.max_steps, "--device", args.device]  # its own checks: 1 window
     resume = ["--resume"] if exits.with_suffix(".state.pt").is_file() else []  # an interrupted run continues
@@ -141,7 +141,7 @@ def main(args):
         raise UsageError(f"unknown run(s) {unknown or args.runs!r}; known: {', '.join(RUNS)}")
     out = Path(args.out)
     budget = json.loads(json.dumps({k: getattr(args, k) for k in ("checkpoint", "exit_layers", "max_steps", "seq_len",
-                                                                  "batch_size", "data")}, default=str))
+                                                                  "batch_size", "lr", "data")}, default=str))
     if (out / "budget.json").is_file() and json.loads((out / "budget.json").read_text()) != budget:
         raise UsageError(f"{out} holds runs trained with {(out / 'budget.json').read_text()}; use another --out")
     out.mkdir(parents=True, exist_ok=True)
@@ -183,6 +183,7 @@ def get_parser():
     p.add_argument("--max-steps", type=int, default=8, help="optimiser steps per run" + d)
     p.add_argument("--seq-len", type=int, default=128, help="tokens per window" + d)
     p.add_argument("--batch-size", type=int, default=2, help="windows per step" + d)
+    p.add_argument("--lr", type=float, default=train.get_parser().get_default("lr"), help="train.py's --lr" + d)
     p.add_argument("--data", nargs="+", default=[str(CORPUS)], help="train.py's --data (default: the Shakespeare "
                    "plays, as the README's table was measured; train.py's own default is the chat data)")
     p.add_argument("--eval-windows", type=int, default=8, help="held-out windows for KL and agreement" + d)
