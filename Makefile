@@ -2,7 +2,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: test setup demo clean default-model
+.PHONY: test setup demo clean default-model check-docs
 setup: $(VENV)/.ok
 $(VENV)/.ok: requirements.txt requirements-dev.txt
 	$(PY) -m venv $(VENV)
@@ -32,6 +32,11 @@ demo: setup
 	$(BIN)/python train.py --exit-layers 15,18,21
 	$(BIN)/python eval.py --exits 15,18,21,full --tasks arc_easy,piqa,heldout_chat --limit 200
 	$(BIN)/python demo.py --exits 15,18,21,full
+
+# After make demo: runs every command of README.md and docs/*.md that needs nothing more and finishes in a few minutes,
+# in a scratch copy of the repository (tests/test_docs.py; make test checks them all without running them).
+check-docs: setup
+	CHECK_DOCS=1 $(BIN)/python -m pytest -q tests/test_docs.py -k runs --durations=0
 
 clean:
 	rm -rf $(VENV) .pytest_cache
