@@ -3,7 +3,7 @@ The paper's ablations (section 4.3 and appendix B, Figure 5) at one fixed budget
 the paper's recipe in one flag each, then per exit the held-out KL and top-1 agreement against the original full
 model and ARC-Easy / PIQA accuracy (eval.py), in one table.
 
-    OMP_NUM_THREADS=1 python ablate.py                    # SmolLM2-135M, Shakespeare, exits 15,18,21: the README's
+    OMP_NUM_THREADS=1 python ablate.py --lr 5e-4          # SmolLM2-135M, Shakespeare, exits 15,18,21: docs/ablations.md
     python ablate.py --max-steps 150 --seq-len 256 --out out/ablation-150   # train.py's default budget per run
 
 | run      | train.py flags                               | the paper's finding (Figure 5)              |
@@ -185,7 +185,7 @@ def get_parser():
     p.add_argument("--batch-size", type=int, default=2, help="windows per step" + d)
     p.add_argument("--lr", type=float, default=train.get_parser().get_default("lr"), help="train.py's --lr" + d)
     p.add_argument("--data", nargs="+", default=[str(CORPUS)], help="train.py's --data (default: the Shakespeare "
-                   "plays, as the README's table was measured; train.py's own default is the chat data)")
+                   "plays, as docs/ablations.md was measured; train.py's own default is the chat data)")
     p.add_argument("--eval-windows", type=int, default=8, help="held-out windows for KL and agreement" + d)
     p.add_argument("--limit", type=int, default=200, help="ARC-Easy and PIQA examples" + d)
     p.add_argument("--evals-dir", default=None, help="eval.py's --evals-dir (default: python fetch.py evals's)")

@@ -160,6 +160,23 @@ def test_no_outside_paths_or_development_notes(doc):
     assert not found, f"{doc.name}: {found}"
 
 
+def anchors(doc: Path) -> set:
+    """GitHub's ids of a page's headings: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"^```.*?^```", "", doc.read_text(), flags=re.S | re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.*)$", text, re.M)}
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[d.name for d in DOCS])
+def test_links_reach_their_sections(doc):
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", doc.read_text()):
+        path, _, anchor = target.partition("#")
+        page = (doc.parent / path) if path else doc
+        if "://" not in path and anchor and page.is_file() and anchor not in anchors(page):
+            broken.append(target)
+    assert not broken, f"{doc.name}: no such section: {broken}"
+
+
 def test_the_checks_can_fail():
     roots = tracked_top_level() | WRITTEN
     bad = {
