@@ -258,4 +258,6 @@ def test_documented_command_runs(block, scratch):
         pytest.fail(f"{block.where} ran past {TIMEOUT_S} s:\n{block.body}\n{p.communicate()[0][-4000:]}")
     print(f"{block.where}: {time.perf_counter() - t:.0f} s")
     assert p.returncode == 0, f"{block.where} failed ({p.returncode}):\n{block.body}\n{out[-4000:]}"
-    assert snapshot(linked) == before, f"{block.where} changed files under checkpoints/ or data/"
+    after = snapshot(linked)
+    changed = sorted(str(f) for f in linked if after[f] != before[f])
+    assert not changed, f"{block.where} changed files under checkpoints/ or data/ (or something else did): {changed}"
