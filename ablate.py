@@ -33,7 +33,6 @@ from cli import DEFAULT_CHECKPOINT, ROOT, UsageError, run_cli
 from data import CORPUS, iter_batches, load_tokens
 from eval import TASKS, task_metrics
 from fetch import fetch
-from model import Transformer
 from tokenizer import Tokenizer
 
 RUNS = {
@@ -153,7 +152,7 @@ def main(args):
                 return code  # stopped (Ctrl-C): the state is saved, run again to continue
 
     print("\n== scoring", flush=True)
-    original = BalconyModel(Transformer.from_checkpoint(args.checkpoint, device=args.device), []).eval()
+    original = BalconyModel.from_checkpoint(args.checkpoint, exits=[None], device=args.device)
     tok = Tokenizer.from_checkpoint(args.checkpoint)
     val = load_tokens(args.data, tok, "val")
     root = Path(args.evals_dir) if args.evals_dir else fetch("evals")

@@ -309,9 +309,34 @@ class BalconyModel(nn.Module):
         return bm.eval()
 
     @classmethod
-    def from_checkpoint(cls, ckpt_dir, exits_path, device="cpu", dtype=torch.float32) -> "BalconyModel":
-        cls.read_exits_file(exits_path)  # a missing or foreign exits file fails before the base model loads
-        return cls.from_exits_file(Transformer.from_checkpoint(ckpt_dir, device=device, dtype=dtype), exits_path)
+    def from_checkpoint(cls, checkpoint, balcony=None, exits=None, device="cpu", dtype=torch.float32,
+                        labels=None) -> "BalconyModel":
+        """How every script loads a model: the base model of `checkpoint` and the trained exits of `balcony` (default
+        <checkpoint>/balcony.safetensors). exits: those the caller will run (None or n_layers: full depth; "auto":
+        the cascade, which needs them all); the file is read only if one needs a balcony, and each must be in range and
+        trained. exits=None: every exit in the file. labels[i], if given, says where exits[i] came from in an error."""
+        if exits is None:
+            cls.read_exits_file(cls._exits_path(checkpoint, balcony))  # a bad file fails before the base model loads
+        base = Transformer.from_checkpoint(checkpoint, device=device, dtype=dtype)
+        n = base.args.n_layers
+        labelled = list(zip(exits or [], labels or [None] * len(exits or [])))
+        for e, label in labelled:
+            if e not in (None, "auto") and not 1 <= e <= n:
+                raise UsageError(f"{label + ': ' if label else ''}exit {e} is outside 1..{n} (the model has {n} layers)")
+        if exits is not None and all(e in (None, n) for e in exits):
+            return cls(base, []).eval()
+        model = cls.from_exits_file(base, cls._exits_path(checkpoint, balcony))
+        for e, label in labelled:
+            if e not in (None, "auto"):
+                try:
+                    model._check_exit(e)
+                except UsageError as err:
+                    raise UsageError(f"{label}: {err}" if label else str(err)) from None
+        return model
+
+    @staticmethod
+    def _exits_path(checkpoint, balcony) -> Path:
+        return Path(balcony) if balcony is not None else Path(checkpoint) / "balcony.safetensors"
 
 
 def model_fingerprint(model: Transformer) -> str:

@@ -133,7 +133,6 @@ def write_atomic(path: Path, text: str):
 
 def main(args):
     from balcony import BalconyModel, model_fingerprint
-    from model import Transformer
     from tokenizer import Tokenizer
 
     unknown = [s for s in args.sources if s not in SOURCES]
@@ -145,8 +144,8 @@ def main(args):
     if args.temperature < 0 or (args.top_p is not None and not 0 < args.top_p <= 1):
         raise UsageError("--temperature must be >= 0 and --top-p in (0, 1]")
     out, meta_path = Path(args.out), Path(args.out) / "meta.json"
-    base = Transformer.from_checkpoint(args.checkpoint, device=args.device, dtype=DTYPES[args.dtype])
-    config = config_of(args, model_fingerprint(base))
+    bm = BalconyModel.from_checkpoint(args.checkpoint, exits=[None], device=args.device, dtype=DTYPES[args.dtype])
+    config = config_of(args, model_fingerprint(bm.model))
     # meta.json lists the splits written so far: a rerun reuses them, and one with another --n-train keeps val
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     if meta.get("config") != config:
@@ -159,7 +158,7 @@ def main(args):
             from fetch import fetch
             evals = fetch("evals")
         val, train = split_questions(load_questions(evals, args.sources), args.seed, args.n_val, args.n_train)
-        bm, tok = BalconyModel(base, []).eval(), Tokenizer.from_checkpoint(args.checkpoint)
+        tok = Tokenizer.from_checkpoint(args.checkpoint)
         out.mkdir(parents=True, exist_ok=True)
     for name in todo:
         part, t0 = val if name == "val" else train, time.time()

@@ -15,7 +15,8 @@ PROMPTS = ["What is the capital of France?", "Name three primary colors.", "How 
 
 
 def main(args):
-    from generate import generate, load_model
+    from balcony import BalconyModel
+    from generate import generate
     from tokenizer import Tokenizer
 
     try:
@@ -23,7 +24,7 @@ def main(args):
     except ValueError:
         raise UsageError(f"--exits takes layer numbers and 'full', not {args.exits!r}") from None
     torch.set_num_threads(args.threads)
-    model = load_model(args.checkpoint, args.balcony, exits, torch.device(args.device), DTYPES[args.dtype])
+    model = BalconyModel.from_checkpoint(args.checkpoint, args.balcony, exits, torch.device(args.device), DTYPES[args.dtype])
     tok = Tokenizer.from_checkpoint(args.checkpoint)
     for prompt in args.prompt or PROMPTS:
         ids = tok.encode_chat([{"role": "user", "content": prompt}])

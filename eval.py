@@ -60,7 +60,7 @@ from tqdm import tqdm
 from balcony import BalconyModel, exit_metrics
 from cli import DEFAULT_CHECKPOINT, DTYPES, ROOT, UsageError, run_cli
 from data import CHAT
-from generate import CONFIDENCE, exit_confidence
+from cascade import CONFIDENCE, exit_confidence, weights_per_token
 
 Task = namedtuple("Task", "load metric shots")  # load(root, shots) -> items [(contexts, choices, gold)]
 Auto = namedtuple("Auto", "threshold")  # --exits auto@T: generate.py's confidence cascade at threshold T
@@ -388,9 +388,9 @@ def eval_chat(bm, tok, exits: list, n_prompts, new_tokens: int, measure: str = "
     """Chat prompts (CHAT_PROMPTS, wrapped in the chat template): the full model's greedy answer (up to new_tokens,
     to its end of turn), then per exit, teacher-forced on that answer, how often the exit's top-1 token is the full
     model's and its backbone layers per token; and decode tokens/s generating new_tokens free-running, with the
-    cascade's layers per token there (gen_layers) and the weights read per token (generate.weights_per_token), whose
+    cascade's layers per token there (gen_layers) and the weights read per token (cascade.weights_per_token), whose
     ratio to full depth's is the ideal speedup."""
-    from generate import generate, weights_per_token
+    from generate import generate
 
     prompts = [tok.encode_chat([{"role": "user", "content": p}]) for p in CHAT_PROMPTS[:n_prompts]]
     device = bm.model.tok_embeddings.weight.device
@@ -556,12 +556,11 @@ def parse_args_lists(args):
 
 
 def main(args):
-    from generate import load_model
     from tokenizer import Tokenizer
 
     tasks, exits, shots, limits = parse_args_lists(args)
     device = torch.device(args.device)
-    bm = load_model(args.checkpoint, args.balcony, ["auto" if isinstance(e, Auto) else e for e in exits], device,
+    bm = BalconyModel.from_checkpoint(args.checkpoint, args.balcony, ["auto" if isinstance(e, Auto) else e for e in exits], device,
                     DTYPES[args.dtype])
     exits = list(dict.fromkeys(None if e == bm.n_layers else e for e in exits))  # "30" is full depth too
     missing = [e for e in exits if e is not None and not isinstance(e, Auto) and e not in bm.exit_layers]

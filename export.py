@@ -223,11 +223,11 @@ def parse_exit(s: str):
 
 
 def main(args):
-    from generate import load_model
+    from balcony import BalconyModel
 
     exit = parse_exit(args.exit)
     check_out(args.out, args.format, args.dtype, args.force)  # before loading anything
-    bm = load_model(args.checkpoint, args.balcony, (exit,))  # float32: every --dtype is cast from it
+    bm = BalconyModel.from_checkpoint(args.checkpoint, args.balcony, [exit])  # float32: every --dtype is cast from it
     out = export(bm, exit, args.checkpoint, args.out, args.format, args.dtype, args.force)
     n = bm.n_layers if exit in (None, bm.n_layers) else exit + 1
     print(f"wrote {out} ({args.format}, {n} layers, {args.dtype})", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""The confidence cascade (generate.ConfidenceCascade, --exit auto) on tiny random models: a threshold above 1 is
+"""The confidence cascade (cascade.ConfidenceCascade, --exit auto) on tiny random models: a threshold above 1 is
 full-depth greedy, 0 is the first exit's greedy; in between, each token leaves at the first exit an uncached forward
 finds confident, every layer's and balcony's KV cache equals a full-depth forward's wherever it has been written
 (and is written everywhere once a token has gone to full depth), and the layers run (hooks) match the exits."""
@@ -8,8 +8,9 @@ import re
 import pytest
 import torch
 
-import generate as generate_module
-from generate import exit_confidence, generate, get_parser, main, weights_per_token
+import cascade as cascade_module
+from cascade import exit_confidence, weights_per_token
+from generate import generate, get_parser, main
 from cli import UsageError
 from test_generate import PROMPT, one_thread, tiny_balcony, tiny_with_balcony  # noqa: F401 (fixtures)
 
@@ -122,7 +123,7 @@ def scripted(monkeypatch):
             state.update(step=state["step"] + 1, tried=0)
         return torch.tensor(float(sure))
 
-    monkeypatch.setattr(generate_module, "exit_confidence", fake_confidence)
+    monkeypatch.setattr(cascade_module, "exit_confidence", fake_confidence)
     return model, state
 
 
