@@ -31,8 +31,9 @@ import train
 from balcony import BalconyModel, exit_metrics
 from cli import DEFAULT_CHECKPOINT, ROOT, UsageError, run_cli
 from data import CORPUS, iter_batches, load_tokens
-from eval import TASKS, task_metrics
+from eval import task_metrics
 from fetch import fetch
+from tasks import TASKS
 from tokenizer import Tokenizer
 
 RUNS = {

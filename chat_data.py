@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, run_cli
 from data import CHAT
+from tasks import read_split
 
 
 def _nq(r):  # NQ-open questions are lower case and have no question mark
@@ -52,8 +53,6 @@ def normalize(q: str) -> str:
 
 def load_questions(evals_dir: Path, sources=tuple(SOURCES)) -> dict:
     """{source: [question, ...]}, stripped, in the files' order."""
-    from eval import read_split
-
     return {s: [q.strip() for q in map(SOURCES[s][1], read_split(evals_dir, *SOURCES[s][0])) if q.strip()]
             for s in sources}
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import eval as ev
+import tasks
 from balcony import BalconyModel
 from conftest import ROOT
 from model import Transformer
@@ -125,22 +126,22 @@ def test_prompts_follow_lm_eval(monkeypatch):
         "piqa": [dict(goal="Ready a cage?", sol1="Add bedding.", sol2="Add jeans.", label=0)],
         "boolq": [dict(passage="Ethanol is fuel.", question="is ethanol a fuel", answer=True)],
     }
-    monkeypatch.setattr(ev, "read_split", lambda root, name, *parts: rows[name])
-    assert ev.winogrande(None, 0) == [(["Sarah was a better surgeon than Maria so Sarah",
+    monkeypatch.setattr(tasks, "read_split", lambda root, name, *parts: rows[name])
+    assert tasks.winogrande(None, 0) == [(["Sarah was a better surgeon than Maria so Sarah",
                                         "Sarah was a better surgeon than Maria so Maria"],
                                        ["got the easier cases."] * 2, 1)]
-    assert ev.hellaswag(None, 0) == [(["Roof shingle removal: A man is on a roof. He"] * 2,
+    assert tasks.hellaswag(None, 0) == [(["Roof shingle removal: A man is on a roof. He"] * 2,
                                       ["is ripping tiles off.", "starts. pulling up roofing."], 1)]
-    assert ev.piqa(None, 0)[0][0] == ["Question: Ready a cage?\nAnswer:"] * 2
-    assert ev.boolq(None, 0) == [(["Ethanol is fuel.\nQuestion: is ethanol a fuel?\nAnswer:"] * 2, ["no", "yes"], 1)]
+    assert tasks.piqa(None, 0)[0][0] == ["Question: Ready a cage?\nAnswer:"] * 2
+    assert tasks.boolq(None, 0) == [(["Ethanol is fuel.\nQuestion: is ethanol a fuel?\nAnswer:"] * 2, ["no", "yes"], 1)]
 
 
 def test_mmlu_prompt(tmp_path, monkeypatch):
     (tmp_path / "hf_datasets" / "hails" / "mmlu_no_train" / "college_physics").mkdir(parents=True)
     dev = [dict(question=f"Q{i}? ", choices=["a", "b", "c", "d"], answer=i % 4) for i in range(6)]
     test = [dict(question="What?", choices=["w", "x", "y", "z"], answer=2)]
-    monkeypatch.setattr(ev, "read_split", lambda root, *parts: dev if parts[-1] == "dev" else test)
-    [(contexts, choices, gold)] = ev.mmlu(tmp_path, 2)
+    monkeypatch.setattr(tasks, "read_split", lambda root, *parts: dev if parts[-1] == "dev" else test)
+    [(contexts, choices, gold)] = tasks.mmlu(tmp_path, 2)
     assert contexts[0] == ("The following are multiple choice questions (with answers) about college physics.\n\n"
                            "Q0?\nA. a\nB. b\nC. c\nD. d\nAnswer: A\n\nQ1?\nA. a\nB. b\nC. c\nD. d\nAnswer: B\n\n"
                            "What?\nA. w\nB. x\nC. y\nD. z\nAnswer:")
