@@ -8,7 +8,6 @@ the original model.
 """
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -16,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import UsageError
+from cli import UsageError, atomic_write
 from model import Attention, FeedForward, ModelArgs, RMSNorm, Transformer, TransformerBlock, ensure_cache
 
 
@@ -261,9 +260,7 @@ class BalconyModel(nn.Module):
                 "base_fingerprint": fingerprint or model_fingerprint(self.model),
                 "model_args": self.model.args.to_json()}
         tensors = {f"exits.{k}": v.detach().contiguous().cpu() for k, v in self.exits.state_dict().items()}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     def load_exits(self, path):
         """Load exits written by save_exits; refuse exits trained on another base model, or of another kind."""

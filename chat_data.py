@@ -17,7 +17,6 @@ and each finished split (chats, tokens, seconds): a rerun reuses what matches, s
 """
 import argparse
 import json
-import os
 import re
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, run_cli
+from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, atomic_write, run_cli
 from data import CHAT
 from tasks import read_split
 
@@ -124,12 +123,6 @@ def config_of(args, fingerprint: str) -> dict:
     return {**{k: getattr(args, k) for k in keys}, "model": fingerprint}
 
 
-def write_atomic(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def main(args):
     from balcony import BalconyModel, model_fingerprint
     from tokenizer import Tokenizer
@@ -162,17 +155,17 @@ def main(args):
     for name in todo:
         part, t0 = val if name == "val" else train, time.time()
         meta.pop(name, None)
-        write_atomic(meta_path, json.dumps(meta, indent=1))  # this split is being replaced: not done until listed
+        atomic_write(meta_path, json.dumps(meta, indent=1))  # this split is being replaced: not done until listed
         with tqdm(total=len(part), desc=f"answering {name}", unit="q", dynamic_ncols=True) as bar:
             answers = answer(bm, tok, [q for _, q in part], args.max_new_tokens, args.batch_size, args.temperature,
                              args.top_p, args.seed, bar)
         rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
                  "source": source, "finished": finished} for (source, q), (a, _, finished) in zip(part, answers)]
-        write_atomic(out / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        atomic_write(out / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         meta[name] = {"chats": len(rows), "tokens": sum(len(tok.encode_chat(r["messages"], False)) for r in rows),
                       "answer_tokens": sum(n for _, n, _ in answers), "finished": sum(r["finished"] for r in rows),
                       "seconds": round(time.time() - t0, 1)}
-        write_atomic(meta_path, json.dumps(meta, indent=1))
+        atomic_write(meta_path, json.dumps(meta, indent=1))
     for name in ("val", "train"):
         m = meta[name]
         print(f"{out / name}.jsonl: {m['chats']} chats, {m['tokens']:,} tokens ({m['answer_tokens']:,} generated, "

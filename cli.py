@@ -1,7 +1,10 @@
 """
-Command-line plumbing shared by every script: the error users can fix, the one __main__, and the --dtype names.
-model.py holds the model; this file holds what a command line needs around it.
+Command-line plumbing shared by every script: the error users can fix, the one __main__, the --dtype names, the one
+--exit rule and the one way to write a file. model.py holds the model; this file holds what a command line needs
+around it.
 """
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -16,6 +19,29 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class UsageError(Exception):
     """A problem the user can fix (bad path, wrong flag, mismatched checkpoint); CLIs print it as one line."""
+
+
+def atomic_write(path, write):
+    """Write `path` whole or not at all: write (a function of a path: it writes a file or a folder there; or text,
+    written as UTF-8) fills a temporary name beside `path`, which then takes its place. An interrupted run never leaves
+    a half-written `path`, and an old one goes only once the new one is complete."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    _remove(tmp)  # left by an interrupted run
+    if isinstance(write, str):
+        tmp.write_text(write, encoding="utf-8")
+    else:
+        write(tmp)
+    if tmp.is_dir() or path.is_dir():  # a rename replaces a file, never a folder
+        _remove(path)
+    os.replace(tmp, path)
+
+
+def _remove(path: Path):
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def run_cli(main, parse_args):

@@ -31,8 +31,8 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from balcony import KINDS, BalconyModel, distillation_kl, distillation_kl_reference, exit_metrics, model_fingerprint
-from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, run_cli
-from convert_hf import TOKENIZER_FILES, atomic_write
+from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, atomic_write, run_cli
+from convert_hf import TOKENIZER_FILES
 from data import (add_data_args, data_files, get_batch, iter_batches, n_windows, open_tokens, step_windows,
                   tokenize_corpus)
 from model import Transformer
@@ -117,9 +117,7 @@ def save_state(path: Path, bm, opt, step: int, fingerprint: str, config: dict):
     state = {"exits": bm.exits.state_dict(), "optimizer": opt.state_dict(), "step": step,
              "rng": torch.get_rng_state(), "fingerprint": fingerprint, "exit_layers": bm.exit_layers, "config": config,
              "backbone": bm.model.state_dict() if bm.train_backbone else None}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a crash mid-write never leaves a half-written state behind
+    atomic_write(path, lambda tmp: torch.save(state, tmp))  # a crash mid-write never leaves a half-written state
 
 
 def load_state(path: Path, fingerprint: str, exit_layers: list, config: dict) -> dict:
@@ -165,9 +163,7 @@ def open_log(path: Path, resume_step=None):
     if resume_step is None or not path.exists():
         return open(path, "w")
     kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
     return open(path, "a")
 
 
