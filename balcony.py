@@ -312,28 +312,27 @@ class BalconyModel(nn.Module):
         <checkpoint>/balcony.safetensors). exits: those the caller will run (None or n_layers: full depth; "auto":
         the cascade, which needs them all); the file is read only if one needs a balcony, and each must be in range and
         trained. exits=None: every exit in the file. labels[i], if given, says where exits[i] came from in an error."""
+        path = Path(balcony) if balcony is not None else Path(checkpoint) / "balcony.safetensors"
         if exits is None:
-            cls.read_exits_file(cls._exits_path(checkpoint, balcony))  # a bad file fails before the base model loads
+            cls.read_exits_file(path)  # a missing or foreign file fails before the base model loads
         base = Transformer.from_checkpoint(checkpoint, device=device, dtype=dtype)
         n = base.args.n_layers
-        labelled = list(zip(exits or [], labels or [None] * len(exits or [])))
-        for e, label in labelled:
-            if e not in (None, "auto") and not 1 <= e <= n:
-                raise UsageError(f"{label + ': ' if label else ''}exit {e} is outside 1..{n} (the model has {n} layers)")
-        if exits is not None and all(e in (None, n) for e in exits):
+        exits = list(exits) if exits is not None else None
+        layers = [(e, where) for e, where in zip(exits or [], labels or [None] * len(exits or []))
+                  if isinstance(e, int)]  # the others are None (full depth) or the cascade
+        for e, where in layers:
+            if not 1 <= e <= n:
+                at = f"{where}: " if where else ""
+                raise UsageError(f"{at}exit {e} is outside 1..{n} (the model has {n} layers)")
+        if exits is not None and all(e is None or e == n for e in exits):
             return cls(base, []).eval()
-        model = cls.from_exits_file(base, cls._exits_path(checkpoint, balcony))
-        for e, label in labelled:
-            if e not in (None, "auto"):
-                try:
-                    model._check_exit(e)
-                except UsageError as err:
-                    raise UsageError(f"{label}: {err}" if label else str(err)) from None
+        model = cls.from_exits_file(base, path)
+        for e, where in layers:
+            try:
+                model._check_exit(e)
+            except UsageError as err:
+                raise UsageError(f"{where}: {err}" if where else str(err)) from None
         return model
-
-    @staticmethod
-    def _exits_path(checkpoint, balcony) -> Path:
-        return Path(balcony) if balcony is not None else Path(checkpoint) / "balcony.safetensors"
 
 
 def model_fingerprint(model: Transformer) -> str:

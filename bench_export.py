@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from balcony import BalconyModel
-from cli import DEFAULT_CHECKPOINT, UsageError, run_cli
-from export import export, parse_exit
+from cli import DEFAULT_CHECKPOINT, UsageError, parse_exit, run_cli
+from export import export
 from generate import generate
 
 PROMPT = "Write a short story about a cat who lives on a balcony."

@@ -9,6 +9,7 @@ import torch
 from balcony import BalconyModel
 
 CONFIDENCE = ("prob", "margin")  # CALM's softmax measures: the top probability, or top-1 minus top-2
+DEFAULT_CONFIDENCE = 0.9  # the threshold of a bare --exit auto
 
 
 def exit_confidence(logits, measure: str = "prob"):

@@ -4,8 +4,10 @@ Command-line plumbing shared by every script: the error users can fix, the one _
 around it.
 """
 import os
+import re
 import shutil
 import sys
+from collections import namedtuple
 from pathlib import Path
 
 import torch
@@ -19,6 +21,35 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class UsageError(Exception):
     """A problem the user can fix (bad path, wrong flag, mismatched checkpoint); CLIs print it as one line."""
+
+
+Auto = namedtuple("Auto", "threshold")  # the confidence cascade as an exit: 'auto' (threshold None) or 'auto@T'
+
+
+def parse_exits(text: str, auto: bool = False) -> list:
+    """The one rule for exits on a command line (--exit, --exits): comma-separated layer numbers, 'full' (None: full
+    depth, the untouched model) and, where the confidence cascade applies, 'auto' or 'auto@T' (Auto(T))."""
+    exits = []
+    for s in filter(None, map(str.strip, text.split(","))):
+        if s == "full" or s.isdigit():
+            exits.append(None if s == "full" else int(s))
+        elif auto and (s == "auto" or s.startswith("auto@") and re.fullmatch(r"\d*\.?\d+", s[5:])):
+            exits.append(Auto(float(s[5:]) if s != "auto" else None))
+        else:
+            forms = "layer numbers, 'full', 'auto' and auto@THRESHOLD (e.g. auto@0.9)" if auto else \
+                "layer numbers and 'full'"
+            raise UsageError(f"an exit is one of {forms}, not {s!r}")
+    if not exits:
+        raise UsageError(f"no exit given; exits are {'layer numbers' if not auto else 'layer numbers, auto'} or 'full'")
+    return exits
+
+
+def parse_exit(text: str, auto: bool = False):
+    """One exit (--exit), by parse_exits' rule."""
+    exits = parse_exits(text, auto)
+    if len(exits) > 1:
+        raise UsageError(f"one exit, not {len(exits)}: {text!r}")
+    return exits[0]
 
 
 def atomic_write(path, write):

@@ -23,17 +23,16 @@ accuracy, plus its perplexity); the JSON has both.
 
 Prompts, splits and shots of the benchmark tasks are in tasks.py.
 
-An exit auto@T in --exits is generate.py's confidence cascade at threshold T (--exit auto --confidence T): each
-position takes the first exit whose confidence reaches T, picked from the same single backbone pass (teacher-forced,
-exact because generate.py back-fills skipped layers exactly); every task then also reports backbone layers per token.
+An exit auto@T in --exits is generate.py's confidence cascade at threshold T (--exit auto@T; 'auto' alone: 0.9):
+each position takes the first exit whose confidence reaches T, picked from the same single backbone pass
+(teacher-forced, exact because generate.py back-fills skipped layers exactly); every task then also reports backbone
+layers per token.
 """
 import argparse
 import json
 import math
-import re
 import sys
 import time
-from collections import namedtuple
 from pathlib import Path
 
 import torch
@@ -41,12 +40,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from balcony import BalconyModel, exit_metrics
-from cascade import CONFIDENCE, exit_confidence, weights_per_token
-from cli import DEFAULT_CHECKPOINT, DTYPES, ROOT, UsageError, run_cli
+from cascade import CONFIDENCE, DEFAULT_CONFIDENCE, exit_confidence, weights_per_token
+from cli import DEFAULT_CHECKPOINT, DTYPES, ROOT, Auto, UsageError, parse_exits, run_cli
 from data import CHAT
 from tasks import CHAT_PROMPTS, TASKS
-
-Auto = namedtuple("Auto", "threshold")  # --exits auto@T: generate.py's confidence cascade at threshold T
 
 # ----------------------------------------------------------------------------- scoring
 
@@ -373,15 +370,7 @@ def parse_args_lists(args):
     unknown = [t for t in tasks if t not in known]
     if unknown or not tasks:
         raise UsageError(f"unknown task(s) {unknown or args.tasks!r}; known: {', '.join(known)}")
-    exits = []
-    for e in filter(None, args.exits.split(",")):
-        threshold = e.removeprefix("auto@")
-        if e.startswith("auto@") and re.fullmatch(r"\d*\.?\d+", threshold):
-            exits.append(Auto(float(threshold)))
-        elif e == "full" or e.isdigit():
-            exits.append(None if e == "full" else int(e))
-        else:
-            raise UsageError(f"--exits takes layer numbers, 'full' and auto@THRESHOLD (e.g. auto@0.9), not {e!r}")
+    exits = [Auto(DEFAULT_CONFIDENCE) if e == Auto(None) else e for e in parse_exits(args.exits, auto=True)]
     shots = {t: TASKS[t].shots for t in TASKS}
     for kv in filter(None, args.num_fewshot.split(",")):
         t, _, k = kv.partition("=")
@@ -413,12 +402,8 @@ def main(args):
 
     tasks, exits, shots, limits = parse_args_lists(args)
     device = torch.device(args.device)
-    bm = BalconyModel.from_checkpoint(args.checkpoint, args.balcony, ["auto" if isinstance(e, Auto) else e for e in exits], device,
-                    DTYPES[args.dtype])
+    bm = BalconyModel.from_checkpoint(args.checkpoint, args.balcony, exits, device, DTYPES[args.dtype])
     exits = list(dict.fromkeys(None if e == bm.n_layers else e for e in exits))  # "30" is full depth too
-    missing = [e for e in exits if e is not None and not isinstance(e, Auto) and e not in bm.exit_layers]
-    if missing:
-        raise UsageError(f"no trained balcony for exit(s) {missing}; the balcony file has {bm.exit_layers}")
     tok = Tokenizer.from_checkpoint(args.checkpoint)
     root = Path(args.evals_dir) if args.evals_dir else None
     results = {}
@@ -471,7 +456,7 @@ def get_parser():
     p.add_argument("--balcony", default=None,
                    help="trained exits (default: <checkpoint>/balcony.safetensors); not needed for --exits full")
     p.add_argument("--exits", default="15,18,21,full", help="comma-separated exit layers; 'full' is full depth; "
-                   "auto@T is generate.py's confidence cascade at threshold T (e.g. auto@0.9)")
+                   "auto@T is generate.py's confidence cascade at threshold T (e.g. auto@0.9; 'auto': 0.9)")
     p.add_argument("--confidence-measure", default="prob", choices=CONFIDENCE,
                    help="auto@T: the top probability, or top-1 minus top-2 probability")
     p.add_argument("--tasks", default="arc_easy,piqa,hellaswag,winogrande,lambada",

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, atomic_write, run_cli
+from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, atomic_write, parse_exit, run_cli
 from convert_hf import (GGUF_PRE_TOKENIZERS, GGUF_WEIGHT_MAP, HF_WEIGHT_MAP, TOKENIZER_FILES, expected_shapes,
                         gguf_pre_tokenizer, permute, rename)
 from model import ModelArgs, rope_inv_freq
@@ -202,12 +202,6 @@ def export(bm, exit, ckpt, out, fmt: str = "hf", dtype: str = "float32", force: 
     else:  # --force: the old export goes only once the new one is complete
         atomic_write(out, lambda tmp: write_hf(tmp, args, sd, ckpt, tok, dtype))
     return out
-
-
-def parse_exit(s: str):
-    if s != "full" and not s.isdigit():
-        raise UsageError(f"--exit takes a layer number or 'full', not {s!r}")
-    return None if s == "full" else int(s)
 
 
 def main(args):

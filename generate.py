@@ -29,8 +29,8 @@ from typing import Callable, Optional
 import torch
 
 from balcony import BalconyModel
-from cascade import CONFIDENCE, ConfidenceCascade
-from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, run_cli
+from cascade import CONFIDENCE, DEFAULT_CONFIDENCE, ConfidenceCascade
+from cli import DEFAULT_CHECKPOINT, DTYPES, Auto, UsageError, parse_exit, run_cli
 
 _compiled = False  # set by compile_steps(): compiled steps want fixed shapes, so caches are read whole
 
@@ -431,17 +431,21 @@ def main(args):
         raise UsageError(f"--top-k must be at least 1, not {args.top_k}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, not {args.batch_size}")
-    auto = args.exit == "auto"
+    exit = parse_exit(args.exit, auto=True) if args.exit is not None else None
+    auto = isinstance(exit, Auto)
     if auto:
         if args.compile:
             raise UsageError("--compile applies to fixed exits and speculative decoding; the cascade's passes change "
                              "size from token to token")
-        args.confidence = 0.9 if args.confidence is None else args.confidence
+        if exit.threshold is not None and args.confidence is not None:
+            raise UsageError("give the threshold once: --exit auto@T, or --exit auto --confidence T")
+        args.confidence = next(t for t in (exit.threshold, args.confidence, DEFAULT_CONFIDENCE) if t is not None)
+        exit = "auto"  # generate()'s name for the cascade
     elif args.confidence is not None:
         raise UsageError("--confidence applies to --exit auto only")
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
-    items = read_prompts(args.prompts, args.exit) if args.prompts else [(args.prompt, args.exit, None)]
+    items = read_prompts(args.prompts, exit) if args.prompts else [(args.prompt, exit, None)]
     exits = [e for _, e, _ in items]
     model = BalconyModel.from_checkpoint(args.checkpoint, args.balcony, [*exits, args.draft_exit], device, dtype,
                                          labels=[where for *_, where in items] + [None])
@@ -522,24 +526,16 @@ def main(args):
     print(line, file=sys.stderr)
 
 
-def exit_arg(s: str):
-    if s == "auto":
-        return s
-    try:
-        return int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"an exit layer or 'auto', not {s!r}") from None
-
-
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="converted model folder")
     p.add_argument("--balcony", default=None, help="trained exits (default: <checkpoint>/balcony.safetensors); "
                                                    "needed only for --exit or --draft-exit below full depth")
-    p.add_argument("--exit", type=exit_arg, default=None,
-                   help="exit layer; 'auto': each token leaves at the first exit whose confidence reaches "
-                        "--confidence (one prompt at a time); omitted: full depth, the untouched model")
+    p.add_argument("--exit", default=None,
+                   help="exit layer, or 'full' (the default: full depth, the untouched model); 'auto': each token "
+                        "leaves at the first exit whose confidence reaches --confidence (auto@T: T), one prompt at "
+                        "a time")
     p.add_argument("--confidence", type=float, default=None, help="--exit auto: threshold (default 0.9)")
     p.add_argument("--confidence-measure", default="prob", choices=CONFIDENCE,
                    help="--exit auto: the top probability, or top-1 minus top-2 probability")

@@ -219,6 +219,15 @@ def test_bad_input_messages(tiny_with_balcony, args, message):
         main(get_parser().parse_args(["--checkpoint", str(tiny_with_balcony), *map(str, args)]))
 
 
-def test_exit_must_be_a_number_or_auto():
-    with pytest.raises(SystemExit):
-        get_parser().parse_args(["--exit", "deep"])
+def test_exit_must_be_a_number_full_or_auto(tiny_with_balcony, capsys):
+    with pytest.raises(UsageError, match="an exit is one of layer numbers, 'full', 'auto' and auto@THRESHOLD"):
+        main(get_parser().parse_args(["--exit", "deep"]))
+    ckpt = str(tiny_with_balcony)
+    with pytest.raises(UsageError, match="give the threshold once"):
+        main(get_parser().parse_args(["--checkpoint", ckpt, "--exit", "auto@.5", "--confidence", ".5"]))
+    args = ["--checkpoint", ckpt, "--prompt", "To be", "--max-new-tokens", "4", "--json"]
+    main(get_parser().parse_args([*args, "--exit", "full"]))  # full depth, as eval.py and export.py take it
+    assert json.loads(capsys.readouterr().out)["exit"] == 4
+    main(get_parser().parse_args([*args, "--exit", "auto@2"]))  # = --exit auto --confidence 2
+    r = json.loads(capsys.readouterr().out)
+    assert r["confidence"] == 2 and r["exits"] == [4] * len(r["tokens"])

@@ -292,12 +292,12 @@ def test_cascade_rows_end_to_end(tiny_ckpt, tmp_path, capsys):
     assert "| auto@0.8 |" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("spec", ["auto", "auto@", "auto@x", "auto@-1"])
+@pytest.mark.parametrize("spec", ["auto@", "auto@x", "auto@-1", "autox"])
 def test_bad_auto_exit(spec):
     with pytest.raises(ev.UsageError, match="auto@THRESHOLD"):
         ev.parse_args_lists(ev.get_parser().parse_args(["--exits", f"15,{spec}"]))
 
 
 def test_auto_exit_parsing():
-    args = ev.get_parser().parse_args(["--exits", "15,full,auto@0.9,auto@.5", "--tasks", "chat"])
-    assert ev.parse_args_lists(args)[1] == [15, None, ev.Auto(0.9), ev.Auto(0.5)]
+    args = ev.get_parser().parse_args(["--exits", "15,full,auto@0.9,auto@.5,auto", "--tasks", "chat"])
+    assert ev.parse_args_lists(args)[1] == [15, None, ev.Auto(0.9), ev.Auto(0.5), ev.Auto(0.9)]  # auto: the default 0.9
