@@ -365,6 +365,9 @@ def plot(results: dict, exits: list, path: str):
 
 def parse_args_lists(args):
     """Validate the lists on the command line before loading anything: tasks, exits, shots and limits."""
+    for flag in ("batch_size", "block_size", "speed_prompt", "speed_tokens", "chat_tokens"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, not {getattr(args, flag)}")
     tasks = [t for t in args.tasks.split(",") if t]
     known = [*TASKS, "ppl", "heldout_chat", "chat", "speed"]
     unknown = [t for t in tasks if t not in known]
@@ -416,7 +419,7 @@ def main(args):
             tokens = torch.from_numpy(load_tokens(args.data and [args.data], tok, "val").astype("int64"))
             scores = eval_ppl(bm, tokens, exits, args.block_size, limits[t], args.batch_size,
                               measure=args.confidence_measure)
-            info = dict(n=scores[0]["tokens"], data=f"{args.data or 'Shakespeare'}, train.py's held-out split")
+            info = dict(n=scores[0]["tokens"], data=f"{args.data or CHAT}, train.py's held-out split")
         elif t == "heldout_chat":
             from chat_data import read_chats
             chats = read_chats(Path(args.chat_data))[:limits[t]]
@@ -467,7 +470,7 @@ def get_parser():
                                                      "others 0), e.g. hellaswag=0,mmlu=0")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward")
     p.add_argument("--data", default=None, help="ppl: text file or folder, scored on the split train.py holds out "
-                                                "(default: Shakespeare's hamlet, macbeth, tempest)")
+                                                "(default: train.py's, data/chat: its held-out val.jsonl)")
     p.add_argument("--block-size", type=int, default=512, help="ppl: tokens per window")
     p.add_argument("--chat-data", default=CHAT / "val.jsonl", help="heldout_chat: chat_data.py's held-out chats")
     p.add_argument("--speed-prompt", type=int, default=32, help="speed: prompt tokens")

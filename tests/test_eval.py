@@ -301,3 +301,37 @@ def test_bad_auto_exit(spec):
 def test_auto_exit_parsing():
     args = ev.get_parser().parse_args(["--exits", "15,full,auto@0.9,auto@.5,auto", "--tasks", "chat"])
     assert ev.parse_args_lists(args)[1] == [15, None, ev.Auto(0.9), ev.Auto(0.5), ev.Auto(0.9)]  # auto: the default 0.9
+
+
+@pytest.mark.parametrize("argv, message", [(["--batch-size", "0"], "--batch-size must be at least 1, not 0"),
+                                           (["--block-size", "0"], "--block-size must be at least 1, not 0"),
+                                           (["--block-size", "-1"], "--block-size must be at least 1, not -1")])
+def test_sizes_below_one_are_refused(argv, message):
+    # --block-size -1 used to report ppl 1.0; --batch-size 0 and --block-size 0 failed inside
+    with pytest.raises(ev.UsageError, match=message):
+        ev.parse_args_lists(ev.get_parser().parse_args(["--tasks", "ppl", *argv]))
+
+
+def test_ppl_default_data_is_what_it_says(setup, tiny_ckpt, tmp_path, monkeypatch):
+    """Without --data, ppl scores train.py's default data (data/chat's held-out chats), and its label says so."""
+    import data
+
+    bm, tok = setup
+    chat = tmp_path / "chat"
+    chat.mkdir()
+    chats = [[{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": "An answer. " * 8}]
+             for i in range(4)]
+    for split in ("train", "val"):
+        (chat / f"{split}.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in chats))
+    (chat / "meta.json").write_text("{}")
+    real = data.load_tokens
+    monkeypatch.setattr(data, "CHAT", chat)
+    monkeypatch.setattr(ev, "CHAT", chat)
+    monkeypatch.setattr(data, "load_tokens", lambda d, t, split: real(d, t, split, cache_dir=tmp_path / "tokens"))
+    out = tmp_path / "eval.json"
+    ev.main(ev.get_parser().parse_args(["--checkpoint", str(tiny_ckpt), "--exits", "full", "--tasks", "ppl",
+                                        "--block-size", "16", "--json", str(out)]))
+    res = json.loads(out.read_text())["results"]["ppl"]
+    val = [t for m in chats for t in tok.encode_chat(m, add_generation_prompt=False)]
+    assert res["data"].startswith(str(chat)) and res["n"] == (len(val) - 1) // 16 * 16
+    assert "Shakespeare" not in ev.get_parser().format_help()
