@@ -6,8 +6,10 @@ Exit k runs backbone layers 1..k, then its balcony: one decoder block of the bas
 sum_j KL(p_full || p_exit_j) (Eq. 2, `distillation_kl` below); the backbone never changes, so full depth is exactly
 the original model.
 """
+import contextlib
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -139,6 +141,25 @@ def exit_metrics(output: nn.Linear, h_full, hs, targets, chunk_size: int = 1024,
     return sums
 
 
+@torch.no_grad()
+def heldout_metrics(output: nn.Linear, batches, chunk_size: int = 1024, teacher_output=None, ctx=None,
+                    all_reduce=None) -> dict:
+    """exit_metrics per token over held-out batches, the one loop behind train.py's validation, eval.py's ppl and
+    heldout_chat and ablate.py's scores. batches yields (h_full, hs, targets) as exit_metrics takes them; ctx: a
+    context for the metrics (train.py's autocast); all_reduce: sums a tensor across ranks (train.py under DDP).
+    Returns lists kl, top1, ppl (one value per state in hs) and the token count."""
+    sums = None
+    for h_full, hs, targets in batches:
+        with ctx or contextlib.nullcontext():
+            m = exit_metrics(output, h_full, hs, targets, chunk_size, teacher_output)
+        m = torch.cat([m, torch.full_like(m[:1], targets.numel())])  # KL, top-1 hits, NLL, tokens
+        sums = m if sums is None else sums + m
+    if all_reduce is not None:
+        all_reduce(sums)
+    kl, top1, nll = (sums[:3] / sums[3]).tolist()
+    return dict(kl=kl, top1=top1, ppl=[math.exp(v) for v in nll], tokens=int(sums[3, 0]))
+
+
 class BalconyModel(nn.Module):
     """A base model with balconies of one `kind` (KINDS) at exit_layers. The backbone is frozen unless
     train_backbone: section 4.3's "unfrozen" ablation, where the backbone trains with the exits on the same loss, so
@@ -214,8 +235,12 @@ class BalconyModel(nn.Module):
             x = layer(x, cos, sin, input_pos)
         return x
 
-    def exit_hidden(self, exit: int, x, input_pos=None):
-        """Eq. 1 for exit `exit` on the layer-`exit` hidden states x: (B, T, D) -> normalised (B, T, D)."""
+    def exit_hidden(self, exit: Optional[int], x, input_pos=None):
+        """Eq. 1 for exit `exit` on the layer-`exit` hidden states x: (B, T, D) -> normalised (B, T, D), ready for the
+        shared head; at full depth (None or n_layers) the base model's final norm. With run_layers(x, 0, exit), the
+        one way every caller runs exit k: layers 1..k, then this."""
+        if exit is None or exit == self.n_layers:
+            return self.model.norm(x)
         cos, sin = self.model.rope(x.size(1), input_pos)
         return self.exits[str(exit)](x, cos, sin, input_pos)
 

@@ -46,11 +46,11 @@ class ConfidenceCascade:
         for e in self.ladder:
             h = m.run_layers(h, prev, e, pos)  # (1, riders, D), this step's tokens last
             self.backfilled += (pos.numel() - idx.size(1)) * (e - prev)
-            if e == m.n_layers:
-                self.exits.append(e)
-                return m.model.output(m.model.norm(h[:, -1]))
             # balcony e runs on every rider: its cache must hold them for later tokens that leave at e
             logits = m.model.output(m.exit_hidden(e, h, pos)[:, -1])
+            if e == m.n_layers:
+                self.exits.append(e)
+                return logits
             if exit_confidence(logits, self.measure).item() >= self.threshold:
                 self.pending[e] = self._join(e, pos, h)
                 self.exits.append(e)

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from balcony import BalconyModel, exit_metrics
+from balcony import BalconyModel, heldout_metrics
 from cascade import CONFIDENCE, DEFAULT_CONFIDENCE, exit_confidence, weights_per_token
 from cli import DEFAULT_CHECKPOINT, DTYPES, ROOT, Auto, UsageError, parse_exits, run_cli
 from data import CHAT
@@ -152,17 +152,30 @@ def eval_ppl(bm, tokens: torch.Tensor, exits: list, block: int, limit, batch_siz
     if n == 0:
         raise UsageError(f"the --data text has {tokens.numel()} tokens, fewer than --block-size {block} + 1")
     n = min(n, limit or n)
-    device, sums = bm.model.tok_embeddings.weight.device, torch.zeros(4, len(exits))
-    for s in tqdm(range(0, n, batch_size), desc="ppl"):
-        w = torch.stack([tokens[i * block:(i + 1) * block + 1] for i in range(s, min(s + batch_size, n))])
-        x, y = w[:, :-1].to(device), w[:, 1:].to(device)
-        (h_full, _), *hs = exit_hidden(bm, x, [None] + exits, measure, chunk)
-        sums[:3] += exit_metrics(bm.model.output, h_full, [h for h, _ in hs], y, chunk).cpu()
-        sums[3] += torch.tensor([depth.sum().item() for _, depth in hs])
-    T = n * block
-    kl, agree, nll, layers = (sums / T).tolist()
-    return [dict(ppl=math.exp(nll[e]), kl=kl[e], top1_agree=agree[e], layers=layers[e], tokens=T)
-            for e in range(len(exits))]
+    device = bm.model.tok_embeddings.weight.device
+
+    def batches():
+        for s in tqdm(range(0, n, batch_size), desc="ppl"):
+            w = torch.stack([tokens[i * block:(i + 1) * block + 1] for i in range(s, min(s + batch_size, n))])
+            yield w[:, :-1].to(device), w[:, 1:].to(device), ...  # every position scored
+
+    return heldout_scores(bm, batches(), exits, measure, chunk)
+
+
+def heldout_scores(bm, batches, exits: list, measure: str, chunk: int) -> list:
+    """balcony.heldout_metrics of each exit and its backbone layers per token, over batches of (x (B, T), targets,
+    the positions scored: an index into (B, T), ... for all of them)."""
+    layers = torch.zeros(len(exits))
+
+    def states():
+        for x, y, at in batches:
+            (h_full, _), *hs = [(h[at], d[at]) for h, d in exit_hidden(bm, x, [None] + exits, measure, chunk)]
+            layers.add_(torch.tensor([d.sum().item() for _, d in hs]))
+            yield h_full, [h for h, _ in hs], y
+
+    m = heldout_metrics(bm.model.output, states(), chunk)
+    return [dict(ppl=m["ppl"][e], kl=m["kl"][e], top1_agree=m["top1"][e], layers=layers[e].item() / m["tokens"],
+                 tokens=m["tokens"]) for e in range(len(exits))]
 
 
 def answer_tokens(tok, messages: list):
@@ -181,25 +194,22 @@ def eval_heldout_chat(bm, tok, chats: list, exits: list, batch_size: int, chunk:
     """The full model's own chat answers (chat_data.py's held-out val.jsonl) teacher-forced through each exit: KL(full
     || exit) per token, top-1 agreement with the full model, perplexity and backbone layers, on the answer tokens."""
     seqs = sorted((answer_tokens(tok, m) for m in chats), key=lambda s: -len(s[0]))
-    device, sums, n_tok = bm.model.tok_embeddings.weight.device, torch.zeros(4, len(exits)), 0
-    for s in tqdm(range(0, len(seqs), batch_size), desc="heldout_chat"):
-        batch = seqs[s:s + batch_size]
-        x = torch.zeros(len(batch), len(batch[0][0]), dtype=torch.long)  # right-padded; causal, so padding is unseen
-        rows, pos, tgt = [], [], []
-        for b, (ids, n) in enumerate(batch):
-            x[b, :len(ids)] = torch.tensor(ids)
-            rows += [b] * n
-            pos += range(len(ids) - n - 1, len(ids) - 1)  # logits at position t predict token t+1
-            tgt += ids[-n:]
-        rows, pos, tgt = (torch.tensor(v, device=device) for v in (rows, pos, tgt))
-        (h_full, _), *hs = [(h[rows, pos], d[rows, pos]) for h, d in exit_hidden(bm, x.to(device), [None] + exits,
-                                                                                measure, chunk)]  # (N_tok, D), (N_tok,)
-        sums[:3] += exit_metrics(bm.model.output, h_full, [h for h, _ in hs], tgt, chunk).cpu()
-        sums[3] += torch.tensor([d.sum().item() for _, d in hs])
-        n_tok += len(tgt)
-    kl, agree, nll, layers = (sums / n_tok).tolist()
-    return [dict(ppl=math.exp(nll[e]), kl=kl[e], top1_agree=agree[e], layers=layers[e], tokens=n_tok)
-            for e in range(len(exits))]
+    device = bm.model.tok_embeddings.weight.device
+
+    def batches():
+        for s in tqdm(range(0, len(seqs), batch_size), desc="heldout_chat"):
+            batch = seqs[s:s + batch_size]
+            x = torch.zeros(len(batch), len(batch[0][0]), dtype=torch.long)  # right-padded; causal: padding unseen
+            rows, pos, tgt = [], [], []
+            for b, (ids, n) in enumerate(batch):
+                x[b, :len(ids)] = torch.tensor(ids)
+                rows += [b] * n
+                pos += range(len(ids) - n - 1, len(ids) - 1)  # logits at position t predict token t+1
+                tgt += ids[-n:]
+            rows, pos, tgt = (torch.tensor(v, device=device) for v in (rows, pos, tgt))
+            yield x.to(device), tgt, (rows, pos)  # the answer tokens only
+
+    return heldout_scores(bm, batches(), exits, measure, chunk)
 
 
 def generate_kw(e, measure: str) -> dict:

@@ -86,19 +86,12 @@ def forward_rows(model: BalconyModel, idx, input_pos, plan, last=None):
     the rows' depths; last: (B,) the position whose logits each row wants (default: the last). Each layer runs on the
     prefix of rows that reach it; each exit's rows take its balcony (or the final norm at full depth) and the head at
     one position only. Returns (B, vocab) logits in batch order."""
-    m = model.model
-    x = m.tok_embeddings(idx)  # (B, T, D)
-    cos, sin = m.rope(idx.size(1), input_pos)  # (B, 1, T, hd)
+    x = model.model.tok_embeddings(idx)  # (B, T, D)
     logits, prev = [], 0
     for depth, n, n_exit in plan:
-        x, cos, sin, input_pos = x[:n], cos[:n], sin[:n], input_pos[:n]
-        for layer in m.layers[prev:depth]:
-            x = layer(x, cos, sin, input_pos)
+        x, input_pos = model.run_layers(x[:n], prev, depth, input_pos[:n]), input_pos[:n]
         rows = slice(n - n_exit, n)  # deepest first: the rows exiting here close the prefix
-        if depth == model.n_layers:
-            h = m.norm(x[rows])
-        else:  # the balcony runs on every position, to fill its KV cache
-            h = model.exits[str(depth)](x[rows], cos[rows], sin[rows], input_pos[rows])
+        h = model.exit_hidden(depth, x[rows], input_pos[rows])  # a balcony runs on every position, to fill its cache
         h = h[:, -1] if last is None else h[torch.arange(n_exit, device=h.device), last[rows]]  # (n_exit, D)
         logits.append(lm_head(model, h))
         prev = depth
@@ -120,7 +113,7 @@ def draft_one_token(model: BalconyModel, cur, input_pos, exit: int, head: bool =
 
 def verify(model: BalconyModel, h, input_pos, draft_exit: int):
     # The full model resumed at layer draft_exit: (B, T, D) layer-d hidden states -> (B, T, D) normalised states
-    return model.model.norm(model.run_layers(h, draft_exit, model.n_layers, input_pos))
+    return model.exit_hidden(None, model.run_layers(h, draft_exit, model.n_layers, input_pos))
 
 
 def compile_steps():
