@@ -13,7 +13,7 @@ drafts' layer-d hidden states and runs only layers d+1..N. Greedy output is the 
 sampled output follows the full model's distribution (speculative rejection sampling, Leviathan et al. 2023).
 
 With --exit auto, each token leaves at the first exit whose confidence reaches --confidence (CALM's rule); tokens that
-left early get their deeper KV back-filled, exactly, when a later token goes deeper (ConfidenceCascade).
+left early get their deeper KV back-filled, exactly, when a later token goes deeper (cascade.py).
 
     python generate.py --prompt "The capital of France is" --exit 15
     python generate.py --chat --prompt "Write a haiku about balconies." --draft-exit 15 --speculate-k 4
