@@ -233,3 +233,14 @@ def test_tokenizer_trained_on_the_training_files_alone(tmp_path):
     assert len(tok.encode(" question")) == 1 and len(tok.encode(" Zyxwvut")) > 3
     with pytest.raises(UsageError, match="--vocab-size 0"):
         pretrain_table.train_tokenizer([tmp_path / "docs.jsonl"], 300, tmp_path / "tok2")
+
+
+def test_llm_1b_preset_has_table_4s_parameter_counts():
+    """The GPU preset is the paper's LLM-1B: its submodels' non-embedding sizes are Table 4's #Params column
+    (973M full; Balcony 790M / 547M / 304M, Sorted 729M / 486M / 243M at layers 12, 8, 4)."""
+    with torch.device("meta"):
+        model = train.scratch_model("llm-1b", 49152)
+        counts = {kind: pretrain_table.submodel_params(BalconyModel(model, [4, 8, 12], init="random", kind=kind))
+                  for kind in ("block", "none")}
+    millions = {kind: {k: n // 10**6 for k, n in c.items()} for kind, c in counts.items()}  # the paper truncates
+    assert millions == {"block": {4: 304, 8: 547, 12: 790, 16: 973}, "none": {4: 243, 8: 486, 12: 729, 16: 973}}
