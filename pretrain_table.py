@@ -31,9 +31,10 @@ from pathlib import Path
 import torch
 
 import train
+from ablate import open_grid
 from balcony import BalconyModel
 from cli import DEFAULT_CHECKPOINT, ROOT, UsageError, run_cli
-from data import CACHE_DIR, CORPUS, VAL_FILES, data_files, is_val_file, load_tokens
+from data import CACHE_DIR, CORPUS, VAL_FILES, data_files, is_val_file, load_tokens, positive
 from tokenizer import Tokenizer
 
 EXITS = "4,8,12"
@@ -134,19 +135,10 @@ def table(results: dict, header: str) -> str:
 
 
 def main(args):
-    runs = [r for r in args.runs.split(",") if r]
-    unknown = [r for r in runs if r not in RUNS]
-    if unknown or not runs:
-        raise UsageError(f"unknown run(s) {unknown or args.runs!r}; known: {', '.join(RUNS)}")
+    runs, out = open_grid(args, RUNS, ("preset", "vocab_size", "max_steps", "tune_steps", "lr", "seq_len",
+                                       "batch_size", "data"))
     if any(RUNS[r][0] == "standard" for r in runs) and "plain" not in runs:
         raise UsageError("the standard runs start from the plain pretrained model: keep 'plain' in --runs")
-    out = Path(args.out)
-    budget = {k: getattr(args, k) for k in ("preset", "vocab_size", "max_steps", "tune_steps", "lr", "seq_len",
-                                            "batch_size", "data")}
-    if (out / "budget.json").is_file() and json.loads((out / "budget.json").read_text()) != budget:
-        raise UsageError(f"{out} holds runs trained with {(out / 'budget.json').read_text()}; use another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "budget.json").write_text(json.dumps(budget))
     files = data_files(args.data)
     tok_dir = train_tokenizer(files, args.vocab_size, out / "tokenizer") if args.vocab_size else \
         Path(args.checkpoint)
@@ -185,12 +177,12 @@ def get_parser():
                    "files; 0: --checkpoint's tokenizer" + d)
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="the tokenizer with --vocab-size 0" + d)
     p.add_argument("--data", nargs="+", default=[str(CORPUS)], help="train.py's --data" + d)
-    p.add_argument("--max-steps", type=int, default=250, help="optimiser steps of each pretraining run" + d)
-    p.add_argument("--tune-steps", type=int, default=60, help="optimiser steps of each standard run" + d)
+    p.add_argument("--max-steps", type=positive, default=250, help="optimiser steps of each pretraining run" + d)
+    p.add_argument("--tune-steps", type=positive, default=60, help="optimiser steps of each standard run" + d)
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of every run" + d)
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per window" + d)
-    p.add_argument("--batch-size", type=int, default=8, help="windows per step" + d)
-    p.add_argument("--eval-windows", type=int, default=256, help="held-out windows scored" + d)
+    p.add_argument("--seq-len", type=positive, default=128, help="tokens per window" + d)
+    p.add_argument("--batch-size", type=positive, default=8, help="windows per step" + d)
+    p.add_argument("--eval-windows", type=positive, default=256, help="held-out windows scored" + d)
     p.add_argument("--cache-dir", default=CACHE_DIR, help="token caches" + d)
     p.add_argument("--out", default=ROOT / "out" / "table4", help="runs, results.json and table.md" + d)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -200,11 +192,8 @@ def get_parser():
 def parse_args(argv=None):
     p = get_parser()
     args = p.parse_args(argv)
-    for name in ("max_steps", "tune_steps", "seq_len", "batch_size", "eval_windows"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.vocab_size < 0:
-        p.error("--vocab-size must be at least 0")
+    if args.vocab_size and args.vocab_size < 257:
+        p.error("--vocab-size must be 0 (--checkpoint's tokenizer) or at least 257 (the 256 bytes and <|endoftext|>)")
     return args
 
 
