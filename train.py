@@ -514,9 +514,10 @@ def train(args, rank: int, world_size: int, device) -> int:
         if bm.train_backbone:
             save_checkpoint(bm.model, tok_dir, out)
         bm.save_exits(exits_path, None if bm.train_backbone else fingerprint)  # last: the saved backbone's
-        saved = f"checkpoint and exits saved to {out}" + ("" if args.from_scratch else " (full depth is no longer "
-                                                          "the original model)") if bm.train_backbone else \
-            f"exits saved to {out}"
+        saved = f"exits saved to {out}"
+        if bm.train_backbone:
+            saved = f"checkpoint and {saved}" + ("" if args.from_scratch else " (full depth is no longer the original "
+                                                                           "model)")
         say(f"{args.max_steps - start_step} steps in {time.time() - t_start:.0f} s (first step {first_step_s:.1f} s, "
             f"includes any compile); {saved}")
         say(submodel_table(exit_layers, final) if baseline is None else
