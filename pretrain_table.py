@@ -16,6 +16,11 @@ same model pretrained with Sorted's nested exits, and, on the plainly pretrained
 | sorted      | --checkpoint plain --exit-layers 4,8,12 --balcony none        | standard, Sorted fine-tuning    |
 |             |   --train-backbone                                            |                                 |
 | unfrozen    | --checkpoint plain --exit-layers 4,8,12 --train-backbone      | Figure 5: Balcony, unfrozen     |
+| plain-tuned | --checkpoint plain --exit-layers none --train-backbone        | (a control: more plain training |
+|             |   --loss ce                                                   |  on the standard runs' tokens)  |
+
+The table also scores the plain model's exits untrained (--balcony none on its layers 4, 8, 12: the final norm and
+head straight on layer k's state), what the standard runs start from.
 
 The pretraining runs share --max-steps, the standard ones --tune-steps (the paper tunes on 4% of the pretraining
 tokens). --vocab-size N first trains a byte-level BPE of N tokens on the training files (a 49152-wide head would
@@ -45,6 +50,8 @@ RUNS = {  # name: (setting, the train.py flags besides the budget)
     "balcony": ("standard", ["--exit-layers", EXITS]),
     "sorted": ("standard", ["--exit-layers", EXITS, "--balcony", "none", "--train-backbone"]),
     "unfrozen": ("standard", ["--exit-layers", EXITS, "--train-backbone"]),
+    # a control: the plain model trained on the standard runs' tokens too, at full depth alone
+    "plain-tuned": ("standard", ["--exit-layers", "none", "--train-backbone", "--loss", "ce"]),
 }
 SIZES = {16: "XL", 12: "L", 8: "M", 4: "S"}  # the paper's names of the submodels of a 16-layer model
 
@@ -105,9 +112,8 @@ def submodel_params(bm: BalconyModel) -> dict:
 
 
 @torch.no_grad()
-def score(name: str, out: Path, val, args) -> dict:
-    """{depth: (non-embedding parameters, held-out perplexity)} for each exit and full depth of a run."""
-    bm = run_model(name, out, args.device)
+def score(bm: BalconyModel, val, args) -> dict:
+    """{depth: (non-embedding parameters, held-out perplexity)} for each exit and full depth."""
     ns = argparse.Namespace(seq_len=args.seq_len, batch_size=args.batch_size, eval_windows=args.eval_windows,
                             chunk_size=256)
     _, _, ppl = train.evaluate(bm, val, ns, contextlib.nullcontext())
@@ -127,10 +133,12 @@ def table(results: dict, header: str) -> str:
     row("pretraining", "plain (baseline)", "plain", 16)
     for setting, runs in (("pretraining", [("Balcony-{}", "balcony-pre"), ("Sorted-{}", "sorted-pre")]),
                           ("standard", [("Balcony-{}", "balcony"), ("Sorted-{}", "sorted"),
-                                        ("Balcony-{} (unfrozen)", "unfrozen")])):
+                                        ("Balcony-{} (unfrozen)", "unfrozen"),
+                                        ("plain-{}, no exit training", "untrained")])):
         for depth, size in SIZES.items():
             for label, run in runs:
                 row(setting, label.format(size), run, depth)
+    row("standard", "plain trained on the tuning tokens too (control)", "plain-tuned", 16)
     return "\n".join(lines)
 
 
@@ -155,7 +163,11 @@ def main(args):
 
     print("\n== scoring", flush=True)
     val = load_tokens(args.data, Tokenizer.from_checkpoint(tok_dir), "val", cache_dir=args.cache_dir)
-    results = {name: {str(k): v for k, v in score(name, out, val, args).items()} for name in runs}
+    models = {name: run_model(name, out, args.device) for name in runs}
+    if "plain" in models:
+        exits = [int(k) for k in EXITS.split(",")]
+        models["untrained"] = BalconyModel(models["plain"].model, exits, kind="none").eval()
+    results = {name: {str(k): v for k, v in score(bm, val, args).items()} for name, bm in models.items()}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     tokens = lambda steps: steps * args.batch_size * args.seq_len  # noqa: E731
     header = (f"{args.preset}, vocabulary {Tokenizer.from_checkpoint(tok_dir).vocab_size}; pretraining "

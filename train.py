@@ -184,10 +184,10 @@ def resolve_mode(args) -> list:
     args.init = args.init or ("random" if scratch else "last")
     if scratch and args.init == "last":
         raise UsageError("--from-scratch balconies start random, as the backbone does (section 4.3); drop --init last")
-    if args.exit_layers == "none":
-        if not scratch:
-            raise UsageError("--exit-layers none trains nothing on a checkpoint; it is plain pretraining with "
-                             "--from-scratch")
+    if args.exit_layers == "none":  # full depth alone: plain pretraining, or (--train-backbone) more of it
+        if args.loss != "ce":
+            raise UsageError("--exit-layers none leaves no exit to train; with --from-scratch (or --train-backbone "
+                             "--loss ce) it is plain (continued) pretraining")
         return []
     try:
         return [int(k) for k in args.exit_layers.split(",")]
@@ -529,7 +529,7 @@ def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = " (default: %(default)s)"
     p.add_argument("--exit-layers", required=True, help="comma-separated layers to put balconies after, e.g. 15,18,21 "
-                   "(none: with --from-scratch, plain pretraining)")
+                   "(none: with --loss ce, full depth alone: plain pretraining)")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="converted model folder" + d)
     p.add_argument("--out", default=None, help="trained exits (default: <checkpoint>/balcony.safetensors), or with "
                    "--train-backbone a new checkpoint folder holding them; the "

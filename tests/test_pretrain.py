@@ -170,7 +170,7 @@ BAD = [
     (["--balcony", "none"], "on a frozen backbone nothing would train"),
     (["--loss", "ce"], "trains every weight: add --train-backbone or --from-scratch"),
     (["--tokenizer", "x"], "chooses a new model's vocabulary"),
-    (["--exit-layers", "none"], "plain pretraining with --from-scratch"),
+    (["--exit-layers", "none"], "leaves no exit to train"),
     (["--kl-weight", "0"], "leaves nothing to train"),
 ]
 
@@ -197,7 +197,7 @@ def test_cli_says_one_line(tmp_path):
 
 
 def test_pretrain_table_end_to_end(setup, tmp_path, monkeypatch, capsys):
-    """Six runs at two steps each on a 16-layer model of width 32: Table 4's rows, and the frozen Balcony run's full
+    """Seven runs at two steps each on a 16-layer model of width 32: Table 4's rows, and the frozen Balcony run's full
     depth is the plain model, exactly; the Sorted fine-tuned one's is not."""
     ckpt, data = setup
     monkeypatch.setitem(train.SCRATCH_PRESETS, "test", dict(SHAPE, dim=32, n_layers=16, n_heads=2, n_kv_heads=1,
@@ -211,9 +211,12 @@ def test_pretrain_table_end_to_end(setup, tmp_path, monkeypatch, capsys):
             line.startswith("| standard")]
     sizes = ["XL", "L", "M", "S"]
     assert [r[1] for r in rows] == ["plain (baseline)"] + [f"{m}-{s}" for s in sizes for m in ("Balcony", "Sorted")] \
-        + [f"{m}-{s}{u}" for s in sizes for m, u in (("Balcony", ""), ("Sorted", ""), ("Balcony", " (unfrozen)"))]
+        + [f"{m}-{s}{u}" for s in sizes for m, u in (("Balcony", ""), ("Sorted", ""), ("Balcony", " (unfrozen)"),
+                                                       ("plain", ", no exit training"))] \
+        + ["plain trained on the tuning tokens too (control)"]
     res = json.loads((tmp_path / "t4" / "results.json").read_text())
-    assert res["balcony"]["16"] == res["plain"]["16"] != res["sorted"]["16"]
+    assert res["balcony"]["16"] == res["plain"]["16"] == res["untrained"]["16"] != res["sorted"]["16"]
+    assert res["plain-tuned"]["16"] != res["plain"]["16"]
     assert res["balcony-pre"]["12"][0] - res["sorted-pre"]["12"][0] == sum(  # one decoder block and its norm more
         p.numel() for p in Transformer(tiny_args(**train.SCRATCH_PRESETS["test"])).layers[0].parameters())
     assert table in capsys.readouterr().out
