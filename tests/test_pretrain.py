@@ -18,7 +18,7 @@ import train
 from balcony import BalconyModel
 from cli import UsageError
 from export import exit_as_llama
-from generate import generate, load_model
+from generate import generate
 from model import Transformer
 from tokenizer import Tokenizer
 
@@ -101,7 +101,7 @@ def test_balcony_none_exit_is_exactly_the_final_norm_and_head_of_layer_k(tmp_pat
         assert args.n_layers == 2 and torch.equal(plain(idx), bm(idx, exit=2))
     # the exits file round-trips with its kind, and decoding with a cache equals uncached greedy, batched or not
     bm.save_exits(tmp_path / "tiny" / "balcony.safetensors")
-    loaded = load_model(ckpt, None, (2,))
+    loaded = BalconyModel.from_checkpoint(ckpt, None, (2,))
     assert loaded.kind == "none" and loaded.exit_layers == [1, 2]
     seq = list(PROMPT)
     with torch.no_grad():
@@ -144,7 +144,7 @@ def test_from_scratch_trains_every_weight_and_writes_a_checkpoint(setup, tmp_pat
     log = [json.loads(line) for line in (out / "balcony.log.jsonl").read_text().splitlines()]
     assert [len(r["ce"]) for r in log if "ce" in r] == [3] * 6  # exits 1, 2 and full depth, each step
     # generate.py and export.py take the folder as it is
-    bm = load_model(out, None, (1,))
+    bm = BalconyModel.from_checkpoint(out, None, (1,))
     assert bm.kind == "block" and bm.exit_layers == [1, 2]
     assert len(generate(bm, [PROMPT], 4, exit=1)[0]["tokens"]) == 4
 
