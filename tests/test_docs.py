@@ -164,6 +164,14 @@ def test_documented_commands(block, capsys):
     assert not problems, f"{block.where}:\n" + "\n".join(problems) + "\n" + capsys.readouterr().err[-2000:]
 
 
+@pytest.mark.parametrize("doc", DOCS, ids=[d.name for d in DOCS])
+def test_commands_are_in_bash_blocks(doc):
+    # an indented code block would escape every check above
+    text = re.sub(r"^```.*?^```", "", doc.read_text(), flags=re.S | re.M)
+    indented = re.findall(r"^(?: {4,}|\t)((?:\w+=\S+ )*(?:python|torchrun|make|\.venv/bin/python) .*)$", text, re.M)
+    assert not indented, f"{doc.name}: put these commands in a ```bash block: {indented}"
+
+
 def test_every_script_is_documented():
     shown = {a for b in BLOCKS for argv, _ in simple_commands(b.body) for a in argv if a.endswith(".py")}
     assert set(scripts()) <= shown, f"no documented command runs {sorted(set(scripts()) - shown)}"
