@@ -161,44 +161,6 @@ def test_cli(tmp_path):
     assert ModelArgs.from_json(convert(tmp_path / "a.gguf", tmp_path / "back") / "config.json").n_layers == 3
 
 
-class AttentionHalf(torch.nn.Module):
-    """A balcony layer that is only a block's attention half (train.py's attention-only ablation)."""
-
-    def __init__(self, block):
-        super().__init__()
-        self.attention, self.attention_norm = block.attention, block.attention_norm
-
-    def forward(self, x, cos, sin, input_pos=None):
-        return x + self.attention(self.attention_norm(x), cos, sin, input_pos)
-
-
-class MLPHalf(torch.nn.Module):
-    def __init__(self, block):
-        super().__init__()
-        self.feed_forward, self.ffn_norm = block.feed_forward, block.ffn_norm
-
-    def forward(self, x, cos, sin, input_pos=None):
-        return x + self.feed_forward(self.ffn_norm(x))
-
-
-@pytest.mark.parametrize("half", [AttentionHalf, MLPHalf])
-def test_half_block_balcony_exports_exactly(built, tmp_path, half):
-    # the missing half is written as zeros: a plain Llama block that computes the half alone
-    from export import exit_as_llama
-    ckpt, bm = built("smollm2-tied")
-    ex = bm.exits[str(EXIT)]
-    block = ex.layer
-    try:
-        ex.layer = half(block)
-        args, sd = exit_as_llama(bm, EXIT)
-        plain = Transformer(args)
-        plain.load_state_dict(sd, strict=False)
-        with torch.no_grad():
-            assert (plain(IDX) - logits(bm, EXIT)).abs().max() < 1e-5
-    finally:
-        ex.layer = block
-
-
 def test_gguf_tokenizer_metadata_equals_llama_cpp_s(tmp_path):
     # the default model came from a GGUF that llama.cpp's converter wrote: export.py's tokenizer.ggml.* from the
     # converted checkpoint must give the same metadata back (tokens, types, merges, pre-tokenizer, special ids)
