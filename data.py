@@ -89,7 +89,7 @@ def read_chunks(path: Path):
     the lines of a JSONL file (blank ones too, so numbers are line numbers), or a table's rows as dicts."""
     kind = file_kind(path)
     if kind == "txt":
-        yield 1, [path.read_text(encoding="utf-8", errors="replace")]
+        yield 1, [path.read_text(encoding="utf-8-sig", errors="replace")]  # -sig: a byte order mark is not text
     elif kind == "jsonl":
         with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb") as f:
             for start in itertools.count(1, CHUNK_DOCS):

@@ -226,3 +226,10 @@ def test_llama32_chats_tokenise_the_same_on_any_day(tmp_path, monkeypatch):
     assert folders[0] == folders[1]
     assert tok.decode(all_tokens(folders[0])).count("Today Date: 26 Jul 2024\n") == 2
     assert "Today Date: 05 Dec 2026" in tok.apply_chat_template([{"role": "user", "content": "Hi"}])  # prompts: today
+
+
+def test_byte_order_mark_is_not_text(tmp_path, tok):
+    for name, text in [("a.txt", "To be, or not to be"), ("b.jsonl", json.dumps({"text": "To be, or not to be"}))]:
+        (tmp_path / name).write_text("\ufeff" + text, encoding="utf-8")
+        folder = data.tokenize_corpus([tmp_path / name], tok, cache_dir=tmp_path / "cache")
+        assert all_tokens(folder) == tok.encode("To be, or not to be", bos=tok.add_bos, eos=True)

@@ -290,6 +290,15 @@ def test_cli_prompts_file_in_input_order(tiny_with_balcony, tmp_path, capsys):
     assert plain.count("=== ") == 4 and "=== 3/4, exit 4/4: Whether 'tis nobler in the mind" in plain
 
 
+def test_cli_prompts_file_with_a_byte_order_mark(tiny_with_balcony, tmp_path, capsys):
+    # Windows editors start UTF-8 files with a BOM: it is not part of the first prompt, nor a JSON error
+    for suffix, text in [(".txt", "To be\nor not\n"), (".jsonl", '{"prompt": "To be"}\n{"prompt": "or not"}\n')]:
+        path = tmp_path / f"p{suffix}"
+        path.write_text("\ufeff" + text, encoding="utf-8")
+        out = run_main(capsys, "--checkpoint", tiny_with_balcony, "--prompts", path, "--max-new-tokens", 1, "--json")
+        assert [json.loads(line)["prompt"] for line in out.splitlines()] == ["To be", "or not"]
+
+
 @pytest.mark.parametrize("suffix, content, message", [
     (".jsonl", '{"prompt": "a"}\n{"prompt": "b", "exit": 2\n', "line 2 is not valid JSON"),
     (".jsonl", '{"prompt": "a"}\n{"text": "b"}\n', "line 2: expected an object like"),
