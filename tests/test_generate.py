@@ -2,16 +2,13 @@
 layers, self-speculative decoding reproduces the full model (greedy: token for token; sampling: in distribution),
 and the CLI reports bad input as one line."""
 import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from balcony import BalconyModel
-from conftest import ROOT, tiny_args
+from conftest import run_script, tiny_args
 from generate import decode_one_token, exit_plan, forward_rows, generate, get_parser, logits_to_probs, main
 from cli import UsageError
 from model import Transformer
@@ -239,10 +236,6 @@ def run_main(capsys, *args):  # in-process: fast, and UsageError propagates
     return capsys.readouterr().out
 
 
-def run_cli(*args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "generate.py"), *map(str, args)], capture_output=True,
-                          text=True, cwd=ROOT, env=env, timeout=120)
 
 
 @pytest.fixture
@@ -257,10 +250,10 @@ def test_cli_generates_and_streams(tiny_with_balcony, capsys):
     spec = json.loads(run_main(capsys, *args, "--json", "--draft-exit", 2, "--speculate-k", 3))
     assert spec["tokens"] == plain["tokens"] and 0 <= spec["acceptance_rate"] <= 1
     exit2 = json.loads(run_main(capsys, *args, "--exit", 2, "--json"))
-    streamed = run_cli(*args, "--exit", 2)
-    assert streamed.returncode == 0, streamed.stderr
-    assert streamed.stdout == exit2["text"] + "\n"
-    assert "tokens/s" in streamed.stderr and "exit 2/4" in streamed.stderr
+    code, out, err = run_script("generate.py", *args, "--exit", 2)  # streamed
+    assert code == 0, err
+    assert out == exit2["text"] + "\n"
+    assert "tokens/s" in err and "exit 2/4" in err
 
 
 def test_cli_prompts_file_in_input_order(tiny_with_balcony, tmp_path, capsys):
@@ -344,9 +337,8 @@ def test_missing_files(tiny_ckpt, capsys, args):
 
 @pytest.mark.parametrize("args", [["--exit", 3], ["--checkpoint", "/nonexistent"], ["--prompts", "/nonexistent.jsonl"]])
 def test_cli_error_is_one_line(tiny_with_balcony, args):
-    r = run_cli("--checkpoint", tiny_with_balcony, *args)
-    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
-    assert r.stderr.startswith("generate.py: error: ")
+    code, _, err = run_script("generate.py", "--checkpoint", tiny_with_balcony, *args)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("generate.py: error: "), err
 
 
 @pytest.mark.parametrize("tied", [True, False])
