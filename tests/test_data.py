@@ -2,14 +2,12 @@
 refusals in one line, 1 process == N processes, the held-out split, and the token cache."""
 import gzip
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import CORPUS, ROOT, write_tiny_tokenizer
+from conftest import CORPUS, run_script, write_tiny_tokenizer
 
 import data
 from cli import UsageError
@@ -134,9 +132,8 @@ def test_unknown_types_and_bad_rows_are_refused_in_one_line(tmp_path, tok):
         (tmp_path / name).write_text("text\nTo be\n")
         with pytest.raises(UsageError, match=f"--data {tmp_path / name}: not a type we read"):
             data.data_files([tmp_path / name])
-    r = subprocess.run([sys.executable, str(ROOT / "data.py"), "--data", str(tmp_path / "corpus.csv"),
-                        "--checkpoint", str(tmp_path / "tok")], capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 2 and r.stderr.startswith("data.py: error: --data") and r.stderr.count("\n") == 1, r.stderr
+    code, _, err = run_script("data.py", "--data", tmp_path / "corpus.csv", "--checkpoint", tmp_path / "tok")
+    assert code == 2 and err.startswith("data.py: error: --data") and err.count("\n") == 1, err
     cases = {"a.jsonl": (b'{"text": "fine"}\n\n{"title": "no text"}\n', "a.jsonl:3: no 'text'"),
              "b.jsonl": (b'{"text": "fine"}\nnot json\n', "b.jsonl:2: not a line of JSON"),
              "f.jsonl": (b'"a JSON string"\n', "f.jsonl:1: not a JSON object"),

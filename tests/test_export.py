@@ -2,8 +2,6 @@
 back through convert_hf.py (Hugging Face folder and GGUF) and in llama.cpp when llama-cpp-python is installed;
 --exit full is the base model; bad requests stop with one line."""
 import json
-import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
@@ -11,7 +9,7 @@ import torch
 
 from balcony import BalconyModel
 from cli import UsageError
-from conftest import ROOT, make_tiny_checkpoint
+from conftest import ROOT, make_tiny_checkpoint, run_script
 from convert_hf import convert
 from export import export
 from generate import load_model
@@ -143,13 +141,12 @@ def test_refusals(built, tmp_path):
 
 
 def test_cli(tmp_path):
-    # one line and exit code 2 from the script (one subprocess: they are slow); the other refusals in-process
+    # one line and exit code 2 from the script's command line; the other refusals from main
     from export import get_parser, main
     ckpt = balcony_ckpt(tmp_path / "ckpt", **CASES["smollm2-tied"])
-    r = subprocess.run([sys.executable, str(ROOT / "export.py"), "--checkpoint", str(ckpt), "--exit", "3", "--out",
-                        str(tmp_path / "a")], capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 2 and r.stderr.splitlines() == ["export.py: error: exit 3 has no trained balcony; trained "
-                                                           "exits: [2] (or 4 for full depth)"], r.stderr
+    code, _, err = run_script("export.py", "--checkpoint", ckpt, "--exit", 3, "--out", tmp_path / "a")
+    assert code == 2 and err.splitlines() == ["export.py: error: exit 3 has no trained balcony; trained exits: [2] "
+                                              "(or 4 for full depth)"], err
     parse = get_parser().parse_args
     with pytest.raises(UsageError, match="'x'"):
         main(parse(["--checkpoint", str(ckpt), "--exit", "x", "--out", str(tmp_path / "a")]))
