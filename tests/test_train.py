@@ -1,14 +1,13 @@
 """train.py on tiny random checkpoints: frozen backbone, exits-only optimiser, loss going down, exact resume,
 2-process DDP == 1 process, one-line refusals."""
 import json
-import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import CORPUS, ROOT, make_tiny_checkpoint, tiny_args
+from conftest import CORPUS, ROOT, make_tiny_checkpoint, run_script, tiny_args
 
 import train
 from balcony import BalconyModel
@@ -207,10 +206,9 @@ def test_bad_state_is_refused_in_one_line(setup, tmp_path):
             state = tmp_path / "b.state.pt"
             state.write_bytes(state.read_bytes()[:200])
         args = argv(tmp_path, ckpt, data, "b.safetensors", "--max-steps", "4", "--resume", *change)  # later flags win
-        r = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True, cwd=ROOT)
-        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-        lines = [line for line in r.stderr.splitlines() if line.startswith("train.py: error:")]
-        assert len(lines) == 1 and "b.state.pt" in lines[0] and expected in lines[0], r.stderr
+        code, _, err = run_script("train.py", *args)
+        lines = [line for line in err.splitlines() if line.startswith("train.py: error:")]
+        assert code == 2 and len(lines) == 1 and "b.state.pt" in lines[0] and expected in lines[0], err
 
 
 def test_lr_schedule():
