@@ -151,6 +151,7 @@ def test_speculative_greedy_equals_full_depth(draft_exit, k):
     assert 0 <= r["accepted"] <= r["drafted"] and r["rounds"] >= 39 / (k + 1)
 
 
+@pytest.mark.slow
 def test_compiled_speculative_decoding_equals_eager(monkeypatch):
     # CPU inductor (compiling takes most of this test's time): the compiled draft steps give the eager tokens
     import generate as g

@@ -73,6 +73,7 @@ def test_backbone_untouched_and_only_exits_optimised(setup, tmp_path, monkeypatc
     assert not torch.equal(bm.exits["1"].layer.attention.wq.weight, bm.model.layers[-1].attention.wq.weight)
 
 
+@pytest.mark.slow
 def test_loss_goes_down(setup, tmp_path):
     ckpt, data = setup
     args = argv(tmp_path, ckpt, data, "b.safetensors", "--init", "random", "--lr", "3e-3", "--max-steps", "30",
@@ -143,6 +144,7 @@ def test_finished_run_resumes_with_more_steps(setup, tmp_path, monkeypatch):
     assert lrs == [get_lr(s, train.get_parser().get_default("lr"), 1, 4 if s < 4 else 6) for s in range(6)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_match_one_process_and_resume(setup, tmp_path, mode):
     """2 processes (gloo, CPU) with batch 2 each against 1 process accumulating two batches of 2: the same global
@@ -193,6 +195,7 @@ def test_ddp_sends_no_backbone_and_averages_exit_gradients(tmp_path):
         torch.testing.assert_close(g, results[1][1][k])
 
 
+@pytest.mark.slow
 def test_bad_state_is_refused_in_one_line(setup, tmp_path):
     ckpt, data = setup
     base = argv(tmp_path, ckpt, data, "b.safetensors", "--max-steps", "4", "--save-every", "2", "--eval-every", "100")
