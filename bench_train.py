@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from balcony import BalconyModel
-from cli import DTYPES, run_cli
+from cli import DTYPE_HELP, DTYPES, default_dtype, run_cli
 from convert_hf import HF_WEIGHT_MAP
 from model import ModelArgs, Transformer
 from train import ExitLoss
@@ -206,7 +206,7 @@ def measure(step, margs, exits, args, device) -> dict:
 
 
 def main(args) -> int:
-    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    args.dtype = args.dtype or default_dtype(args.device)
     tokens = args.batch_size * args.seq_len
     print(f"{args.preset}{f' ({args.n_layers} layers)' if args.n_layers else ''}, exits {args.exits}, batch "
           f"{args.batch_size} x {args.seq_len}, {args.dtype}, chunk {args.chunk_size}, {args.device}, "
@@ -251,8 +251,8 @@ def get_parser():
     p.add_argument("--batch-size", type=int, default=4, help=d.strip())
     p.add_argument("--seq-len", type=int, default=256, help=d.strip())
     p.add_argument("--chunk-size", type=int, default=256, help="ours: tokens whose logits exist at once" + d)
-    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="the frozen model's weights (default: "
-                   "bfloat16 on CUDA, float32 on CPU); exits fp32 under autocast when not float32")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help=f"the frozen model's weights ({DTYPE_HELP}); "
+                   "exits fp32 under autocast when not float32")
     p.add_argument("--steps", type=int, default=3, help="timed steps per formulation" + d)
     p.add_argument("--rounds", type=int, default=2, help="runs of each formulation, alternating" + d)
     p.add_argument("--formulations", default="ours,authors,floor",

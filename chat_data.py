@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, run_cli
+from cli import DEFAULT_CHECKPOINT, DTYPE_HELP, DTYPES, UsageError, default_dtype, run_cli
 from data import CHAT
 
 
@@ -145,7 +145,8 @@ def main(args):
     if args.temperature < 0 or (args.top_p is not None and not 0 < args.top_p <= 1):
         raise UsageError("--temperature must be >= 0 and --top-p in (0, 1]")
     out, meta_path = Path(args.out), Path(args.out) / "meta.json"
-    base = Transformer.from_checkpoint(args.checkpoint, device=args.device, dtype=DTYPES[args.dtype])
+    base = Transformer.from_checkpoint(args.checkpoint, device=args.device,
+                                       dtype=DTYPES[args.dtype or default_dtype(args.device)])
     config = config_of(args, model_fingerprint(base))
     # meta.json lists the splits written so far: a rerun reuses them, and one with another --n-train keeps val
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
@@ -198,7 +199,7 @@ def get_parser():
     p.add_argument("--batch-size", type=int, default=32, help="questions answered at once" + d)
     p.add_argument("--evals-dir", default=None, help="fetched eval data (default: python fetch.py evals's folder)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help=DTYPE_HELP)
     return p
 
 

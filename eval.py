@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from balcony import BalconyModel, exit_metrics
-from cli import DEFAULT_CHECKPOINT, DTYPES, ROOT, UsageError, run_cli
+from cli import DEFAULT_CHECKPOINT, DTYPE_HELP, DTYPES, ROOT, UsageError, default_dtype, run_cli
 from data import CHAT
 from generate import CONFIDENCE, exit_confidence
 
@@ -561,6 +561,7 @@ def main(args):
 
     tasks, exits, shots, limits = parse_args_lists(args)
     device = torch.device(args.device)
+    args.dtype = args.dtype or default_dtype(device)
     bm = load_model(args.checkpoint, args.balcony, ["auto" if isinstance(e, Auto) else e for e in exits], device,
                     DTYPES[args.dtype])
     exits = list(dict.fromkeys(None if e == bm.n_layers else e for e in exits))  # "30" is full depth too
@@ -638,7 +639,7 @@ def get_parser():
     p.add_argument("--chat-tokens", type=int, default=48, help="chat: new tokens per prompt")
     p.add_argument("--evals-dir", default=None, help="fetched eval data (default: python fetch.py evals's folder)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help=DTYPE_HELP)
     p.add_argument("--json", default=str(ROOT / "out" / "eval.json"), help="write all metrics here ('' to skip)")
     p.add_argument("--plot", default=None, help="PNG of quality against layers per token and speed (needs matplotlib)")
     return p

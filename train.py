@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from balcony import KINDS, BalconyModel, distillation_kl, distillation_kl_reference, exit_metrics, model_fingerprint
-from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, run_cli
+from cli import DEFAULT_CHECKPOINT, DTYPE_HELP, DTYPES, UsageError, default_dtype, run_cli
 from convert_hf import TOKENIZER_FILES, atomic_write
 from data import (add_data_args, data_files, get_batch, iter_batches, n_windows, open_tokens, step_windows,
                   tokenize_corpus)
@@ -267,7 +267,7 @@ def train(args, rank: int, world_size: int, device) -> int:
         raise UsageError(f"--exit-layers {args.exit_layers!r} is not a comma-separated list of layers") from None
     if args.fsdp and not ddp:
         raise UsageError("--fsdp shards the backbone across processes; launch with torchrun --nproc_per_node N")
-    args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    args.dtype = args.dtype or default_dtype(device)
     dtype = DTYPES[args.dtype]
     if args.train_backbone and (ddp or dtype != torch.float32):
         raise UsageError("--train-backbone (the unfrozen ablation) trains in one process with an fp32 backbone: drop "
@@ -445,8 +445,8 @@ def get_parser():
     p.add_argument("--seed", type=int, default=1337, help="exit init and data order" + d)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the training step (default: on with CUDA)")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="the frozen backbone and head (default: "
-                   "bfloat16 on CUDA, float32 on CPU); the exits' weights and optimiser state stay float32")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help=f"the frozen backbone and head ({DTYPE_HELP}); "
+                   "the exits' weights and optimiser state stay float32")
     p.add_argument("--fsdp", action="store_true", help="with torchrun: shard the frozen backbone across processes "
                    "(FSDP2), for backbones too big for one GPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
