@@ -87,7 +87,8 @@ def answer(bm, tokenizer, questions: list, max_new_tokens: int, batch_size: int,
 
     prompts = [tokenizer.encode_chat([{"role": "user", "content": q}]) for q in questions]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths per batch: little padding
-    out, n_tokens, generator = [None] * len(prompts), 0, torch.Generator().manual_seed(seed)
+    device = bm.model.tok_embeddings.weight.device  # torch.multinomial wants a generator on the probabilities' device
+    out, n_tokens, generator = [None] * len(prompts), 0, torch.Generator(device).manual_seed(seed)
     for s in range(0, len(order), batch_size):
         rows = order[s:s + batch_size]
         for i, r in zip(rows, generate(bm, [prompts[i] for i in rows], max_new_tokens, temperature=temperature,

@@ -84,11 +84,19 @@ def evaluate(bm, val, args, ctx, rank=0, world_size=1, baseline=False):
     per exit and a last one for full depth. baseline: no balconies (the final norm straight on layer-k states)."""
     device = bm.model.output.weight.device
     sums = torch.zeros(4, len(bm.exit_layers) + 1, device=device)  # KL, top-1 hits, NLL, tokens
-    for x, y in iter_batches(val, args.seq_len, args.batch_size, device, args.eval_windows, rank, world_size):
+    batches = iter_batches(val, args.seq_len, args.batch_size, device, args.eval_windows, rank, world_size)
+    n_batches = math.ceil(min(n_windows(val, args.seq_len), args.eval_windows) / args.batch_size)
+    # batches are dealt round-robin, so some ranks may get one fewer; with --fsdp every forward all-gathers each
+    # layer (a collective), so every rank runs the same number of forwards: the short ones repeat the first window,
+    # uncounted
+    for _ in range(math.ceil(n_batches / world_size)):
+        batch = next(batches, None)
+        x, y = batch or get_batch(val, [0], args.seq_len, device)
         with ctx:
             h_full, h_exits = baseline_states(bm, x) if baseline else bm.forward_train(x)
-            sums[:3] += exit_metrics(bm.model.output, h_full, h_exits + [h_full], y, args.chunk_size)
-        sums[3] += x.numel()
+            if batch:
+                sums[:3] += exit_metrics(bm.model.output, h_full, h_exits + [h_full], y, args.chunk_size)
+                sums[3] += x.numel()
     if world_size > 1:
         dist.all_reduce(sums)
     kl, top1, nll = (sums[:3] / sums[3]).tolist()
@@ -172,6 +180,14 @@ def open_log(path: Path, resume_step=None):
 
 
 # ------------------------------------------------------------------------------------------------- multi-process
+def wrap_loss(loss_fn: nn.Module, device, ddp: bool, compile: bool) -> nn.Module:
+    """DDP first, then torch.compile around it, as PyTorch's DDP notes ask: compiling the DDP module lets dynamo split
+    the graph at DDP's gradient buckets, so all-reduces overlap the backward (DDP around a compiled module cannot)."""
+    if ddp:
+        loss_fn = wrap_ddp(loss_fn, device)
+    return torch.compile(loss_fn, dynamic=False) if compile else loss_fn  # compiles on the first step
+
+
 def wrap_ddp(loss_fn: nn.Module, device) -> DDP:
     """DDP over the trainable exits alone. It would otherwise broadcast every parameter and buffer from rank 0 at
     start-up, the whole frozen backbone included (16 GB for Llama-3-8B), though every rank loaded the same weights."""
@@ -183,14 +199,19 @@ def wrap_ddp(loss_fn: nn.Module, device) -> DDP:
 
 def shard_backbone(bm: BalconyModel, device, world_size: int):
     """--fsdp: FSDP2 shards each frozen backbone layer across the ranks; a layer's forward all-gathers it and frees
-    the gathered copy right after. The embeddings, final norm, head and the exits stay whole on every rank."""
+    the gathered copy right after. The embeddings, final norm, head and the exits stay whole on every rank.
+    The layers first, then bm as the root, entered through run_layers (every backbone pass goes through it): one
+    root sets up all the layers' states together, so each layer's all-gather is issued while the one before it
+    computes. Each layer its own root (nothing above them) would run one layer at a time, gather then compute."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     mesh = init_device_mesh(device.type, (world_size,))
+    layers = set(bm.model.layers.parameters())
     for layer in bm.model.layers:
-        # explicit True: FSDP2 would keep the gathered weights of a root module (each layer is one) for a backward
         fully_shard(layer, mesh=mesh, reshard_after_forward=True)  # moves the shard to the mesh's device
+    fully_shard(bm, mesh=mesh, ignored_params={p for p in bm.parameters() if p not in layers})
+    register_fsdp_forward_method(bm, "run_layers")
     bm.exits.to(device)
     for name, child in bm.model.named_children():
         if name != "layers":
@@ -265,7 +286,7 @@ def train(args, rank: int, world_size: int, device) -> int:
         exit_layers = [int(k) for k in args.exit_layers.split(",")]
     except ValueError:
         raise UsageError(f"--exit-layers {args.exit_layers!r} is not a comma-separated list of layers") from None
-    if args.fsdp and not ddp:
+    if args.fsdp and not dist.is_initialized():
         raise UsageError("--fsdp shards the backbone across processes; launch with torchrun --nproc_per_node N")
     args.dtype = args.dtype or default_dtype(device)
     dtype = DTYPES[args.dtype]
@@ -317,10 +338,7 @@ def train(args, rank: int, world_size: int, device) -> int:
         step = state["step"]
 
     loss_fn = ExitLoss(bm, args.chunk_size, args.ce_weight if args.loss == "kl+ce" else 0.0, args.kl_weight)
-    if device.type == "cuda" if args.compile is None else args.compile:
-        loss_fn = torch.compile(loss_fn, dynamic=False)  # compiles on the first step
-    if ddp:
-        loss_fn = wrap_ddp(loss_fn, device)
+    loss_fn = wrap_loss(loss_fn, device, ddp, device.type == "cuda" if args.compile is None else args.compile)
 
     exits_path.parent.mkdir(parents=True, exist_ok=True)
     log = open_log(log_path, step if args.resume else None) if master else None
