@@ -109,6 +109,8 @@ PRESETS = {
                          rope_scaling=dict(_LLAMA3_SCALING, factor=32.0)),
     "smollm2-135m": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, hidden_dim=1536,
                          rope_theta=100000.0, tie_embeddings=True, max_seq_len=8192),
+    # not a published model: the shape gpu_check.py --dry-run runs the paper-shape steps at, in seconds on a CPU
+    "tiny": dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=320, hidden_dim=96, max_seq_len=256),
 }
 
 
