@@ -278,3 +278,20 @@ def test_fsdp_validation_with_uneven_batches_matches_one_process(setup, tmp_path
         for key in a:
             for exit in a[key]:
                 assert a[key][exit] == pytest.approx(b[key][exit], rel=1e-5, abs=1e-6), (key, exit)
+
+
+def test_compile_wraps_ddp_not_the_reverse(tmp_path):
+    # PyTorch's DDP notes: wrap in DDP, then compile, so dynamo splits the graph at DDP's gradient buckets and the
+    # all-reduces overlap the backward; train.py compiled first and wrapped the compiled module
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        bm = BalconyModel(Transformer(tiny_args()), [1, 2])
+        wrapped = train.wrap_loss(train.ExitLoss(bm, 16), torch.device("cpu"), ddp=True, compile=True)
+        assert isinstance(wrapped, torch._dynamo.eval_frame.OptimizedModule) and isinstance(wrapped._orig_mod, DDP)
+        with wrapped.no_sync():  # train.py's accumulation steps reach DDP through the compiled wrapper
+            pass
+    finally:
+        dist.destroy_process_group()
