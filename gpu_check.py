@@ -13,7 +13,7 @@ leaves the others' figures (a step that runs out of time keeps the rows it had w
   decode_8b       batch-1 decoding at the 8B shape (random weights, bf16, compiled), full depth and each exit:
                   tokens/s and the fraction of the memory bandwidth a device copy reaches in the same process
   batch_8b        decode tokens/s at batch 1/8/32/128 per exit, 8B shape, eager
-  int4            the same batch-1 figures with int4 weights (quantize.py), when it exists
+  int4            decode_8b with int4 weights (quantize.py, groups of 32), when it exists
   decode_default  the default model: batch-1 bf16 compiled per exit (tokens/s, bandwidth fraction); compiled
                   speculative decoding against eager greedy, in fp32 (identical) and bf16 (agreement)
   distill         make demo's recipe (train.py on the model's own chats) for --distill-minutes at GPU speed, then
@@ -37,9 +37,10 @@ import torch
 
 from cli import DEFAULT_CHECKPOINT, DTYPES, ROOT, UsageError, default_dtype, run_cli
 
-# seconds each step may take on a GPU, process start and compile included: 9 minutes if every box runs out
-BOXES = dict(tests=45, train=110, train_authors=50, decode_8b=110, batch_8b=40, int4=40, decode_default=80,
-             distill=120)
+# seconds each step may take on a GPU, process start and compile included (inductor compiles each exit's decode step
+# apart, ~20 s each at 32 layers): under 10 minutes if every box runs out, about 8 if most finish early
+BOXES = dict(tests=90, train=90, train_authors=45, decode_8b=90, batch_8b=30, int4=60, decode_default=70,
+             distill=110)
 STEPS = list(BOXES)
 PAPER = dict(preset="llama-3-8b", n_layers=None, exits="15,18,21", seq_len=4096)  # section 4's model and exits
 TINY = dict(preset="tiny", n_layers=None, exits="1,2,3", seq_len=32)  # --dry-run
@@ -142,30 +143,38 @@ def random_balcony(args, device, dtype):
     return BalconyModel(model, [int(k) for k in s["exits"].split(",")]).eval()
 
 
-def decode_rows(model, rec, table: str, args, device, prompt: list):
-    """Batch-1 tokens/s per exit (full depth first) and the fraction of the copy bandwidth its weights' reads use."""
-    from bench_generate import bench
+def weight_reads(model, bytes_per_weight: float) -> dict:
+    """Bytes of weights a batch-1 token reads at each exit (None: full depth), full depth first."""
     from generate import weights_per_token
+
+    return {exit: weights_per_token(model, exit) * bytes_per_weight for exit in [None, *model.exit_layers]}
+
+
+def decode_rows(model, rec, table: str, args, device, prompt: list, reads: dict):
+    """Batch-1 tokens/s per exit and the fraction of the copy bandwidth its weights' reads (bytes per token) use."""
+    from bench_generate import bench
 
     bw = copy_bandwidth(device, 64 if args.dry_run else 4096)
     rec["copy_bandwidth_gb_s"] = bw / 1e9
-    size = model.model.output.weight.element_size()
-    for exit in [None, *model.exit_layers]:
+    for exit, read in reads.items():
         tps, _ = bench(model, prompt, decode_ns(args), exit=exit)
-        read = weights_per_token(model, exit) * size  # bytes per token
         rec.row(table, dict(exit=exit or "full", tokens_per_s=tps, weight_gb_per_token=read / 1e9,
                             bandwidth_fraction=read * tps / bw))
 
 
-def step_decode_8b(args, rec, device):
+def step_decode_8b(args, rec, device, quantize=None):
     from generate import compile_steps
 
-    model = random_balcony(args, device, DTYPES[default_dtype(device)])
+    model = random_balcony(args, device, DTYPES["bfloat16" if quantize else default_dtype(device)])
+    reads = weight_reads(model, model.model.output.weight.element_size())
+    if quantize:  # int4 groups of 32 with a bf16 scale and zero each: 0.625 bytes a weight, the head too
+        reads = weight_reads(model, 0.5 + 2 * 2 / 32)
+        quantize(model, "int4", 32)
     if device.type == "cuda":
         compile_steps()
     rec["compiled"] = device.type == "cuda"
     prompt = torch.randint(0, model.model.args.vocab_size, (32,), generator=torch.Generator().manual_seed(0))
-    decode_rows(model, rec, "batch1", args, device, prompt.tolist())
+    decode_rows(model, rec, "batch1", args, device, prompt.tolist(), reads)
 
 
 def step_batch_8b(args, rec, device):
@@ -182,9 +191,10 @@ def step_batch_8b(args, rec, device):
 
 def step_int4(args, rec, device):
     if not (ROOT / "quantize.py").is_file():
-        rec["skipped"] = "quantize.py is not in this checkout yet"
+        rec["skipped"] = "quantize.py (weight-only int4) is not in this checkout yet"
         return
-    raise NotImplementedError("quantize.py exists: wire its transform into this step")
+    from quantize import quantize
+    step_decode_8b(args, rec, device, quantize)
 
 
 def step_decode_default(args, rec, device):
@@ -211,7 +221,8 @@ def step_decode_default(args, rec, device):
         compile_steps()
     rec["compiled"] = device.type == "cuda"
     torch.set_float32_matmul_precision("high" if device.type == "cuda" else "highest")
-    decode_rows(models[default_dtype(device)], rec, "batch1", args, device, prompt)
+    m = models[default_dtype(device)]
+    decode_rows(m, rec, "batch1", args, device, prompt, weight_reads(m, m.model.output.weight.element_size()))
     if not exits:
         rec["speculative"] = f"skipped: no trained exits in {exits_file}"
         return
@@ -282,7 +293,7 @@ def step_distill(args, rec, device):
     # held-out chat agreement per exit: these exits, and the demo's (trained on CPU) where they exist
     tok, chats = Tokenizer.from_checkpoint(ckpt), read_chats(chat / "val.jsonl")[:4 if args.dry_run else None]
     layers = [int(k) for k in exits.split(",")]
-    for name, path in (("gpu", exits_path), ("demo", ckpt / "balcony.safetensors")):
+    for name, path in (("this run", exits_path), ("demo", ckpt / "balcony.safetensors")):
         if path.is_file() and BalconyModel.read_exits_file(path)[0]["exit_layers"] == layers:
             bm = load_model(ckpt, path, layers, device, DTYPES[default_dtype(device)])
             for e, r in zip(layers, eval_heldout_chat(bm, tok, chats, layers, 16)):
