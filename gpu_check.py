@@ -39,8 +39,8 @@ from cli import DEFAULT_CHECKPOINT, DTYPES, ROOT, UsageError, default_dtype, run
 
 # seconds each step may take on a GPU, process start and compile included (inductor compiles each exit's decode step
 # apart, ~20 s each at 32 layers): under 10 minutes if every box runs out, about 8 if most finish early
-BOXES = dict(tests=90, train=90, train_authors=45, decode_8b=90, batch_8b=30, int4=60, decode_default=70,
-             distill=110)
+BOXES = dict(tests=80, train=85, train_authors=45, decode_8b=90, batch_8b=30, int4=60, decode_default=110,
+             distill=95)
 STEPS = list(BOXES)
 PAPER = dict(preset="llama-3-8b", n_layers=None, exits="15,18,21", seq_len=4096)  # section 4's model and exits
 TINY = dict(preset="tiny", n_layers=None, exits="1,2,3", seq_len=32)  # --dry-run
@@ -124,9 +124,9 @@ def copy_bandwidth(device, mib: int) -> float:
     return 2 * x.numel() * 10 / (time.perf_counter() - t)
 
 
-def decode_ns(args) -> SimpleNamespace:
+def decode_ns(args, new_tokens: int = 128, reps: int = 3) -> SimpleNamespace:
     """bench_generate's knobs: new tokens per run, warm-up runs and timed runs (median)."""
-    return SimpleNamespace(max_new_tokens=4 if args.dry_run else 128, warmup=1, reps=1 if args.dry_run else 3)
+    return SimpleNamespace(max_new_tokens=4 if args.dry_run else new_tokens, warmup=1, reps=1 if args.dry_run else reps)
 
 
 def random_balcony(args, device, dtype):
@@ -185,8 +185,8 @@ def step_batch_8b(args, rec, device):
     for b in [1, 8] if args.dry_run else [1, 8, 32, 128]:
         prompts = [torch.randint(0, V, (12 + i % 30,), generator=g).tolist() for i in range(b)]  # 12 to 41 tokens
         for exit in [None, *model.exit_layers]:
-            rec.row("throughput", dict(batch=b, exit=exit or "full",
-                                       tokens_per_s=decode_rate(model, prompts, exit, decode_ns(args))))
+            rec.row("throughput", dict(batch=b, exit=exit or "full",  # 16 cells: short runs
+                                       tokens_per_s=decode_rate(model, prompts, exit, decode_ns(args, 32, 1))))
 
 
 def step_int4(args, rec, device):
@@ -268,8 +268,9 @@ def step_distill(args, rec, device):
         return
     exits = "1,2,3" if args.dry_run else "15,18,21"
     # make demo's train.py call, at a GPU's batch; eager (a 135M model compiles for longer than these steps take)
-    recipe = ["--exit-layers", exits, "--checkpoint", str(ckpt), "--data", str(chat), "--cache-dir", str(work / "tokens"),
-              "--batch-size", str(2 if args.dry_run else args.distill_batch), "--no-compile", "--eval-windows", "4", "--save-every", "100000"]
+    recipe = ["--exit-layers", exits, "--checkpoint", str(ckpt), "--data", str(chat), "--cache-dir",
+              str(work / "tokens"), "--batch-size", str(2 if args.dry_run else args.distill_batch), "--no-compile",
+              "--eval-windows", "4", "--save-every", "100000"]
     if args.dry_run:
         recipe += ["--seq-len", "64"]
 

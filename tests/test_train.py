@@ -267,7 +267,8 @@ def test_fsdp_validation_with_uneven_batches_matches_one_process(setup, tmp_path
     torchrun process with --fsdp is accepted."""
     ckpt, data = setup
     common = ("--eval-windows", "6", "--eval-every", "1", "--max-steps", "1")
-    assert train.main(train.parse_args(argv(tmp_path, ckpt, data, "one.safetensors", *common, "--grad-accum", "2"))) == 0
+    one = argv(tmp_path, ckpt, data, "one.safetensors", *common, "--grad-accum", "2")
+    assert train.main(train.parse_args(one)) == 0
     two = argv(tmp_path, ckpt, data, "two.safetensors", *common, "--fsdp", "--grad-accum", str(3 - nproc))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                         str(ROOT / "train.py"), *two], capture_output=True, text=True, cwd=ROOT, timeout=240)
