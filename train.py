@@ -201,8 +201,9 @@ def shard_backbone(bm: BalconyModel, device, world_size: int):
     """--fsdp: FSDP2 shards each frozen backbone layer across the ranks; a layer's forward all-gathers it and frees
     the gathered copy right after. The embeddings, final norm, head and the exits stay whole on every rank.
     The layers first, then bm as the root, entered through run_layers (every backbone pass goes through it): one
-    root sets up all the layers' states together, so each layer's all-gather is issued while the one before it
-    computes. Each layer its own root (nothing above them) would run one layer at a time, gather then compute."""
+    root sets up all the layers' states and streams together, and each layer prefetches the next one's all-gather,
+    which then runs while this layer computes. Each layer its own root (nothing above them) ran one layer at a time,
+    gather then compute."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
@@ -212,6 +213,8 @@ def shard_backbone(bm: BalconyModel, device, world_size: int):
         fully_shard(layer, mesh=mesh, reshard_after_forward=True)  # moves the shard to the mesh's device
     fully_shard(bm, mesh=mesh, ignored_params={p for p in bm.parameters() if p not in layers})
     register_fsdp_forward_method(bm, "run_layers")
+    for layer, after in zip(bm.model.layers, bm.model.layers[1:]):
+        layer.set_modules_to_forward_prefetch([after])
     bm.exits.to(device)
     for name, child in bm.model.named_children():
         if name != "layers":
