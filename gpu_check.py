@@ -20,7 +20,7 @@ leaves the others' figures (a step that runs out of time keeps the rows it had w
                   held-out chat agreement per exit against the demo's exits; the exits in bf16, one file per exit
 
 Weights are random where the step says so: speed and memory do not depend on their values. The bandwidth fraction
-counts the weights a token reads (generate.weights_per_token) at their dtype's size; the KV cache, a few MB at
+counts the weights a token reads (cascade.weights_per_token) at their dtype's size; the KV cache, a few MB at
 these lengths, is left out.
 """
 import argparse
@@ -42,8 +42,8 @@ from cli import DEFAULT_CHECKPOINT, DTYPES, ROOT, UsageError, default_dtype, run
 BOXES = dict(tests=80, train=85, train_authors=45, decode_8b=90, batch_8b=30, int4=60, decode_default=110,
              distill=95)
 STEPS = list(BOXES)
-PAPER = dict(preset="llama-3-8b", n_layers=None, exits="15,18,21", seq_len=4096)  # section 4's model and exits
-TINY = dict(preset="tiny", n_layers=None, exits="1,2,3", seq_len=32)  # --dry-run
+PAPER = dict(preset="llama-3-8b", exits="15,18,21", seq_len=4096)  # section 4's model and exits
+TINY = dict(preset="tiny", exits="1,2,3", seq_len=32)  # --dry-run
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense bf16, for MFU
 
 
@@ -89,7 +89,7 @@ def train_step(name: str, args, rec, device):
 
     s = shapes(args)
     ns = SimpleNamespace(device=str(device), dtype=default_dtype(device), batch_size=1, chunk_size=256, steps=3,
-                         compile=device.type == "cuda" and name == "ours", **s)
+                         compile=device.type == "cuda" and name == "ours", n_layers=None, **s)
     if args.dry_run:
         ns.steps = 1
     rec["config"] = dict(vars(ns), formulation=name)
@@ -135,17 +135,15 @@ def random_balcony(args, device, dtype):
     from model import ModelArgs, Transformer
 
     s = shapes(args)
-    margs = ModelArgs.from_name(s["preset"])
-    margs.n_layers = s["n_layers"] or margs.n_layers
     torch.manual_seed(0)
     with torch.device(device):
-        model = Transformer(margs).to(dtype)
+        model = Transformer(ModelArgs.from_name(s["preset"])).to(dtype)
     return BalconyModel(model, [int(k) for k in s["exits"].split(",")]).eval()
 
 
 def weight_reads(model, bytes_per_weight: float) -> dict:
     """Bytes of weights a batch-1 token reads at each exit (None: full depth), full depth first."""
-    from generate import weights_per_token
+    from cascade import weights_per_token
 
     return {exit: weights_per_token(model, exit) * bytes_per_weight for exit in [None, *model.exit_layers]}
 
@@ -166,9 +164,9 @@ def step_decode_8b(args, rec, device, quantize=None):
     from generate import compile_steps
 
     model = random_balcony(args, device, DTYPES["bfloat16" if quantize else default_dtype(device)])
-    reads = weight_reads(model, model.model.output.weight.element_size())
-    if quantize:  # int4 groups of 32 with a bf16 scale and zero each: 0.625 bytes a weight, the head too
-        reads = weight_reads(model, 0.5 + 2 * 2 / 32)
+    # int4 in groups of 32 with a bf16 scale and zero each: 0.625 bytes a weight, the head's too
+    reads = weight_reads(model, 0.5 + 2 * 2 / 32 if quantize else model.model.output.weight.element_size())
+    if quantize:
         quantize(model, "int4", 32)
     if device.type == "cuda":
         compile_steps()
@@ -199,7 +197,7 @@ def step_int4(args, rec, device):
 
 def step_decode_default(args, rec, device):
     from balcony import BalconyModel
-    from generate import compile_steps, generate, load_model
+    from generate import compile_steps, generate
     from tokenizer import Tokenizer
 
     ckpt = Path(args.checkpoint)
@@ -214,7 +212,7 @@ def step_decode_default(args, rec, device):
     # eager greedy references before compile_steps (it swaps the steps for compiled ones in this process). fp32
     # without TF32: speculative decoding verifies k+1 tokens in one forward, which is exact only in true fp32
     torch.set_float32_matmul_precision("highest")
-    models = {name: load_model(ckpt, exits_file, exits, device, DTYPES[name])
+    models = {name: BalconyModel.from_checkpoint(ckpt, exits_file, exits, device, DTYPES[name])
               for name in dict.fromkeys(["float32", default_dtype(device)])}  # bf16 too on CUDA
     refs = {name: generate(m, [prompt], n_new)[0]["tokens"] for name, m in models.items()}
     if device.type == "cuda":
@@ -239,11 +237,12 @@ def dry_chats(ckpt: Path, folder: Path) -> Path:
     """--dry-run's chat data: the model's own 16-token answers to bench_generate's eight questions, 6 train, 2 val."""
     from bench_generate import QUESTIONS
     from chat_data import answer
-    from generate import load_model
+    from balcony import BalconyModel
     from tokenizer import Tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
-    answers = answer(load_model(ckpt), Tokenizer.from_checkpoint(ckpt), QUESTIONS, 16, batch_size=8)
+    bm = BalconyModel.from_checkpoint(ckpt, exits=[None])
+    answers = answer(bm, Tokenizer.from_checkpoint(ckpt), QUESTIONS, 16, batch_size=8)
     rows = [json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
             for q, (a, _, _) in zip(QUESTIONS, answers)]
     (folder / "train.jsonl").write_text("\n".join(rows[:6]) + "\n")
@@ -257,7 +256,6 @@ def step_distill(args, rec, device):
     from chat_data import read_chats
     from data import CHAT
     from eval import eval_heldout_chat
-    from generate import load_model
     from tokenizer import Tokenizer
 
     ckpt, chat, work = Path(args.checkpoint), Path(args.chat_data or CHAT), Path(args.work)
@@ -296,13 +294,13 @@ def step_distill(args, rec, device):
     layers = [int(k) for k in exits.split(",")]
     for name, path in (("this run", exits_path), ("demo", ckpt / "balcony.safetensors")):
         if path.is_file() and BalconyModel.read_exits_file(path)[0]["exit_layers"] == layers:
-            bm = load_model(ckpt, path, layers, device, DTYPES[default_dtype(device)])
+            bm = BalconyModel.from_checkpoint(ckpt, path, layers, device, DTYPES[default_dtype(device)])
             for e, r in zip(layers, eval_heldout_chat(bm, tok, chats, layers, 16)):
                 rec.row("heldout_chat", dict(exits=name, exit=e, top1_agree=r["top1_agree"], kl=r["kl"],
                                              tokens=r["tokens"]))
     # the exits in bf16, one file per exit: each loads alone (generate.py --balcony), and each stays far below the
     # 16 MB a copied-back file may have (three 135M-model blocks together are 21 MB in bf16)
-    bm = load_model(ckpt, exits_path, layers, "cpu", torch.bfloat16)
+    bm = BalconyModel.from_checkpoint(ckpt, exits_path, layers, "cpu", torch.bfloat16)
     for e in layers:
         one = BalconyModel(bm.model, [e], kind=bm.kind)
         one.exits[str(e)].load_state_dict(bm.exits[str(e)].state_dict())
