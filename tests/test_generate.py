@@ -373,6 +373,7 @@ def test_compiled_batch_keeps_its_shape_as_rows_finish(monkeypatch):
     assert [r["tokens"] for r in g.generate(model, prompts, lengths, exit=exits)] == ref
 
 
+@pytest.mark.slow
 def test_speculative_greedy_in_bf16_mostly_agrees(tmp_path):
     # fp32: identical to full-depth greedy (test_speculative_greedy_equals_full_depth). bf16: the verifier's
     # (k+1)-token forward rounds differently from one-token steps, so where the top two logits are within bf16

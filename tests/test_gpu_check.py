@@ -10,6 +10,7 @@ import gpu_check
 from cli import default_dtype
 
 
+@pytest.mark.slow
 def test_dry_run_runs_every_step(tmp_path):
     out = tmp_path / "out"
     args = gpu_check.parse_args(["--dry-run", "--out", str(out), "--work", str(tmp_path / "work")])

@@ -261,6 +261,7 @@ def val_metrics(log):
             if "eval" in r]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_fsdp_validation_with_uneven_batches_matches_one_process(setup, tmp_path, nproc):
     """6 validation windows in batches of 2 are 3 batches: 2 ranks get 2 and 1 (FSDP's all-gathers went out of step
