@@ -2,7 +2,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: test setup demo clean default-model check-docs
+.PHONY: test setup demo clean default-model check-docs gpu-check
 setup: $(VENV)/.ok
 $(VENV)/.ok: requirements.txt requirements-dev.txt
 	$(PY) -m venv $(VENV)
@@ -37,6 +37,12 @@ demo: setup
 # in a scratch copy of the repository (tests/test_docs.py; make test checks them all without running them).
 check-docs: setup
 	CHECK_DOCS=1 $(BIN)/python -m pytest -q tests/test_docs.py -k runs --durations=0
+
+# Everything a GPU owes in one command, about 8 minutes on one H100/H200 (docs/gpu.md): the CUDA tests, a training
+# step and decoding at the Llama-3-8B shape, decoding and a distillation on the default model. Results, small files,
+# in out/gpu-check/. On a machine whose own python holds a CUDA torch: python gpu_check.py
+gpu-check: setup
+	$(BIN)/python gpu_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
