@@ -1,6 +1,7 @@
 """Every script answers -h, bad input ends in one line, exit 2, and default paths are anchored at the repository
 (the documented commands are checked in test_docs.py)."""
 import importlib
+import re
 import subprocess
 import sys
 from pathlib import Path
