@@ -33,8 +33,8 @@ from tqdm import tqdm
 from balcony import KINDS, BalconyModel, distillation_kl, distillation_kl_reference, exit_metrics, model_fingerprint
 from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, run_cli
 from convert_hf import TOKENIZER_FILES, atomic_write
-from data import (add_data_args, data_files, get_batch, iter_batches, n_windows, open_tokens, step_windows,
-                  tokenize_corpus)
+from data import (FORMAT, add_data_args, data_files, get_batch, iter_batches, n_windows, open_mask, open_tokens,
+                  step_windows, tokenize_corpus)
 from model import Transformer
 from tokenizer import Tokenizer
 
@@ -46,26 +46,39 @@ def _ce_chunk(weight, h, y):
 
 class ExitLoss(nn.Module):
     """The training objective as one module, so DDP and torch.compile can wrap it: per exit, kl_weight times Eq. 2's
-    KL averaged over tokens, plus (--loss kl+ce) ce_weight times the exit's cross-entropy against the next token.
+    KL averaged over the target tokens, plus (--loss kl+ce) ce_weight times the exit's cross-entropy against the next
+    token. masked: only the positions whose target y is not -1 (data.py's mask: a chat's answers) enter the loss, and
+    the head's products in it; the backbone and the balconies still run on every position, as attention needs.
     Returns the loss and the unweighted per-exit KL and CE (None without CE) for the log."""
 
-    def __init__(self, bm: BalconyModel, chunk_size: int, ce_weight: float = 0.0, kl_weight: float = 1.0):
+    def __init__(self, bm: BalconyModel, chunk_size: int, ce_weight: float = 0.0, kl_weight: float = 1.0,
+                 masked: bool = False):
         super().__init__()
         self.bm, self.chunk_size, self.kl_weight, self.ce_weight = bm, chunk_size, kl_weight, ce_weight
+        self.masked = masked
 
     def forward(self, x, y):
         h_full, h_exits = self.bm.forward_train(x)  # (B, T, D), [(B, T, D)] * n_exits
+        return (self.masked_loss if self.masked else self.loss)(h_full, h_exits, y)
+
+    @torch.compiler.disable  # how many positions count changes every batch: compiled, it would recompile every step
+    def masked_loss(self, h_full, h_exits, y):
+        keep = y.reshape(-1) >= 0  # (B * T,)
+        return self.loss(h_full.flatten(0, 1)[keep], [h.flatten(0, 1)[keep] for h in h_exits], y.reshape(-1)[keep])
+
+    def loss(self, h_full, h_exits, y):
+        n = max(y.numel(), 1)  # the targets counted: every position unless masked
         if self.bm.train_backbone:  # the head trains too: the plain form gives it a gradient, the fused one does not
-            kl = distillation_kl_reference(self.bm.model.output.weight, h_full, h_exits) / x.numel()  # (n_exits,)
+            kl = distillation_kl_reference(self.bm.model.output.weight, h_full, h_exits) / n  # (n_exits,)
         else:
-            kl = distillation_kl(self.bm.model.output, h_full, h_exits, self.chunk_size) / x.numel()
+            kl = distillation_kl(self.bm.model.output, h_full, h_exits, self.chunk_size) / n
         # The weighting, in one place. The paper's CE ablation (section 4.3) is kl_weight 0.001, ce_weight 1.
         loss = self.kl_weight * kl.sum()
         if not self.ce_weight:
             return loss, kl.detach(), None
         w, y, c = self.bm.model.output.weight, y.reshape(-1), self.chunk_size
         ce = torch.stack([sum(checkpoint(_ce_chunk, w, h.reshape(len(y), -1)[s:s + c], y[s:s + c], use_reentrant=False)
-                              for s in range(0, len(y), c)) for h in h_exits]) / x.numel()  # chunked like the KL
+                              for s in range(0, len(y), c)) for h in h_exits]) / n  # chunked like the KL
         return loss + self.ce_weight * ce.sum(), kl.detach(), ce.detach()
 
 
@@ -79,16 +92,19 @@ def baseline_states(bm: BalconyModel, x):
 
 
 @torch.no_grad()
-def evaluate(bm, val, args, ctx, rank=0, world_size=1, baseline=False):
-    """Validation KL(p_full || p) per token, top-1 agreement with the full model and perplexity: three lists, one value
-    per exit and a last one for full depth. baseline: no balconies (the final norm straight on layer-k states)."""
+def evaluate(bm, val, args, ctx, rank=0, world_size=1, baseline=False, mask=None):
+    """Validation KL(p_full || p) per target token (mask: data.py's loss mask, else every token), top-1 agreement with
+    the full model and perplexity: three lists, one value per exit and a last one for full depth. baseline: no
+    balconies (the final norm straight on layer-k states)."""
     device = bm.model.output.weight.device
     sums = torch.zeros(4, len(bm.exit_layers) + 1, device=device)  # KL, top-1 hits, NLL, tokens
-    for x, y in iter_batches(val, args.seq_len, args.batch_size, device, args.eval_windows, rank, world_size):
+    for x, y in iter_batches(val, args.seq_len, args.batch_size, device, args.eval_windows, rank, world_size, mask):
+        keep = y >= 0  # (B, T)
         with ctx:
             h_full, h_exits = baseline_states(bm, x) if baseline else bm.forward_train(x)
-            sums[:3] += exit_metrics(bm.model.output, h_full, h_exits + [h_full], y, args.chunk_size)
-        sums[3] += x.numel()
+            sums[:3] += exit_metrics(bm.model.output, h_full[keep], [h[keep] for h in h_exits + [h_full]], y[keep],
+                                     args.chunk_size)
+        sums[3] += keep.sum()
     if world_size > 1:
         dist.all_reduce(sums)
     kl, top1, nll = (sums[:3] / sums[3]).tolist()
@@ -104,13 +120,34 @@ def get_lr(step: int, max_lr: float, warmup_steps: int, max_steps: int) -> float
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
 
 
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def native_bf16(device) -> bool:
+    """Whether the device multiplies bf16 natively: CUDA, or a CPU with AVX512-BF16 or AMX (the flags Linux lists in
+    /proc/cpuinfo; about twice its fp32 rate on the head's products). Other CPUs emulate bf16, slower than fp32."""
+    if device.type == "cuda":
+        return True
+    try:
+        flags = set(CPUINFO.read_text().split())
+    except OSError:  # not Linux
+        return False
+    return device.type == "cpu" and bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def train_dtype(device) -> str:
+    """--dtype's default for training: bf16 where it is native (the exits' master weights and the loss's softmax and
+    KL stay fp32 anyway), fp32 elsewhere."""
+    return "bfloat16" if native_bf16(device) else "float32"
+
+
 # ---------------------------------------------------------------------------------------------- training state
 def run_config(args, global_batch: int, data_key: str) -> dict:
     """What a resumed run must share with the saved one to continue exactly (the data position is the step).
     --max-steps may grow: the learning rate then follows the new schedule from the resumed step on."""
     keys = ("seq_len", "lr", "warmup_steps", "weight_decay", "grad_clip", "init", "balcony", "loss", "kl_weight",
             "ce_weight", "train_backbone", "seed", "dtype")
-    return {**{k: getattr(args, k) for k in keys}, "global_batch": global_batch, "data": data_key}
+    return {**{k: getattr(args, k) for k in keys}, "global_batch": global_batch, "data": data_key, "format": FORMAT}
 
 
 def save_state(path: Path, bm, opt, step: int, fingerprint: str, config: dict):
@@ -136,6 +173,10 @@ def load_state(path: Path, fingerprint: str, exit_layers: list, config: dict) ->
     if state["fingerprint"] != fingerprint:
         raise UsageError(f"{path} was saved for another base model (fingerprint {state['fingerprint']}, this "
                          f"checkpoint's is {fingerprint})")
+    if state["config"].get("format") != config["format"]:  # states from before the format was recorded: 2
+        raise UsageError(f"{path} was saved by an older train.py (token format {state['config'].get('format', 2)}, "
+                         f"now {config['format']}: chats train on their answers alone), so it cannot continue exactly; "
+                         f"train without --resume")
     if state["exit_layers"] != exit_layers:
         raise UsageError(f"{path} trains exits {state['exit_layers']}, not --exit-layers {exit_layers}")
     diff = [f"{k} {state['config'].get(k)!r} -> {v!r}" for k, v in config.items() if state["config"].get(k) != v]
@@ -267,7 +308,8 @@ def train(args, rank: int, world_size: int, device) -> int:
         raise UsageError(f"--exit-layers {args.exit_layers!r} is not a comma-separated list of layers") from None
     if args.fsdp and not ddp:
         raise UsageError("--fsdp shards the backbone across processes; launch with torchrun --nproc_per_node N")
-    args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    chosen = args.dtype is None
+    args.dtype = args.dtype or ("float32" if args.train_backbone else train_dtype(device))
     dtype = DTYPES[args.dtype]
     if args.train_backbone and (ddp or dtype != torch.float32):
         raise UsageError("--train-backbone (the unfrozen ablation) trains in one process with an fp32 backbone: drop "
@@ -290,6 +332,7 @@ def train(args, rank: int, world_size: int, device) -> int:
     folder = tokenize_corpus(files, tokenizer, args.val_files, args.cache_dir, args.val_fraction, args.num_proc,
                              wait=not master)
     train_tokens, val_tokens = open_tokens(folder, "train"), open_tokens(folder, "val")
+    train_mask, val_mask = open_mask(folder, "train"), open_mask(folder, "val")  # None: plain text, every token
     global_batch = args.batch_size * args.grad_accum * world_size  # windows per optimiser step
     n_train = n_windows(train_tokens, args.seq_len)
     if n_train < global_batch or n_windows(val_tokens, args.seq_len) < 1:
@@ -302,7 +345,7 @@ def train(args, rank: int, world_size: int, device) -> int:
                             fused=device.type == "cuda")
     # autocast runs the exits in --dtype (the frozen weights already are); the loss's softmax and KL stay fp32
     ctx = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    baseline = evaluate(bm, val_tokens, args, ctx, rank, world_size, baseline=True)  # the original model's
+    baseline = evaluate(bm, val_tokens, args, ctx, rank, world_size, True, val_mask)  # the original model's
     config, step = run_config(args, global_batch, folder.name), 0
     if args.resume:
         state = load_state(state_path, fingerprint, bm.exit_layers, config)
@@ -316,7 +359,8 @@ def train(args, rank: int, world_size: int, device) -> int:
         torch.set_rng_state(state["rng"])
         step = state["step"]
 
-    loss_fn = ExitLoss(bm, args.chunk_size, args.ce_weight if args.loss == "kl+ce" else 0.0, args.kl_weight)
+    loss_fn = ExitLoss(bm, args.chunk_size, args.ce_weight if args.loss == "kl+ce" else 0.0, args.kl_weight,
+                       masked=train_mask is not None)
     if device.type == "cuda" if args.compile is None else args.compile:
         loss_fn = torch.compile(loss_fn, dynamic=False)  # compiles on the first step
     if ddp:
@@ -333,6 +377,10 @@ def train(args, rank: int, world_size: int, device) -> int:
     say(f"{sum(p.numel() for p in params):,} trainable parameters in exits {bm.exit_layers}"
         f"{' and the backbone' if bm.train_backbone else ''} ({args.balcony} balconies); "
         f"{n_train} training windows of {args.seq_len} tokens, {global_batch} per step; from step {step}")
+    say(f"backbone and head in {args.dtype}" + (f" (the default on this {device.type}; --dtype to change)" if chosen
+                                                 else "") + ", the exits' weights and the softmax and KL in float32")
+    say("the loss on every token (plain text)" if train_mask is None else f"the loss on the chats' assistant answers: "
+        f"{int(train_mask[1:].sum()):,} of {len(train_tokens) - 1:,} training targets")
     if not args.resume:  # a resumed run's log already has it
         record({"step": step, "eval": "no_balcony", **metrics_by_exit(exit_layers, baseline)})
     say("no balcony (final norm + head on layer-k states): val KL " +
@@ -352,7 +400,7 @@ def train(args, rank: int, world_size: int, device) -> int:
             stats = torch.zeros(2, len(exit_layers), device=device)  # per exit: KL, CE, averaged over the step
             for micro in range(args.grad_accum):
                 first = (micro * world_size + rank) * args.batch_size  # this rank's slice of the global batch
-                x, y = get_batch(train_tokens, windows[first:first + args.batch_size], args.seq_len, device)
+                x, y = get_batch(train_tokens, windows[first:first + args.batch_size], args.seq_len, device, train_mask)
                 # DDP averages gradients across ranks on the last micro-step only
                 sync = loss_fn.no_sync() if ddp and micro < args.grad_accum - 1 else contextlib.nullcontext()
                 with sync:
@@ -378,7 +426,7 @@ def train(args, rank: int, world_size: int, device) -> int:
             entry = {"step": step, "lr": lr, "kl": kl, "grad_norm": grad_norm.item(), "tokens_per_s": tok_s, "dt": dt}
             record({**entry, "ce": stats[1].tolist()} if args.loss == "kl+ce" else entry)
             if step % args.eval_every == 0 or step == args.max_steps:
-                final = evaluate(bm, val_tokens, args, ctx, rank, world_size)
+                final = evaluate(bm, val_tokens, args, ctx, rank, world_size, mask=val_mask)
                 record({"step": step, "eval": "balcony", **metrics_by_exit(exit_layers, final)})
                 say(f"step {step}: val KL " + ", ".join(f"{k}: {v:.3f}" for k, v in zip(exit_layers, final[0])))
             stop = step < args.max_steps and stop_requested(ddp, device)  # a collective: every rank asks
@@ -394,7 +442,7 @@ def train(args, rank: int, world_size: int, device) -> int:
         if log:
             log.close()
     if final is None:  # resumed at the last step (killed after its state was saved, before the exits were)
-        final = evaluate(bm, val_tokens, args, ctx, rank, world_size)
+        final = evaluate(bm, val_tokens, args, ctx, rank, world_size, mask=val_mask)
     if master:
         if bm.train_backbone:
             save_checkpoint(bm.model, ckpt, out)
@@ -446,7 +494,8 @@ def get_parser():
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the training step (default: on with CUDA)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="the frozen backbone and head (default: "
-                   "bfloat16 on CUDA, float32 on CPU); the exits' weights and optimiser state stay float32")
+                   "bfloat16 on CUDA and on CPUs with AVX512-BF16 or AMX, else float32; float32 with "
+                   "--train-backbone); the exits' weights and optimiser state, the softmax and the KL stay float32")
     p.add_argument("--fsdp", action="store_true", help="with torchrun: shard the frozen backbone across processes "
                    "(FSDP2), for backbones too big for one GPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
