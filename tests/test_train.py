@@ -351,7 +351,7 @@ def test_chats_train_on_answers_and_plain_text_on_every_token(setup, tmp_path, m
     kl, get_batch = train.distillation_kl, train.get_batch
     monkeypatch.setattr(train, "get_batch", lambda *a: seen.append(["batch", int((r := get_batch(*a))[1].ge(0).sum()),
                                                                      r[1].numel()]) or r)
-    monkeypatch.setattr(train, "distillation_kl", lambda out, h, hs, c: seen.append(["kl", h.shape[0]]) or
+    monkeypatch.setattr(train, "distillation_kl", lambda out, h, hs, c: seen.append(["kl", h.numel() // h.shape[-1]]) or
                         kl(out, h, hs, c))
     for data, masked in ((chats, True), (text, False)):
         seen.clear()
