@@ -146,7 +146,7 @@ def run_config(args, global_batch: int, data_key: str) -> dict:
     """What a resumed run must share with the saved one to continue exactly (the data position is the step).
     --max-steps may grow: the learning rate then follows the new schedule from the resumed step on."""
     keys = ("seq_len", "lr", "warmup_steps", "weight_decay", "grad_clip", "init", "balcony", "loss", "kl_weight",
-            "ce_weight", "train_backbone", "seed", "dtype")
+            "ce_weight", "train_backbone", "seed", "dtype", "loss_on")
     return {**{k: getattr(args, k) for k in keys}, "global_batch": global_batch, "data": data_key, "format": FORMAT}
 
 
@@ -333,6 +333,8 @@ def train(args, rank: int, world_size: int, device) -> int:
                              wait=not master)
     train_tokens, val_tokens = open_tokens(folder, "train"), open_tokens(folder, "val")
     train_mask, val_mask = open_mask(folder, "train"), open_mask(folder, "val")  # None: plain text, every token
+    if args.loss_on == "all":  # the ablation: train on every token, still validate on the answers
+        train_mask = None
     global_batch = args.batch_size * args.grad_accum * world_size  # windows per optimiser step
     n_train = n_windows(train_tokens, args.seq_len)
     if n_train < global_batch or n_windows(val_tokens, args.seq_len) < 1:
@@ -379,8 +381,9 @@ def train(args, rank: int, world_size: int, device) -> int:
         f"{n_train} training windows of {args.seq_len} tokens, {global_batch} per step; from step {step}")
     say(f"backbone and head in {args.dtype}" + (f" (the default on this {device.type}; --dtype to change)" if chosen
                                                  else "") + ", the exits' weights and the softmax and KL in float32")
-    say("the loss on every token (plain text)" if train_mask is None else f"the loss on the chats' assistant answers: "
-        f"{int(train_mask[1:].sum()):,} of {len(train_tokens) - 1:,} training targets")
+    say(f"the loss on the chats' assistant answers: {int(train_mask[1:].sum()):,} of {len(train_tokens) - 1:,} "
+        f"training targets" if train_mask is not None else "the loss on every token" +
+        (" (--loss-on all)" if val_mask is not None else " (plain text)"))
     if not args.resume:  # a resumed run's log already has it
         record({"step": step, "eval": "no_balcony", **metrics_by_exit(exit_layers, baseline)})
     say("no balcony (final norm + head on layer-k states): val KL " +
@@ -485,6 +488,9 @@ def get_parser():
                    "(up to the last exit) and the head train with the exits on the same loss, the teacher being the "
                    "current full model, detached; --out is then a new checkpoint folder whose full depth is no "
                    "longer the original model")
+    p.add_argument("--loss-on", choices=["answers", "all"], default="answers", help="answers: on chats, only the "
+                   "positions that predict an assistant turn's tokens (plain text: every token); all: every token "
+                   "(validation stays on the answers)" + d)
     p.add_argument("--chunk-size", type=int, default=256, help="tokens whose logits exist at once in the loss" + d)
     p.add_argument("--eval-every", type=int, default=30, help="validate every N steps, and at the end" + d)
     p.add_argument("--eval-windows", type=int, default=16, help="validation windows per evaluation" + d)

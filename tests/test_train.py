@@ -339,7 +339,7 @@ def test_bf16_default_where_the_cpu_has_it(tmp_path, monkeypatch):
 
 def test_chats_train_on_answers_and_plain_text_on_every_token(setup, tmp_path, monkeypatch, capsys):
     """End to end: on chats the fused KL sees exactly the positions whose target is an answer token (fewer than the
-    batch's); on plain text every position; train.py says which."""
+    batch's); on plain text, or chats with --loss-on all, every position; train.py says which."""
     ckpt, text = setup
     chats = tmp_path / "chats"
     chats.mkdir()
@@ -353,17 +353,17 @@ def test_chats_train_on_answers_and_plain_text_on_every_token(setup, tmp_path, m
                                                                      r[1].numel()]) or r)
     monkeypatch.setattr(train, "distillation_kl", lambda out, h, hs, c: seen.append(["kl", h.numel() // h.shape[-1]]) or
                         kl(out, h, hs, c))
-    for data, masked in ((chats, True), (text, False)):
+    for data, masked, extra, said in ((chats, True, [], "the loss on the chats' assistant answers"),
+                                      (chats, False, ["--loss-on", "all"], "the loss on every token (--loss-on all)"),
+                                      (text, False, [], "the loss on every token (plain text)")):
         seen.clear()
         args = argv(tmp_path, ckpt, data, "m.safetensors", "--max-steps", "2", "--eval-every", "100", "--val-files",
-                    "", "--val-fraction", "0.2")
+                    "", "--val-fraction", "0.2", *extra)
         assert train.main(train.parse_args(args)) == 0
         assert [s[0] for s in seen] == ["batch", "kl"] * 2
         for (_, kept, total), (_, rows) in zip(seen[::2], seen[1::2]):
             assert rows == kept and (kept < total if masked else kept == total)
-        out = capsys.readouterr().out
-        assert ("the loss on the chats' assistant answers" in out) == masked
-        assert ("the loss on every token (plain text)" in out) == (not masked)
+        assert said in capsys.readouterr().out
 
 
 def test_state_of_an_older_train_py_is_refused_in_one_line(setup, tmp_path):
