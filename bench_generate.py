@@ -17,7 +17,7 @@ import time
 import torch
 
 from balcony import BalconyModel
-from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, run_cli
+from cli import DEFAULT_CHECKPOINT, DTYPE_HELP, DTYPES, UsageError, default_dtype, run_cli
 from cascade import weights_per_token
 from generate import compile_steps, generate
 
@@ -137,6 +137,7 @@ def main(args):
         raise UsageError(f"unknown --tables {sorted(bad)}; choose from {TABLES}")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    args.dtype = args.dtype or default_dtype(device)
     model = BalconyModel.from_checkpoint(args.checkpoint, args.balcony, device=device, dtype=DTYPES[args.dtype])
     exits = model.exit_layers
     tok = Tokenizer.from_checkpoint(args.checkpoint)
@@ -229,7 +230,7 @@ def get_parser():
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode steps")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help=DTYPE_HELP)
     return p
 
 

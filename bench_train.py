@@ -55,12 +55,12 @@ def _rss_kb(field: str) -> int:
 def peak_mib(fn, device) -> float:
     """Peak memory fn() adds above what is allocated before it, in MiB."""
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+        torch.cuda.synchronize(device)  # the device's own: the current one may be another (cuda:0 for a cuda:1 run)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
         fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
     base = _rss_kb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
     fn()
@@ -205,14 +205,14 @@ def measure(step, margs, exits, args, device) -> dict:
     t0 = time.perf_counter()
     step()  # warm-up: compiles, if --compile; allocates AdamW's state
     if device.type == "cuda":
-        torch.cuda.synchronize()  # the timed steps are synchronised by peak_mib
+        torch.cuda.synchronize(device)  # the timed steps are synchronised by peak_mib
     first = time.perf_counter() - t0
     times, peaks = [], []
     for _ in range(args.steps):
         t0 = time.perf_counter()
         peaks.append(peak_mib(step, device))
         times.append(time.perf_counter() - t0)
-    process = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else _rss_kb("VmHWM") / 1024
+    process = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else _rss_kb("VmHWM") / 1024
     if device.type != "cuda":  # VmHWM was reset before each step: the peak since start-up is the max of both
         process = max(process, _rss_kb("VmRSS") / 1024 + max(peaks))
     return dict(s=min(times), first=first, step_mib=max(peaks), process_mib=process,

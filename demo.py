@@ -9,7 +9,7 @@ import argparse
 
 import torch
 
-from cli import DEFAULT_CHECKPOINT, DTYPES, parse_exits, run_cli
+from cli import DEFAULT_CHECKPOINT, DTYPE_HELP, DTYPES, default_dtype, parse_exits, run_cli
 
 PROMPTS = ["What is the capital of France?", "Name three primary colors.", "How many legs does a spider have?"]
 
@@ -21,7 +21,8 @@ def main(args):
 
     exits = parse_exits(args.exits)
     torch.set_num_threads(args.threads)
-    model = BalconyModel.from_checkpoint(args.checkpoint, args.balcony, exits, args.device, DTYPES[args.dtype])
+    dtype = DTYPES[args.dtype or default_dtype(args.device)]
+    model = BalconyModel.from_checkpoint(args.checkpoint, args.balcony, exits, args.device, dtype)
     tok = Tokenizer.from_checkpoint(args.checkpoint)
     for prompt in args.prompt or PROMPTS:
         ids = tok.encode_chat([{"role": "user", "content": prompt}])
@@ -44,7 +45,7 @@ def get_parser():
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help=DTYPE_HELP)
     return p
 
 

@@ -52,11 +52,15 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, config) -> "ModelArgs":
-        """From a Hugging Face LlamaConfig: a dict, or the path of a config.json."""
+        """From a Hugging Face LlamaConfig: a dict, or the path of a config.json. The optional keys default to
+        LlamaConfig's own defaults; the sizes have none."""
+        where = "config.json" if isinstance(config, dict) else config
         if not isinstance(config, dict):
-            config = json.loads(Path(config).read_text())
+            config = read_json(config)
         if config.get("model_type", "llama") != "llama":
             raise UsageError(f"model_type {config['model_type']!r} is not supported; only 'llama' is")
+        require(config, ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                         "intermediate_size"), where)
         # transformers >= 5 writes rope_theta and the scaling inside one rope_parameters dict
         rope = config.get("rope_parameters") or {}
         scaling = config.get("rope_scaling") or rope or None
@@ -67,8 +71,9 @@ class ModelArgs:
             elif kind != "llama3":
                 raise UsageError(f"rope_scaling type {kind!r} is not supported; only 'llama3' is")
             else:
-                scaling = {k: scaling[k] for k in
-                           ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+                keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+                require(scaling, keys, f"{where}: rope_scaling")
+                scaling = {k: scaling[k] for k in keys}
         return cls(
             dim=config["hidden_size"],
             n_layers=config["num_hidden_layers"],
@@ -86,14 +91,34 @@ class ModelArgs:
 
     @classmethod
     def from_json(cls, path) -> "ModelArgs":
-        d = json.loads(Path(path).read_text())
+        """From the config.json of a converted checkpoint (to_json's, every field): a missing field is refused, as
+        its default (Llama-2-7B's) would be a guess."""
+        d = read_json(path)
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise UsageError(f"{path}: unknown ModelArgs fields {sorted(unknown)}; is this a converted checkpoint?")
+        require(d, [f.name for f in fields(cls)], path)
         return cls(**d)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
+
+
+def read_json(path) -> dict:
+    """A config file's JSON object; a missing, truncated or non-UTF-8 file is one UsageError line."""
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: bad JSON (JSONDecodeError) or bad UTF-8 (UnicodeDecodeError)
+        raise UsageError(f"{path} is not a readable JSON file ({e}); is it complete?") from None
+    if not isinstance(d, dict):
+        raise UsageError(f"{path} holds no JSON object")
+    return d
+
+
+def require(config: dict, keys, where):
+    missing = [k for k in keys if k not in config]
+    if missing:
+        raise UsageError(f"{where} misses {missing}; is the file complete?")
 
 
 _LLAMA3_SCALING = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
@@ -109,6 +134,8 @@ PRESETS = {
                          rope_scaling=dict(_LLAMA3_SCALING, factor=32.0)),
     "smollm2-135m": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, hidden_dim=1536,
                          rope_theta=100000.0, tie_embeddings=True, max_seq_len=8192),
+    # not a published model: the shape gpu_check.py --dry-run runs the paper-shape steps at, in seconds on a CPU
+    "tiny": dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=320, hidden_dim=96, max_seq_len=256),
 }
 
 
@@ -298,8 +325,7 @@ class Transformer(nn.Module):
     @classmethod
     def from_checkpoint(cls, path, device="cpu", dtype=torch.float32) -> "Transformer":
         """Load a folder written by convert_hf.py: config.json (ModelArgs) and model.safetensors (our names)."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors import SafetensorError, safe_open
 
         path = Path(path)
         config, weights = path / "config.json", path / "model.safetensors"
@@ -309,19 +335,24 @@ class Transformer(nn.Module):
         args = ModelArgs.from_json(config)
         with torch.device("meta"):
             model = cls(args)
+        expected = model.checkpoint_state_dict()
         try:
-            sd = load_file(weights, device=str(device))  # memory-mapped
+            with safe_open(weights, framework="pt", backend="pread") as f:
+                shapes = {name: torch.Size(f.get_slice(name).get_shape()) for name in f.keys()}  # no data read yet
+                missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+                if missing or unexpected:
+                    raise UsageError(f"{weights} does not match {config}: missing {missing[:3]}, "
+                                     f"unexpected {unexpected[:3]}")
+                for name, shape in shapes.items():
+                    if shape != expected[name].shape:
+                        raise UsageError(f"{weights}: {name} has shape {tuple(shape)}, config.json implies "
+                                         f"{tuple(expected[name].shape)}")
+                # tensor by tensor: each is read, cast and moved before the next is read, so memory peaks at the model
+                # in `dtype` plus one stored tensor (an fp32 8B checkpoint loaded in bf16 on a GPU: 16 GB, not 48)
+                sd = {name: f.get_tensor(name).to(device=device, dtype=dtype) for name in shapes}
         except (SafetensorError, OSError) as e:
             raise UsageError(f"{weights} is unreadable ({e}); convert the model again") from None
-        expected = model.checkpoint_state_dict()
-        missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
-        if missing or unexpected:
-            raise UsageError(f"{weights} does not match {config}: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        for name, t in sd.items():
-            if t.shape != expected[name].shape:
-                raise UsageError(f"{weights}: {name} has shape {tuple(t.shape)}, config.json implies "
-                                 f"{tuple(expected[name].shape)}")
-        model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False, assign=True)
+        model.load_state_dict(sd, strict=False, assign=True)
         if args.tie_embeddings:
             model.output.weight = model.tok_embeddings.weight
         model.inv_freq = rope_inv_freq(args).to(device)
