@@ -243,7 +243,8 @@ def imap_ordered(fn, tasks, num_proc: int, initargs):
 
 def cache_key(tokenizer, patterns: list, fraction: float, stats: list) -> str:
     try:
-        chat = encode_document(tokenizer, [{"role": "user", "content": PROBE}])
+        ids, mask = encode_document(tokenizer, [{"role": "user", "content": PROBE}])
+        chat = [ids, mask.tolist()]
     except UsageError:  # no chat format: a chat document would be refused anyway
         chat = None
     probe = [tokenizer.encode(PROBE, bos=True, eos=True), chat, tokenizer.add_bos]
