@@ -1,0 +1,196 @@
+"""serve.py on a tiny random model behind a real uvicorn on a loopback port: the official openai client, streaming and
+not; greedy output through the server equals generate() at the same exit, also when requests of different exits
+and lengths share the batch; a client that leaves mid-stream frees its row; every bad request gets an OpenAI-style
+error and the next good one is served."""
+import http.client
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from conftest import make_tiny_checkpoint
+from generate import generate
+from serve import Engine, make_app
+from test_generate import PROMPTS, lively_balcony
+from tokenizer import Tokenizer
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+MAX_SEQ = 96
+
+
+def untrained_2():
+    # the lively tiny model of test_generate with balcony 2 taken away: exits 1 and 3 trained, 2 not
+    model = lively_balcony()
+    model.exits.pop("2")
+    model.exit_layers.remove(2)
+    return model
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models gain nothing from threads (test_generate.py)
+    tok = Tokenizer.from_checkpoint(make_tiny_checkpoint(tmp_path_factory.mktemp("tiny")))
+    engine = Engine(untrained_2(), max_batch=4, max_seq=MAX_SEQ, queue_size=6, stop_ids=tok.stop_ids)
+    engine.start()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    srv = uvicorn.Server(uvicorn.Config(make_app(engine, tok, "tiny"), log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs=dict(sockets=[sock]))
+    thread.start()
+    while not srv.started:
+        time.sleep(0.01)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    yield dict(url=url, engine=engine, tok=tok, client=openai.OpenAI(base_url=url, api_key="none", max_retries=0))
+    srv.should_exit = True
+    thread.join()
+    engine.stop()
+    torch.set_num_threads(threads)
+
+
+def reference(tok, prompt, exit, max_tokens):
+    # generate() on a fresh copy of the same weights (the server's model and caches belong to its engine)
+    r = generate(untrained_2(), [prompt], max_tokens, exit=exit, eos_id=tok.stop_ids)[0]
+    return tok.decode([t for t in r["tokens"] if t not in tok.stop_ids]), len(r["tokens"])
+
+
+def post(server, path, body, stream=False):
+    """A raw POST (str bodies as they are): (status, JSON body); stream: the open response, to read and drop."""
+    host, port = server["url"].split("//")[1].split("/")[0].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/v1" + path, body if isinstance(body, str) else json.dumps(body),
+                 {"Content-Type": "application/json"})
+    r = conn.getresponse()
+    if stream:
+        return r, conn
+    status, reply = r.status, json.loads(r.read())
+    conn.close()
+    return status, reply
+
+
+def idle(engine):
+    for _ in range(500):
+        if not engine.rows:
+            return
+        time.sleep(0.01)
+    raise AssertionError("the engine kept its rows")
+
+
+def slow_steps(engine, monkeypatch, seconds=0.01):
+    step = engine.step
+    monkeypatch.setattr(engine, "step", lambda: (time.sleep(seconds), step()))
+
+
+def test_models_and_greedy_equals_generate(server):
+    client, tok = server["client"], server["tok"]
+    assert [m.id for m in client.models.list().data] == ["tiny", "tiny@auto", "tiny@1", "tiny@3"]
+    for model, exit in [("tiny", None), ("tiny@1", 1), ("tiny@3", 3)]:
+        text, n = reference(tok, PROMPTS[0], exit, 10)
+        r = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=10, temperature=0)
+        assert (r.choices[0].text, r.usage.completion_tokens, r.usage.prompt_tokens) == (text, n, len(PROMPTS[0]))
+        assert r.model == model and r.model_extra["exit"] == (exit or 4)
+        assert r.choices[0].finish_reason == ("length" if n == 10 else "stop")
+        # streamed: the same text in pieces, each chunk naming the exit
+        chunks = list(client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=10, temperature=0,
+                                                stream=True, stream_options={"include_usage": True}))
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == text
+        assert {c.model for c in chunks} == {model} and chunks[-1].usage.completion_tokens == n
+
+
+def test_chat_template_and_stream(server):
+    client, tok = server["client"], server["tok"]
+    messages = [{"role": "user", "content": "To be, or not to be"}]
+    text, n = reference(tok, tok.encode_chat(messages), 3, 8)
+    r = client.chat.completions.create(model="tiny@3", messages=messages, max_tokens=8, temperature=0)
+    assert r.choices[0].message.content == text and r.usage.completion_tokens == n and r.model == "tiny@3"
+    chunks = list(client.chat.completions.create(model="tiny@3", messages=messages, max_tokens=8, temperature=0,
+                                                 stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
+
+
+def test_overlapping_requests_of_mixed_exits_equal_generate(server, monkeypatch):
+    client, tok, engine = server["client"], server["tok"], server["engine"]
+    jobs = [(p, e, m) for p, e, m in zip(PROMPTS, [None, 1, 3, "auto", 1, None], [12, 5, 20, 9, 16, 3])]
+    batches = []
+    step = engine.step
+    monkeypatch.setattr(engine, "step", lambda: (batches.append([r.depth for r in engine.rows]), step()))
+
+    def ask(job):
+        prompt, exit, m = job
+        model = "tiny" if exit is None else f"tiny@{exit}"
+        return client.completions.create(model=model, prompt=prompt, max_tokens=m, temperature=0)
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        got = list(pool.map(ask, jobs))
+    assert max(len(b) for b in batches) >= 3 and any(len(set(b)) >= 2 for b in batches)  # they did share steps
+    assert got[3].model_extra["exit"] == 4  # @auto without a budget: full depth
+    for (prompt, exit, m), r in zip(jobs, got):
+        text, n = reference(tok, prompt, None if exit == "auto" else exit, m)
+        assert (r.choices[0].text, r.usage.completion_tokens) == (text, n)
+
+
+def test_seeded_sampling_repeats(server):
+    client = server["client"]
+    kw = dict(model="tiny@1", prompt=PROMPTS[2], max_tokens=12, temperature=1.0, top_p=0.9)
+    a, b = (client.completions.create(seed=7, **kw).choices[0].text for _ in range(2))
+    assert a == b
+
+
+def test_stop_string_ends_the_text(server):
+    client, tok = server["client"], server["tok"]
+    text, _ = reference(tok, PROMPTS[2], 3, 20)
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    r = client.completions.create(model="tiny@3", prompt=PROMPTS[2], max_tokens=20, temperature=0, stop=[stop])
+    assert r.choices[0].text == text[:text.index(stop)] and r.choices[0].finish_reason == "stop"
+
+
+def test_disconnect_frees_the_row(server, monkeypatch):
+    engine = server["engine"]
+    slow_steps(engine, monkeypatch)
+    idle(engine)  # earlier tests' rows gone (a stop string's row leaves at the step after its reply)
+    cancelled, tokens = engine.stats["cancelled"], engine.stats["tokens"]
+    body = dict(model="tiny", prompt=PROMPTS[0], max_tokens=80, temperature=0, stream=True)
+    r, conn = post(server, "/completions", body, stream=True)
+    assert r.getheader("x-balcony-exit") == "4"
+    assert r.readline().startswith(b"data: ")  # one event, then hang up
+    conn.close()
+    idle(engine)
+    assert engine.stats["cancelled"] == cancelled + 1 and engine.stats["tokens"] - tokens < 40  # of 80
+
+
+@pytest.mark.parametrize("body,status,message", [
+    ('{"model": "tiny", "prompt": ', 400, "not valid JSON"),
+    (dict(model="gpt-4", prompt="Hi"), 404, "unknown model 'gpt-4'"),
+    (dict(model="tiny@2", prompt="Hi"), 404, "exit 2 has no trained balcony"),
+    (dict(model="tiny", prompt=list(range(3, 3 + MAX_SEQ))), 400, "exceeds the model's context"),
+    (dict(model="tiny", prompt="Hi", max_tokens=0), 422, "max_new_tokens must be at least 1"),
+    (dict(model="tiny", prompt="Hi", n=2), 422, "n: Input should be less than or equal to 1"),
+    (dict(model="tiny", prompt=[5, 999]), 400, "token ids must be in 0..319"),
+    (dict(model="tiny", messages=[]), 422, "prompt: Field required"),
+])
+def test_bad_requests_get_errors_and_the_server_goes_on(server, body, status, message):
+    code, reply = post(server, "/completions", body)
+    assert code == status
+    err = reply["error"]
+    assert message in err["message"] and set(err) == {"message", "type", "param", "code"}
+    ok = server["client"].completions.create(model="tiny@1", prompt="Hi", max_tokens=3, temperature=0)
+    assert ok.usage.completion_tokens >= 1
+
+
+def test_full_queue_answers_429(server, monkeypatch):
+    engine = server["engine"]
+    slow_steps(engine, monkeypatch, 0.02)
+    body = dict(model="tiny@1", prompt=PROMPTS[1], max_tokens=10, temperature=0)
+    with ThreadPoolExecutor(16) as pool:
+        rs = list(pool.map(lambda _: post(server, "/completions", body), range(16)))
+    codes = sorted(code for code, _ in rs)
+    assert codes.count(200) >= 6 + 1 and 429 in codes and set(codes) == {200, 429}  # the queue and a row, at least
+    assert next(r for code, r in rs if code == 429)["error"]["type"] == "rate_limit_error"
+    assert post(server, "/completions", body)[0] == 200
