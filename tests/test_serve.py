@@ -4,7 +4,10 @@ and lengths share the batch; a client that leaves mid-stream frees its row; ever
 error and the next good one is served."""
 import http.client
 import json
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -12,9 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from conftest import make_tiny_checkpoint
+from balcony import BalconyModel
+from conftest import ROOT, make_tiny_checkpoint, tiny_args
 from generate import generate
-from serve import Engine, make_app
+from model import Transformer
+from serve import AutoPolicy, Engine, make_app
 from test_generate import PROMPTS, lively_balcony
 from tokenizer import Tokenizer
 
@@ -46,8 +51,9 @@ def server(tmp_path_factory):
     thread.start()
     while not srv.started:
         time.sleep(0.01)
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-    yield dict(url=url, engine=engine, tok=tok, client=openai.OpenAI(base_url=url, api_key="none", max_retries=0))
+    port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/v1"
+    yield dict(url=url, port=port, engine=engine, tok=tok, client=openai.OpenAI(base_url=url, api_key="none", max_retries=0))
     srv.should_exit = True
     thread.join()
     engine.stop()
@@ -60,18 +66,26 @@ def reference(tok, prompt, exit, max_tokens):
     return tok.decode([t for t in r["tokens"] if t not in tok.stop_ids]), len(r["tokens"])
 
 
-def post(server, path, body, stream=False):
-    """A raw POST (str bodies as they are): (status, JSON body); stream: the open response, to read and drop."""
-    host, port = server["url"].split("//")[1].split("/")[0].split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=30)
-    conn.request("POST", "/v1" + path, body if isinstance(body, str) else json.dumps(body),
-                 {"Content-Type": "application/json"})
+def call(port: int, path: str, body=None, stream=False):
+    """A raw GET (no body) or POST (str bodies as they are) on the server's root: (status, text); stream: the open
+    response and its connection, to read and drop."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    if body is None:
+        conn.request("GET", path)
+    else:
+        conn.request("POST", path, body if isinstance(body, str) else json.dumps(body),
+                     {"Content-Type": "application/json"})
     r = conn.getresponse()
     if stream:
         return r, conn
-    status, reply = r.status, json.loads(r.read())
+    status, text = r.status, r.read().decode()
     conn.close()
-    return status, reply
+    return status, text
+
+
+def post(server, path, body):
+    status, text = call(server["port"], "/v1" + path, body)
+    return status, json.loads(text)
 
 
 def idle(engine):
@@ -117,7 +131,7 @@ def test_chat_template_and_stream(server):
 
 def test_overlapping_requests_of_mixed_exits_equal_generate(server, monkeypatch):
     client, tok, engine = server["client"], server["tok"], server["engine"]
-    jobs = [(p, e, m) for p, e, m in zip(PROMPTS, [None, 1, 3, "auto", 1, None], [12, 5, 20, 9, 16, 3])]
+    jobs = [(p, e, m) for p, e, m in zip(PROMPTS, [1, 3, 1, "auto", 3, None], [20, 5, 24, 9, 16, 3])]
     batches = []
     step = engine.step
     monkeypatch.setattr(engine, "step", lambda: (batches.append([r.depth for r in engine.rows]), step()))
@@ -157,7 +171,7 @@ def test_disconnect_frees_the_row(server, monkeypatch):
     idle(engine)  # earlier tests' rows gone (a stop string's row leaves at the step after its reply)
     cancelled, tokens = engine.stats["cancelled"], engine.stats["tokens"]
     body = dict(model="tiny", prompt=PROMPTS[0], max_tokens=80, temperature=0, stream=True)
-    r, conn = post(server, "/completions", body, stream=True)
+    r, conn = call(server["port"], "/v1/completions", body, stream=True)
     assert r.getheader("x-balcony-exit") == "4"
     assert r.readline().startswith(b"data: ")  # one event, then hang up
     conn.close()
@@ -194,3 +208,55 @@ def test_full_queue_answers_429(server, monkeypatch):
     assert codes.count(200) >= 6 + 1 and 429 in codes and set(codes) == {200, 429}  # the queue and a row, at least
     assert next(r for code, r in rs if code == 429)["error"]["type"] == "rate_limit_error"
     assert post(server, "/completions", body)[0] == 200
+
+
+def test_auto_policy_picks_the_deepest_exit_that_keeps_the_budget():
+    model = BalconyModel(Transformer(tiny_args(n_layers=8)), [2, 5])
+    layer, head = (sum(p.numel() for p in m.parameters()) for m in (model.model.layers[0], model.model.output))
+
+    def step_s(depths):  # the step model by hand: each weight used is read once and used by each of its rows
+        read = layer * max(depths) + sum(head + layer * (d < 8) for d in set(depths))
+        return 2e-9 * read + 1e-9 * sum(layer * d + head + layer * (d < 8) for d in depths)
+
+    policy = AutoPolicy(model, None, alpha=2e-9, beta=1e-9)
+    policy.load = 1.5
+    assert policy.choose([8, 8, 5], 1) == 8  # no budget: full depth
+    for budget, rows, joining, want in [(1.0, [], 0, 8), (1.5 * step_s([8, 8, 5, 5, 5]), [8, 8], 2, 5),
+                                        (1.5 * step_s([8, 8, 5, 2, 2]) * 1.001, [8, 8, 5], 1, 2), (1e-9, [8], 0, 2)]:
+        policy.budget_s = budget
+        assert policy.choose(rows, joining) == want
+        assert policy.last == pytest.approx({d: 1000 * 1.5 * step_s(rows + [d] * (1 + joining)) for d in (8, 5, 2)})
+    assert policy.decisions == {8: 2, 5: 1, 2: 2}
+
+
+def test_auto_request_served_at_the_chosen_exit(server, monkeypatch):
+    engine = server["engine"]
+    monkeypatch.setattr(engine.policy, "budget_s", 1e-9)  # no exit keeps it: the shallowest
+    r = server["client"].completions.create(model="tiny@auto", prompt=PROMPTS[0], max_tokens=4, temperature=0)
+    assert r.model == "tiny@1" and r.choices[0].text == reference(server["tok"], PROMPTS[0], 1, 4)[0]
+    metrics = call(server["port"], "/metrics")[1]
+    assert 'balcony_auto_decisions{exit="1"} 1' in metrics and "balcony_auto_predicted_tpot_ms" in metrics
+
+
+def test_ctrl_c_drains_the_streams_in_flight(tmp_path):
+    ckpt = make_tiny_checkpoint(tmp_path / "tiny")
+    BalconyModel(Transformer.from_checkpoint(ckpt), [1, 3]).save_exits(ckpt / "balcony.safetensors")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--checkpoint", str(ckpt), "--port", str(port),
+                             "--max-seq", "256"], stderr=subprocess.PIPE, text=True)
+    for _ in range(300):
+        try:
+            assert "tiny@3" in call(port, "/v1/models")[1]
+            break
+        except OSError:
+            time.sleep(0.1)
+    r, conn = call(port, "/v1/completions", dict(model="tiny@3", prompt=PROMPTS[0], max_tokens=200, temperature=0,
+                                                  stream=True), stream=True)
+    assert r.readline().startswith(b"data: ")
+    proc.send_signal(signal.SIGINT)  # Ctrl-C while it streams: the stream still ends properly, then the server
+    events = [line for line in r.read().decode().splitlines() if line]
+    conn.close()
+    assert events[-1] == "data: [DONE]" and json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "length"
+    assert proc.wait(30) == 0 and "Traceback" not in proc.stderr.read()
