@@ -38,7 +38,7 @@ import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -72,7 +72,6 @@ class Request:
     n_out: int = 0
     done: bool = False
     generator: Optional[torch.Generator] = None
-    t_submit: float = field(default_factory=time.perf_counter)
 
 
 class CacheRows(KVCache):
@@ -93,15 +92,16 @@ class AutoPolicy:
     def __init__(self, model: BalconyModel, budget_s: Optional[float], alpha: float, beta: float):
         self.model, self.budget_s, self.alpha, self.beta = model, budget_s, alpha, beta
         self.ladder = [model.n_layers, *model.exit_layers[::-1]]  # deepest first
+        self.layer = sum(p.numel() for p in model.model.layers[0].parameters())
+        self.token = {d: weights_per_token(model, d) for d in self.ladder}  # the weights a token at exit d reads
         self.load = 1.0  # measured step intervals over predicted step times, a running mean
         self.decisions = {d: 0 for d in self.ladder}
         self.last = {}  # the latest decision's predicted ms per token, by exit
 
     def step_s(self, depths: list) -> float:
         """Predicted seconds of one decode step on rows at these depths, before the load factor."""
-        layer = sum(p.numel() for p in self.model.model.layers[0].parameters())
-        read = layer * max(depths) + sum(weights_per_token(self.model, d) - layer * d for d in set(depths))
-        return self.alpha * read + self.beta * sum(weights_per_token(self.model, d) for d in depths)
+        read = self.layer * max(depths) + sum(self.token[d] - self.layer * d for d in set(depths))  # + balcony, head
+        return self.alpha * read + self.beta * sum(self.token[d] for d in depths)
 
     def observe(self, depths: list, interval_s: float):
         self.load += 0.1 * (interval_s / self.step_s(depths) - self.load)
@@ -152,7 +152,7 @@ class Engine:
                 ts.append(time.perf_counter() - t)
             times.append(sorted(ts)[1])  # the first call warms up
         beta = max(times[1] - times[0], 0.0) / max(self.max_batch - 1, 1) / w
-        alpha = times[0] / w - beta
+        alpha = max(times[0] / w - beta, 0.0)
         log.info("engine: full-depth step %.1f ms at 1 row, %.1f ms at %d rows", 1000 * times[0], 1000 * times[1],
                  self.max_batch)
         return alpha, beta
@@ -432,8 +432,9 @@ def make_app(engine: Engine, tokenizer, name: str):
                     parts.append(text)
             finally:
                 req.cancelled = not req.done  # the client left before the end: free the row
-            return {**head, "object": "chat.completion" if chat else "text_completion",
-                    "choices": [choice("".join(parts), finish, False)], "usage": usage()}
+            return JSONResponse({**head, "object": "chat.completion" if chat else "text_completion",
+                                 "choices": [choice("".join(parts), finish, False)], "usage": usage()},
+                                headers={"x-balcony-exit": str(depth)})
 
         obj = "chat.completion.chunk" if chat else "text_completion"
         with_usage = bool((body.stream_options or {}).get("include_usage"))
