@@ -312,7 +312,7 @@ def error_body(status: int, message: str, param=None, code=None) -> dict:
 
 def make_app(engine: Engine, tokenizer, name: str):
     """The FastAPI app in front of a started engine: OpenAI's /v1/models, /v1/completions, /v1/chat/completions."""
-    from fastapi import FastAPI, Request as HTTPRequest
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from pydantic import BaseModel, Field
@@ -369,31 +369,36 @@ def make_app(engine: Engine, tokenizer, name: str):
         return PlainTextResponse(engine.metrics())
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, http: HTTPRequest):
+    async def completions(body: CompletionRequest):
         prompt = body.prompt if isinstance(body.prompt, list) else tokenizer.encode(body.prompt,
                                                                                     bos=tokenizer.add_bos)
-        return await serve(body, prompt, chat=False, http=http)
+        return await serve(body, prompt, chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest, http: HTTPRequest):
-        prompt = tokenizer.encode_chat([m.model_dump() for m in body.messages])
-        return await serve(body, prompt, chat=True, http=http)
+    async def chat(body: ChatRequest):
+        try:
+            prompt = tokenizer.encode_chat([m.model_dump() for m in body.messages])
+        except UsageError as e:  # a tokenizer with no chat format
+            raise APIError(400, str(e), "messages") from None
+        return await serve(body, prompt, chat=True)
 
-    async def serve(body: Common, prompt: list, chat: bool, http: HTTPRequest):
+    async def serve(body: Common, prompt: list, chat: bool):
         if body.model not in ids:
             base, _, exit = body.model.partition("@")
             hint = (f"exit {exit} has no trained balcony" if base == name and exit else f"unknown model {body.model!r}")
             raise APIError(404, f"{hint}; this server has {', '.join(ids)}", "model", "model_not_found")
-        max_tokens = body.max_completion_tokens or body.max_tokens
+        max_tokens = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
         if max_tokens is None:
             max_tokens = max(context - len(prompt), 1) if chat else 16  # OpenAI's defaults
+        if max_tokens < 1:
+            raise APIError(422, f"max_tokens must be at least 1, not {max_tokens}", "max_tokens")
         if any(not 0 <= t < model.model.args.vocab_size for t in prompt):
             raise APIError(400, f"prompt token ids must be in 0..{model.model.args.vocab_size - 1}", "prompt")
         try:
             check_request(len(prompt), max_tokens, context)
         except UsageError as e:
-            raise APIError(422 if max_tokens < 1 else 400, str(e), "max_tokens" if max_tokens < 1 else "messages"
-                           if chat else "prompt", None if max_tokens < 1 else "context_length_exceeded") from None
+            raise APIError(400, str(e), "messages" if chat else "prompt",
+                           "context_length_exceeded" if prompt else None) from None
         events, loop = asyncio.Queue(), asyncio.get_running_loop()
         req = Request(prompt, ids[body.model], max_tokens, body.temperature, body.top_p, body.seed,
                       post=lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value)))
@@ -411,7 +416,7 @@ def make_app(engine: Engine, tokenizer, name: str):
             raise APIError(500, depth)
         served = name if depth == n else f"{name}@{depth}"
         rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
-        stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
+        stops = [s for s in ([body.stop] if isinstance(body.stop, str) else body.stop or []) if s]
         head = dict(id=rid, created=created, model=served, exit=depth)
 
         def usage():
