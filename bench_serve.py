@@ -89,6 +89,25 @@ def summarize(results: list, wall: float, agreement: dict) -> dict:
                 mean_depth=sum(r["depth"] for r in ok) / len(ok), agreement=quality)
 
 
+def verdict(rows: list, budget_s: float) -> list:
+    """The target, checked: at each rate, full depth's p95 TPOT against the budget and @auto's; at the lowest rate,
+    @auto's share of full-depth requests."""
+    by = {(r["policy"], r["rate"]): r for r in rows}
+    rates = sorted({r["rate"] for r in rows})
+    lines = []
+    for rate in rates:
+        full, auto = by.get(("full", rate)), by.get(("auto", rate))
+        if full and auto:
+            within = "within" if auto["tpot_p95"] <= budget_s else "over"
+            lines.append(f"rate {rate:g}/s: full depth p95 TPOT {full['tpot_p95'] / budget_s:.2f}x the budget, "
+                         f"@auto {auto['tpot_p95'] / budget_s:.2f}x ({within}), mean depth {auto['mean_depth']:.1f}")
+    low = by.get(("auto", rates[0]))
+    if low:
+        lines.append(f"lowest rate {rates[0]:g}/s: @auto served {low['share'].get('full', 0):.0%} of its requests at "
+                     f"full depth")
+    return lines
+
+
 def read_agreement(path) -> dict:
     """{exit label: held-out chat top-1 agreement with full depth} from eval.py's --json file."""
     if not path:
@@ -184,6 +203,8 @@ def main(args):
               f"{r['ttft_p50']:.2f} / {r['ttft_p95']:.2f} | {1000 * r['tpot_p50']:.0f} / {1000 * r['tpot_p95']:.0f} | "
               f"{share} | {r['mean_depth']:.1f} | {q} |")
     print("\n" + "\n".join(line for line in metrics.splitlines() if "auto" in line or "load" in line))
+    for line in verdict(rows, args.tpot_ms / 1000):
+        print(line)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(dict(args=vars(args), rows=rows, metrics=metrics), indent=2,

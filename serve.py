@@ -451,7 +451,8 @@ def make_app(engine: Engine, tokenizer, name: str):
                     yield f"data: {json.dumps({**head, 'object': obj, 'choices': [first]})}\n\n"
                 async for text, finish in deltas(req, events, stops):
                     if text or finish:
-                        yield f"data: {json.dumps({**head, 'object': obj, 'choices': [choice(text, finish, True)]})}\n\n"
+                        chunk = {**head, "object": obj, "choices": [choice(text, finish, True)]}
+                        yield f"data: {json.dumps(chunk)}\n\n"
                 if with_usage:
                     yield f"data: {json.dumps({**head, 'object': obj, 'choices': [], 'usage': usage()})}\n\n"
             except APIError as e:  # the headers are gone: the error travels as an event, as OpenAI's do

@@ -53,7 +53,8 @@ def server(tmp_path_factory):
         time.sleep(0.01)
     port = sock.getsockname()[1]
     url = f"http://127.0.0.1:{port}/v1"
-    yield dict(url=url, port=port, engine=engine, tok=tok, client=openai.OpenAI(base_url=url, api_key="none", max_retries=0))
+    client = openai.OpenAI(base_url=url, api_key="none", max_retries=0)
+    yield dict(port=port, engine=engine, tok=tok, client=client)
     srv.should_exit = True
     thread.join()
     engine.stop()
