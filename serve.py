@@ -246,8 +246,7 @@ class Engine:
         now = time.perf_counter()
         if self.last_step_end is not None:  # since the previous step, prefills included: what a decoding row waits
             interval = now - self.last_step_end
-            self.interval_s = interval if self.interval_s is None else self.interval_s + 0.1 * (interval -
-                                                                                                self.interval_s)
+            self.interval_s = interval + 0.9 * ((self.interval_s or interval) - interval)  # a running mean
             self.policy.observe(depths, interval)
         self.last_step_end = now
         self.stats["steps"] += 1
@@ -284,12 +283,11 @@ class Engine:
 
     def metrics(self) -> str:
         """Prometheus text: load, queue, what @auto decided and why."""
-        p, lines = self.policy, []
-        for name, value in [*self.stats.items(), ("rows_active", len(self.rows)), ("queue_depth", self.queue.qsize()),
-                            ("max_batch", self.max_batch), ("steps_per_s", 1 / self.interval_s if self.interval_s
-                                                            else 0.0), ("load_factor", p.load),
-                            ("tpot_budget_ms", 1000 * p.budget_s if p.budget_s else 0.0)]:
-            lines.append(f"balcony_{name} {value:g}")
+        p = self.policy
+        gauges = dict(self.stats, rows_active=len(self.rows), queue_depth=self.queue.qsize(), max_batch=self.max_batch,
+                      steps_per_s=1 / self.interval_s if self.interval_s else 0.0, load_factor=p.load,
+                      tpot_budget_ms=1000 * (p.budget_s or 0.0))
+        lines = [f"balcony_{name} {value:g}" for name, value in gauges.items()]
         lines += [f'balcony_requests_by_exit{{exit="{d}"}} {c}' for d, c in self.served.items()]
         lines += [f'balcony_auto_decisions{{exit="{d}"}} {c}' for d, c in p.decisions.items()]
         lines += [f'balcony_auto_predicted_tpot_ms{{exit="{d}"}} {ms:.2f}' for d, ms in p.last.items()]
