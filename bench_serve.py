@@ -6,7 +6,8 @@ Per run: throughput (output tokens/s), time to first token and time per output t
 requests per exit, and the quality of the mix: the held-out chat top-1 agreement with full depth of the exits served,
 weighted by the tokens each served (eval.py --tasks heldout_chat's numbers, read from its --json file). TTFT is the
 time to the first streamed chunk, sent when the prefill has made the first token; TPOT is (last chunk - first chunk) /
-(tokens - 1), as vLLM's benchmark_serving measures them. Prompts are the held-out chats' questions (chat_data.py).
+(tokens - 1), as vLLM's benchmark_serving measures them. Prompts are the held-out chats' questions (chat_data.py);
+every request decodes --max-tokens tokens (ignore_eos, as vLLM's benchmark does), so each exit does the same work.
 
     python eval.py --exits 15,18,21,full --tasks heldout_chat --json out/eval_heldout.json
     python bench_serve.py --tpot-ms 150 --rates 0.25,1,2,4 --quality out/eval_heldout.json --plot docs/serving.png
@@ -37,7 +38,7 @@ async def one_request(client, model: str, question: str, max_tokens: int) -> dic
     try:
         stream = await client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": question}], max_tokens=max_tokens, temperature=0,
-            stream=True, stream_options={"include_usage": True})
+            stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
         first = last = None
         async for chunk in stream:
             last = time.perf_counter()

@@ -64,6 +64,7 @@ class Request:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: Optional[int] = None
+    ignore_eos: bool = False  # vLLM's extension for load tests: always max_tokens tokens
     post: Callable = print  # post(kind, value), thread-safe: "start" (depth), "token" (id), "done" (finish reason)
     cancelled: bool = False  # set by the route (client gone, stop string seen); the engine frees the row next step
     depth: int = 0  # the exit that serves it, fixed at admission
@@ -264,9 +265,10 @@ class Engine:
         r.cur, r.n_out = token, r.n_out + 1
         self.stats["tokens"] += 1
         r.post("token", token)
-        if token in self.stop_ids or r.n_out == r.max_tokens:
+        stop = token in self.stop_ids and not r.ignore_eos
+        if stop or r.n_out == r.max_tokens:
             r.done = True
-            r.post("done", "stop" if token in self.stop_ids else "length")
+            r.post("done", "stop" if stop else "length")
 
     def retire(self):
         keep = [i for i, r in enumerate(self.rows) if not (r.done or r.cancelled)]
@@ -330,6 +332,7 @@ def make_app(engine: Engine, tokenizer, name: str):
         n: int = Field(1, ge=1, le=1)
         stream: bool = False
         stream_options: Optional[dict] = None
+        ignore_eos: bool = False
 
     class Message(BaseModel):
         role: str
@@ -399,7 +402,7 @@ def make_app(engine: Engine, tokenizer, name: str):
                            "context_length_exceeded" if prompt else None) from None
         events, loop = asyncio.Queue(), asyncio.get_running_loop()
         req = Request(prompt, ids[body.model], max_tokens, body.temperature, body.top_p, body.seed,
-                      post=lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value)))
+                      body.ignore_eos, lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value)))
         try:
             engine.submit(req)
         except queue.Full:

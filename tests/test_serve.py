@@ -158,6 +158,15 @@ def test_seeded_sampling_repeats(server):
     assert a == b
 
 
+def test_ignore_eos_decodes_max_tokens(server):
+    client, tok = server["client"], server["tok"]
+    ref = generate(untrained_2(), [PROMPTS[1]], 40, exit=1)[0]["tokens"]  # no eos: 40 tokens, whatever they are
+    r = client.completions.create(model="tiny@1", prompt=PROMPTS[1], max_tokens=40, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 40 and r.choices[0].finish_reason == "length"
+    assert r.choices[0].text == tok.decode([t for t in ref if t not in tok.stop_ids])
+
+
 def test_stop_string_ends_the_text(server):
     client, tok = server["client"], server["tok"]
     text, _ = reference(tok, PROMPTS[2], 3, 20)
