@@ -109,16 +109,20 @@ def verdict(rows: list, budget_s: float) -> list:
     return lines
 
 
-def read_agreement(path) -> dict:
-    """{exit label: held-out chat top-1 agreement with full depth} from eval.py's --json file."""
-    if not path:
+def read_agreement(quality) -> dict:
+    """{exit label: held-out chat top-1 agreement with full depth}, from eval.py's --json file or given inline as
+    "15=30.1,18=33.3,21=44.7" (percent)."""
+    if not quality:
         return {}
-    if not Path(path).is_file():
-        raise UsageError(f"--quality {path} not found; write it with: python eval.py --tasks heldout_chat --json "
-                         f"{path}")
-    results = json.loads(Path(path).read_text())["results"]
+    if "=" in quality:
+        pairs = [item.split("=") for item in quality.split(",")]
+        return {"full": 1.0, **{e.strip(): float(v) / 100 for e, v in pairs}}
+    if not Path(quality).is_file():
+        raise UsageError(f"--quality {quality} not found; write it with: python eval.py --tasks heldout_chat "
+                         f"--json {quality}")
+    results = json.loads(Path(quality).read_text())["results"]
     if "heldout_chat" not in results:
-        raise UsageError(f"--quality {path} has no heldout_chat results; run eval.py with --tasks heldout_chat")
+        raise UsageError(f"--quality {quality} has no heldout_chat results; run eval.py with --tasks heldout_chat")
     return {e: s["top1_agree"] for e, s in results["heldout_chat"]["exits"].items()}
 
 
@@ -131,8 +135,9 @@ def plot(rows: list, budget_ms: float, path):
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for policy in dict.fromkeys(r["policy"] for r in rows):
         rs = [r for r in rows if r["policy"] == policy]
-        a.plot([r["rate"] for r in rs], [1000 * r["tpot_p95"] for r in rs], "o-", label=policy)
-        b.plot([r["rate"] for r in rs], [r["mean_depth"] for r in rs], "o-", label=policy)
+        label = {"full": "full depth", "auto": "@auto"}.get(policy, f"exit {policy}")
+        a.plot([r["rate"] for r in rs], [1000 * r["tpot_p95"] for r in rs], "o-", label=label)
+        b.plot([r["rate"] for r in rs], [r["mean_depth"] for r in rs], "o-", label=label)
     a.axhline(budget_ms, color="grey", ls="--", label=f"budget {budget_ms:g} ms")
     a.set(xlabel="arrival rate (requests/s)", ylabel="p95 time per output token (ms)", title="latency")
     b.set(xlabel="arrival rate (requests/s)", ylabel="mean exit depth (layers)", title="depth served")
@@ -230,7 +235,9 @@ def get_parser():
     p.add_argument("--max-seq", type=int, default=512)
     p.add_argument("--seed", type=int, default=0, help="arrival times")
     p.add_argument("--chat-data", default=ROOT / "data" / "chat" / "val.jsonl", help="questions to ask")
-    p.add_argument("--quality", default=None, help="eval.py --json file with heldout_chat results")
+    p.add_argument("--quality", default=None,
+                   help="held-out chat agreement per exit: eval.py's --json file with heldout_chat results, or "
+                        "15=30.1,18=33.3,21=44.7 (percent)")
     p.add_argument("--json", default=str(ROOT / "out" / "bench_serve.json"), help="write all rows here")
     p.add_argument("--plot", default=None, help="PNG of p95 TPOT and mean depth against arrival rate")
     p.add_argument("--log", default=str(ROOT / "out" / "bench_serve_server.log"), help="serve.py's output")
