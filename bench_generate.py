@@ -18,7 +18,8 @@ import torch
 
 from balcony import BalconyModel
 from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, run_cli
-from generate import compile_steps, generate, weights_per_token
+from cascade import weights_per_token
+from generate import compile_steps, generate
 
 PROMPT = "Explain in a few paragraphs why the sky is blue, and why sunsets are red."
 QUESTIONS = [PROMPT, "What is the capital of France?", "Write a haiku about balconies.",
@@ -136,8 +137,7 @@ def main(args):
         raise UsageError(f"unknown --tables {sorted(bad)}; choose from {TABLES}")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    balcony = args.balcony or f"{args.checkpoint}/balcony.safetensors"
-    model = BalconyModel.from_checkpoint(args.checkpoint, balcony, device, DTYPES[args.dtype])
+    model = BalconyModel.from_checkpoint(args.checkpoint, args.balcony, device=device, dtype=DTYPES[args.dtype])
     exits = model.exit_layers
     tok = Tokenizer.from_checkpoint(args.checkpoint)
     chat = [tok.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]

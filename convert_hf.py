@@ -12,7 +12,6 @@ writes a GGUF's dequantised weights as float32 (quantised values with fp16 scale
 """
 import argparse
 import json
-import os
 import pickle
 import re
 import shutil
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cli import DEFAULT_CHECKPOINT, DTYPES, ROOT, UsageError, run_cli
+from cli import DEFAULT_CHECKPOINT, DTYPES, ROOT, UsageError, atomic_write, run_cli
 from model import ModelArgs, rope_inv_freq
 from tokenizer import LLAMA3_PATTERN
 
@@ -271,13 +270,6 @@ def convert_gguf(src: Path):
 
 
 # ----------------------------------------------------------------------------- writing
-
-def atomic_write(path: Path, write):
-    # write to a temp name then rename: an interrupted run never leaves a half-written file under the real name
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
 
 def convert(src: Path, out: Path, dtype: str = "auto") -> Path:
     from safetensors.torch import save_file

@@ -9,21 +9,19 @@ import argparse
 
 import torch
 
-from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, run_cli
+from cli import DEFAULT_CHECKPOINT, DTYPES, parse_exits, run_cli
 
 PROMPTS = ["What is the capital of France?", "Name three primary colors.", "How many legs does a spider have?"]
 
 
 def main(args):
-    from generate import generate, load_model
+    from balcony import BalconyModel
+    from generate import generate
     from tokenizer import Tokenizer
 
-    try:
-        exits = [None if e == "full" else int(e) for e in args.exits.split(",")]
-    except ValueError:
-        raise UsageError(f"--exits takes layer numbers and 'full', not {args.exits!r}") from None
+    exits = parse_exits(args.exits)
     torch.set_num_threads(args.threads)
-    model = load_model(args.checkpoint, args.balcony, exits, torch.device(args.device), DTYPES[args.dtype])
+    model = BalconyModel.from_checkpoint(args.checkpoint, args.balcony, exits, args.device, DTYPES[args.dtype])
     tok = Tokenizer.from_checkpoint(args.checkpoint)
     for prompt in args.prompt or PROMPTS:
         ids = tok.encode_chat([{"role": "user", "content": prompt}])
