@@ -46,9 +46,9 @@ import torch
 import torch.nn as nn
 
 from balcony import BalconyModel
+from cascade import weights_per_token
 from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, run_cli
-from generate import (check_request, compact_caches, exit_plan, forward_rows, load_model, prepare_head, sample,
-                      weights_per_token)
+from generate import check_request, compact_caches, exit_plan, forward_rows, prepare_head, sample
 from model import KVCache
 
 log = logging.getLogger("serve")
@@ -498,13 +498,11 @@ def load(args) -> tuple:
 
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
-    balcony = Path(args.balcony) if args.balcony else Path(args.checkpoint) / "balcony.safetensors"
-    if balcony.is_file() or args.balcony:
-        exits = BalconyModel.read_exits_file(balcony)[0]["exit_layers"]
-    else:
-        log.warning("no %s: serving full depth only (train exits with train.py)", balcony)
-        exits = []
-    model = load_model(args.checkpoint, balcony, exits, device, dtype)
+    trained = args.balcony or (Path(args.checkpoint) / "balcony.safetensors").is_file()
+    if not trained:
+        log.warning("no balcony.safetensors in %s: serving full depth only (train exits with train.py)",
+                    args.checkpoint)
+    model = BalconyModel.from_checkpoint(args.checkpoint, args.balcony, None if trained else [None], device, dtype)
     return model, Tokenizer.from_checkpoint(args.checkpoint), args.name or Path(args.checkpoint).resolve().name
 
 
