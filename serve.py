@@ -95,13 +95,16 @@ class AutoPolicy:
         self.ladder = [model.n_layers, *model.exit_layers[::-1]]  # deepest first
         self.layer = sum(p.numel() for p in model.model.layers[0].parameters())
         self.token = {d: weights_per_token(model, d) for d in self.ladder}  # the weights a token at exit d reads
+        self.head = model.model.output.weight.numel()
         self.load = 1.0  # measured step intervals over predicted step times, a running mean
         self.decisions = {d: 0 for d in self.ladder}
         self.last = {}  # the latest decision's predicted ms per token, by exit
 
     def step_s(self, depths: list) -> float:
         """Predicted seconds of one decode step on rows at these depths, before the load factor."""
-        read = self.layer * max(depths) + sum(self.token[d] - self.layer * d for d in set(depths))  # + balcony, head
+        # layers 1..deepest, each exit's balcony, and the head once (forward_rows runs it on every row together)
+        balconies = sum(self.token[d] - self.layer * d - self.head for d in set(depths))
+        read = self.layer * max(depths) + balconies + self.head
         return self.alpha * read + self.beta * sum(self.token[d] for d in depths)
 
     def observe(self, depths: list, interval_s: float):

@@ -226,7 +226,7 @@ def test_auto_policy_picks_the_deepest_exit_that_keeps_the_budget():
     layer, head = (sum(p.numel() for p in m.parameters()) for m in (model.model.layers[0], model.model.output))
 
     def step_s(depths):  # the step model by hand: each weight used is read once and used by each of its rows
-        read = layer * max(depths) + sum(head + layer * (d < 8) for d in set(depths))
+        read = layer * max(depths) + head + sum(layer * (d < 8) for d in set(depths))
         return 2e-9 * read + 1e-9 * sum(layer * d + head + layer * (d < 8) for d in depths)
 
     policy = AutoPolicy(model, None, alpha=2e-9, beta=1e-9)
