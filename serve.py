@@ -20,7 +20,8 @@ at that row's exit reads), with alpha and beta timed at startup (full depth, one
 between decode steps, measured as the server runs, scale that model by a load factor (their running mean over the
 model's prediction), which takes in the prefills that stall the batch and whatever else the machine is doing. When
 an @auto request is admitted, the controller predicts the time per token of the batch it joins (the rows decoding
-now, itself, and the queued requests that will fill the free rows, taken at its exit) for each exit, deepest first,
+now, itself, and the queued requests that will fill the free rows, or, by Little's law, the arrival rate times its
+lifetime if that is more rows, all taken at its exit) for each exit, deepest first,
 and gives it the deepest exit that keeps the budget, or the shallowest if none does. A request's exit is fixed at
 admission and never changes mid-stream, so its KV rows are always exact for its exit and nothing needs back-filling
 (deepening a request later would need the confidence cascade's exact back-fill). Decisions are logged and counted in
@@ -90,13 +91,14 @@ class AutoPolicy:
     """@auto's controller (the module docstring says why it is shaped so): the deepest exit whose predicted time per
     output token keeps the budget."""
 
-    def __init__(self, model: BalconyModel, budget_s: Optional[float], alpha: float, beta: float):
-        self.model, self.budget_s, self.alpha, self.beta = model, budget_s, alpha, beta
+    def __init__(self, model: BalconyModel, budget_s: Optional[float], alpha: float, beta: float, max_batch: int):
+        self.model, self.budget_s, self.alpha, self.beta, self.max_batch = model, budget_s, alpha, beta, max_batch
         self.ladder = [model.n_layers, *model.exit_layers[::-1]]  # deepest first
         self.layer = sum(p.numel() for p in model.model.layers[0].parameters())
         self.token = {d: weights_per_token(model, d) for d in self.ladder}  # the weights a token at exit d reads
         self.head = model.model.output.weight.numel()
         self.load = 1.0  # measured step intervals over predicted step times, a running mean
+        self.gap, self.last_arrival = None, None  # seconds between arrivals, a running mean
         self.decisions = {d: 0 for d in self.ladder}
         self.last = {}  # the latest decision's predicted ms per token, by exit
 
@@ -110,9 +112,24 @@ class AutoPolicy:
     def observe(self, depths: list, interval_s: float):
         self.load += 0.1 * (interval_s / self.step_s(depths) - self.load)
 
-    def choose(self, depths: list, joining: int) -> int:
-        """The exit for a request joining rows at `depths`, with `joining` queued requests right behind it."""
-        self.last = {d: 1000 * self.load * self.step_s(depths + [d] * (1 + joining)) for d in self.ladder}
+    def arrived(self, now: float):
+        if self.last_arrival is not None:
+            self.gap = now - self.last_arrival if self.gap is None else self.gap + 0.2 * (now - self.last_arrival
+                                                                                          - self.gap)
+        self.last_arrival = now
+
+    def predict_ms(self, depths: list, exit: int, joining: int, tokens: int) -> float:
+        rows = depths + [exit] * (1 + joining)
+        s = self.load * self.step_s(rows)
+        if self.gap:  # Little's law: arrivals at the measured rate keep rate x lifetime rows in the batch
+            more = min(self.max_batch, round(tokens * s / self.gap)) - len(rows)
+            s = self.load * self.step_s(rows + [exit] * more) if more > 0 else s
+        return 1000 * s
+
+    def choose(self, depths: list, joining: int, tokens: int) -> int:
+        """The exit for a request of at most `tokens` new tokens joining rows at `depths`, with `joining` queued
+        requests right behind it."""
+        self.last = {d: self.predict_ms(depths, d, joining, tokens) for d in self.ladder}
         ok = [d for d in self.ladder if self.budget_s is None or self.last[d] <= 1000 * self.budget_s]
         choice = ok[0] if ok else self.ladder[-1]
         self.decisions[choice] += 1
@@ -137,7 +154,7 @@ class Engine:
         self.stats = dict(steps=0, tokens=0, admitted=0, finished=0, cancelled=0, errors=0)
         self.served = {d: 0 for d in [model.n_layers, *model.exit_layers]}  # requests admitted at each exit
         self.interval_s, self.last_step_end = None, None
-        self.policy = AutoPolicy(model, tpot_s, *self.calibrate())
+        self.policy = AutoPolicy(model, tpot_s, *self.calibrate(), max_batch)
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self.run, name="engine", daemon=True)
 
@@ -167,6 +184,7 @@ class Engine:
 
     def submit(self, req: Request):
         self.queue.put_nowait(req)  # queue.Full: the route answers 429
+        self.policy.arrived(time.perf_counter())
 
     def start(self):
         self.thread.start()
@@ -204,7 +222,8 @@ class Engine:
             return
         depths = [r.depth for r in self.rows]
         if req.exit == "auto":
-            req.depth = self.policy.choose(depths, min(self.queue.qsize(), self.max_batch - len(depths) - 1))
+            req.depth = self.policy.choose(depths, min(self.queue.qsize(), self.max_batch - len(depths) - 1),
+                                           req.max_tokens)
         else:
             req.depth = req.exit
         d, n, T = req.depth, self.model.n_layers, len(req.prompt)

@@ -229,15 +229,22 @@ def test_auto_policy_picks_the_deepest_exit_that_keeps_the_budget():
         read = layer * max(depths) + head + sum(layer * (d < 8) for d in set(depths))
         return 2e-9 * read + 1e-9 * sum(layer * d + head + layer * (d < 8) for d in depths)
 
-    policy = AutoPolicy(model, None, alpha=2e-9, beta=1e-9)
+    policy = AutoPolicy(model, None, alpha=2e-9, beta=1e-9, max_batch=6)
     policy.load = 1.5
-    assert policy.choose([8, 8, 5], 1) == 8  # no budget: full depth
+    assert policy.choose([8, 8, 5], 1, 10) == 8  # no budget: full depth
     for budget, rows, joining, want in [(1.0, [], 0, 8), (1.5 * step_s([8, 8, 5, 5, 5]), [8, 8], 2, 5),
                                         (1.5 * step_s([8, 8, 5, 2, 2]) * 1.001, [8, 8, 5], 1, 2), (1e-9, [8], 0, 2)]:
         policy.budget_s = budget
-        assert policy.choose(rows, joining) == want
+        assert policy.choose(rows, joining, 10) == want
         assert policy.last == pytest.approx({d: 1000 * 1.5 * step_s(rows + [d] * (1 + joining)) for d in (8, 5, 2)})
     assert policy.decisions == {8: 2, 5: 1, 2: 2}
+    # arrivals every 10 ms: a request of 100 tokens will share its steps with max_batch rows, not with one
+    policy.budget_s = 1.5 * step_s([8, 8]) * 1.001
+    assert policy.choose([8], 0, 100) == 8
+    for t in (0.0, 0.01, 0.02):
+        policy.arrived(t)
+    assert policy.gap == pytest.approx(0.01) and policy.choose([8], 0, 100) < 8
+    assert policy.last == pytest.approx({d: 1000 * 1.5 * step_s([8] + [d] * 5) for d in (8, 5, 2)})
 
 
 def test_auto_request_served_at_the_chosen_exit(server, monkeypatch):
