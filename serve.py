@@ -19,13 +19,12 @@ the engine models a step's time as alpha * (weights the step reads) + beta * (su
 at that row's exit reads), with alpha and beta timed at startup (full depth, one row and --max-batch rows). Times
 between decode steps, measured as the server runs, scale that model by a load factor (their running mean over the
 model's prediction), which takes in the prefills that stall the batch and whatever else the machine is doing. When
-an @auto request is admitted, the controller predicts the time per token of the batch it joins (the rows decoding
-now, itself, and the queued requests that will fill the free rows, or, by Little's law, the arrival rate times its
-lifetime if that is more rows, all taken at its exit) for each exit, deepest first,
-and gives it the deepest exit that keeps the budget, or the shallowest if none does. A request's exit is fixed at
-admission and never changes mid-stream, so its KV rows are always exact for its exit and nothing needs back-filling
-(deepening a request later would need the confidence cascade's exact back-fill). Decisions are logged and counted in
-GET /metrics.
+an @auto request is admitted, the controller predicts the time per token of the batch it will live in (the rows
+decoding now, itself and the queued requests that will fill the free rows or, by Little's law, the measured arrival
+rate times its lifetime if that is more rows, all at its exit) for each exit, deepest first, and gives it the deepest
+exit that keeps the budget, or the shallowest if none does. A request's exit is fixed at admission and never changes
+mid-stream, so its KV rows are always exact for its exit and nothing needs back-filling (deepening a request later
+would need the confidence cascade's exact back-fill). Decisions are logged and counted in GET /metrics.
 
     python serve.py --tpot-ms 120                      # http://127.0.0.1:8000/v1, model ids from GET /v1/models
     curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
