@@ -237,6 +237,11 @@ def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
+def is_val_file(f: Path, val_files: str) -> bool:
+    """Whether a file is held out: its name or path matches one of the comma-separated patterns of val_files."""
+    return any(fnmatch.fnmatch(f.name, p) or fnmatch.fnmatch(str(f), p) for p in val_files.split(",") if p)
+
+
 def tokenize_corpus(files, tokenizer, val_files=VAL_FILES, cache_dir=CACHE_DIR, val_fraction=0.0, num_proc=None,
                     wait=False) -> Path:
     """Tokenise every document once into <cache_dir>/<key>/tokens.bin: the training documents, then the held-out
@@ -251,7 +256,7 @@ def tokenize_corpus(files, tokenizer, val_files=VAL_FILES, cache_dir=CACHE_DIR, 
     if (folder / "meta.json").exists():
         return folder
     dtype = np.uint16 if tokenizer.vocab_size <= 2 ** 16 else np.uint32
-    val = [any(fnmatch.fnmatch(f.name, p) or fnmatch.fnmatch(str(f), p) for p in patterns) for f in files]
+    val = [is_val_file(f, val_files) for f in files]
     tasks = ((str(f), v, start, items) for f, v in zip(files, val) for start, items in read_chunks(f))
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp", dir=folder.parent))

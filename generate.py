@@ -133,7 +133,7 @@ def compact_caches(model: BalconyModel, depths: list, keep: list):
     keep = torch.tensor(keep)
     groups = [(model.model.layers[j].attention, 0, sum(d > j for d in depths)) for j in range(max(depths))]
     groups += [(model.exits[str(d)].layer.attention, depths.index(d), depths.count(d))
-               for d in set(depths) if d < model.n_layers and model.kind != "mlp"]  # MLP-only: no cache
+               for d in set(depths) if d < model.n_layers and model.kind not in ("mlp", "none")]  # no attention
     for att, start, n in groups:
         rows = keep[(keep >= start) & (keep < start + n)] - start
         if torch.equal(rows, torch.arange(len(rows))):
