@@ -45,12 +45,7 @@ def exit_as_llama(bm, exit):
     ex = bm.exits[str(exit)]
     sd.update({f"layers.{exit}.{k}": v for k, v in ex.layer.state_dict().items()})  # the balcony is layer k + 1
     sd["norm.weight"] = ex.norm.weight  # and its norm the final norm
-    shapes = expected_shapes(args)
-    for name in sorted(set(shapes) - set(sd)):
-        # a half-block balcony (attention-only, MLP-only): a Llama block whose other half is zero and so adds
-        # nothing to the residual (w2 = 0, wo = 0), exactly; its norm is ones, as it does not matter
-        sd[name] = (torch.ones if name.endswith("norm.weight") else torch.zeros)(shapes[name], dtype=ex.norm.weight.dtype)
-    assert set(sd) == set(shapes)
+    assert set(sd) == set(expected_shapes(args))
     return args, sd
 
 

@@ -383,7 +383,7 @@ def read_prompts(path, default_exit: Optional[int]) -> list:
     if not path.is_file():
         raise UsageError(f"--prompts {path} not found")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a byte order mark is not text
     except UnicodeDecodeError as e:
         raise UsageError(f"--prompts {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     items = []
