@@ -3,13 +3,20 @@ One Balcony training step, ours against the authors' formulation, on the same mo
 
     python bench_train.py          # CPU: SmolLM2-135M shape, exits 15,18,21, batch 4 x 256, fp32, random weights
     python bench_train.py --preset llama-3-8b --seq-len 4096 --batch-size 1 --dtype bfloat16 --compile  # a GPU
+    python bench_train.py --formulations ours,ours+bf16,ours+bf16+mask --dtype float32 --teacher-chats data/chat/val.jsonl
 
 ours: train.ExitLoss, as train.py runs it (one no-grad backbone pass, the exits, balcony.distillation_kl: Eq. 2
 chunked, with its gradient made in the forward pass). authors: a transformers LlamaForCausalLM built from the same
 weights, run with output_hidden_states; each exit (a copy of the last decoder layer and the final norm, as ours) on
 its hidden states, then the head, full-vocab F.kl_div against the full model's logits, plain autograd. Both then
 clip and take an AdamW step on the exits alone. floor: only the matrix products that any formulation must do
-(bench_train.matmul_floor), timed the same way; its time bounds every formulation's from below.
+(bench_train.matmul_floor), timed the same way; its time bounds every formulation's from below. A name's modifiers:
++bf16 stores the frozen model in bf16 and runs under bf16 autocast whatever --dtype is (train.py's choice on CUDA and
+on CPUs with AVX512-BF16 or AMX); ours+mask keeps --answer-fraction of the positions in the loss, as train.py does on
+chats (their answers). Tokens/s counts every position of the batch either way.
+
+--teacher-chats: how far bf16 moves the teacher, the target of the loss: the real --checkpoint in fp32 and in bf16,
+teacher-forced on chat_data.py's held-out chats; KL(p_fp32 || p_bf16) and top-1 agreement on the answer tokens.
 
 Each formulation runs in a fresh process, so their memory does not mix: step peak is the memory a step adds above
 what is resident before it (CUDA: max_memory_allocated; CPU: peak RSS, VmHWM reset through /proc/self/clear_refs),
@@ -20,6 +27,7 @@ speed and memory do not depend on their values.
 """
 import argparse
 import contextlib
+import math
 import multiprocessing as mp
 import time
 from pathlib import Path
@@ -27,11 +35,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from balcony import BalconyModel
-from cli import DTYPE_HELP, DTYPES, default_dtype, run_cli
+from balcony import BalconyModel, exit_metrics
+from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, run_cli
 from convert_hf import HF_WEIGHT_MAP
 from model import ModelArgs, Transformer
-from train import ExitLoss
+from train import ExitLoss, train_dtype
+
+MODIFIERS = {"ours": {"bf16", "mask"}, "authors": {"bf16"}, "floor": {"bf16"}}  # what each formulation takes
 
 # dense bf16 peak of the GPU, for MFU (H100 SXM; pass --peak-tflops for another)
 H100_BF16_TFLOPS = 989.0
@@ -150,7 +160,8 @@ def matmul_floor(model: Transformer, n_exits: int, tokens: int):
 # ----------------------------------------------------------------------------------------------------- the bench
 def run(name: str, args) -> dict:
     """Build the model and `name`'s loss, take the steps; seconds per step and memory. Runs in its own process."""
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    (name, *mods), device = name.split("+"), torch.device(args.device)
+    dtype = torch.bfloat16 if "bf16" in mods else DTYPES[args.dtype]
     margs = ModelArgs.from_name(args.preset)
     if args.n_layers:
         margs.n_layers = args.n_layers
@@ -159,13 +170,16 @@ def run(name: str, args) -> dict:
         model = Transformer(margs).to(dtype).requires_grad_(False)  # random weights, the same in both processes
     exits = [int(k) for k in args.exits.split(",")]
     x = torch.randint(0, margs.vocab_size, (args.batch_size, args.seq_len), device=device)
+    y = x.clone()
+    if "mask" in mods:  # targets out of the loss are -1, as data.get_batch makes them
+        y[torch.rand(y.shape, generator=torch.Generator().manual_seed(0)).to(device) >= args.answer_fraction] = -1
     if name == "floor":
         return measure(matmul_floor(model, len(exits), x.numel()), margs, exits, args, device)
     if name == "ours":
         bm = BalconyModel(model, exits)
         bm.exits.float()  # fp32 master weights, as train.py
-        loss_fn, params = ExitLoss(bm, args.chunk_size, 0.0), list(bm.exits.parameters())
-        forward = lambda x: loss_fn(x, x)[0]  # noqa: E731
+        loss_fn, params = ExitLoss(bm, args.chunk_size, 0.0, masked="mask" in mods), list(bm.exits.parameters())
+        forward = lambda x: loss_fn(x, y)[0]  # noqa: E731
     else:
         loss_fn = AuthorsLoss(hf_model(model), exits)
         del model
@@ -205,14 +219,44 @@ def measure(step, margs, exits, args, device) -> dict:
                 flops=flops_per_token(margs, len(exits), args.seq_len))
 
 
+@torch.no_grad()
+def teacher_quality(args) -> dict:
+    """The real checkpoint's full-depth distribution in bf16 against fp32 on the answer tokens of held-out chats:
+    KL(p_fp32 || p_bf16) per token, top-1 agreement, and each one's perplexity of the answers."""
+    from chat_data import read_chats
+    from eval import answer_tokens
+    from tokenizer import Tokenizer
+
+    tok, device, chats = Tokenizer.from_checkpoint(args.checkpoint), torch.device(args.device), \
+        read_chats(Path(args.teacher_chats))
+    fp32, bf16 = (BalconyModel(Transformer.from_checkpoint(args.checkpoint, device=device, dtype=d), []).eval()
+                  for d in (torch.float32, torch.bfloat16))
+    sums, nll32, n = torch.zeros(3), 0.0, 0  # KL, top-1 hits, NLL of bf16
+    for messages in chats:
+        ids, k = answer_tokens(tok, messages)
+        x, y = torch.tensor([ids[:-1]], device=device), torch.tensor(ids[-k:], device=device)
+        h32, h16 = (bm.forward_train(x)[0][0, -k:] for bm in (fp32, bf16))  # (k, D): the positions predicting answers
+        sums += exit_metrics(bf16.model.output, h32, [h16], y, teacher_output=fp32.model.output)[:, 0].cpu()
+        nll32 += exit_metrics(fp32.model.output, h32, [h32], y)[2, 0].item()
+        n += k
+    return dict(chats=len(chats), tokens=n, kl=sums[0].item() / n, top1=sums[1].item() / n,
+                ppl32=math.exp(nll32 / n), ppl16=math.exp(sums[2].item() / n))
+
+
 def main(args) -> int:
-    args.dtype = args.dtype or default_dtype(args.device)
+    args.dtype = args.dtype or train_dtype(torch.device(args.device))
+    names = args.formulations.split(",")
+    for name in names:
+        base, *mods = name.split("+")
+        if base not in MODIFIERS or not set(mods) <= MODIFIERS[base]:
+            raise UsageError(f"--formulations: {name!r} is not one of {', '.join(MODIFIERS)} with modifiers from "
+                             f"{', '.join(f'{b}: +' + ' +'.join(sorted(m)) for b, m in MODIFIERS.items())}")
     tokens = args.batch_size * args.seq_len
     print(f"{args.preset}{f' ({args.n_layers} layers)' if args.n_layers else ''}, exits {args.exits}, batch "
           f"{args.batch_size} x {args.seq_len}, {args.dtype}, chunk {args.chunk_size}, {args.device}, "
           f"{torch.get_num_threads()} threads, compile {args.compile}; fastest of {args.steps} steps after a warm-up, "
           f"{args.rounds} rounds")
-    names, results = args.formulations.split(","), {}
+    results = {}
     order = [n for r in range(args.rounds) for n in (names if r % 2 == 0 else names[::-1])]  # ABBA: drift cancels
     with mp.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:  # a fresh process for each run
         for name in order:
@@ -232,12 +276,20 @@ def main(args) -> int:
         o, a = results["ours"], results["authors"]
         print(f"ours: {a['s'] / o['s']:.2f}x the authors' speed, {o['step_mib'] / a['step_mib']:.2f}x their step "
               f"memory, {o['process_mib'] / a['process_mib']:.2f}x their process peak")
+    if "ours" in results and any(n.startswith("ours+") for n in results):
+        print(f"against ours in {args.dtype}: " + ", ".join(f"{n} {results['ours']['s'] / r['s']:.2f}x its tokens/s"
+                                                          for n, r in results.items() if n.startswith("ours+")))
     if "floor" in results:
         f = results["floor"]
         print("against the matrix products alone: " + ", ".join(f"{n}'s step takes {r['s'] / f['s']:.2f}x their time"
                                                                for n, r in results.items() if n != "floor") +
               (f"; no formulation can run faster than {results['authors']['s'] / f['s']:.2f}x the authors'"
                if "authors" in results else ""))
+    if args.teacher_chats:
+        t = teacher_quality(args)
+        print(f"\nteacher in bf16 against fp32 ({args.checkpoint}, {t['chats']} chats of {args.teacher_chats}, "
+              f"{t['tokens']:,} answer tokens): KL(p_fp32 || p_bf16) {t['kl']:.4f} nats per token, top-1 agreement "
+              f"{t['top1']:.2%}, answer perplexity {t['ppl32']:.3f} (fp32) vs {t['ppl16']:.3f} (bf16)")
     return 0
 
 
@@ -251,12 +303,19 @@ def get_parser():
     p.add_argument("--batch-size", type=int, default=4, help=d.strip())
     p.add_argument("--seq-len", type=int, default=256, help=d.strip())
     p.add_argument("--chunk-size", type=int, default=256, help="ours: tokens whose logits exist at once" + d)
-    p.add_argument("--dtype", choices=list(DTYPES), default=None, help=f"the frozen model's weights ({DTYPE_HELP}); "
-                   "exits fp32 under autocast when not float32")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="the frozen model's weights (default: "
+                   "train.py's: bfloat16 on CUDA and on CPUs with AVX512-BF16 or AMX, else float32); exits fp32 under "
+                   "autocast when not float32")
+    p.add_argument("--answer-fraction", type=float, default=0.59, help="ours+mask: the fraction of positions in the "
+                   "loss (data/chat: 22,764 of 38,690 tokens are answers)" + d)
+    p.add_argument("--teacher-chats", default=None, help="also compare the real --checkpoint's bf16 and fp32 "
+                   "distributions on these chats (chat_data.py's val.jsonl)")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="--teacher-chats: the model" + d)
     p.add_argument("--steps", type=int, default=3, help="timed steps per formulation" + d)
     p.add_argument("--rounds", type=int, default=2, help="runs of each formulation, alternating" + d)
     p.add_argument("--formulations", default="ours,authors,floor",
-                   help="which to run, in order (floor: the unavoidable matrix products alone)" + d)
+                   help="which to run, in order (floor: the unavoidable matrix products alone), each with modifiers "
+                   "+bf16 and (ours) +mask, e.g. ours+bf16+mask" + d)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=cuda,
                    help="torch.compile the loss (default: on with CUDA)")
     p.add_argument("--peak-tflops", type=float, default=H100_BF16_TFLOPS, help="GPU bf16 peak, for MFU" + d)

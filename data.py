@@ -13,6 +13,11 @@ A line or row is a chat if it has "messages" ([{"role", "content"}, ...]) or "pr
 tokens exactly as tokenizer.encode_chat gives them. Otherwise its "text" is plain text: BOS if the model wants one,
 the text, EOS.
 
+Where the loss counts: a chat's assistant turns (each answer and its end-of-turn token, what the model itself
+generated after the template's assistant header) are marked in <key>/mask.bin, one byte per token, so train.py
+distils only the positions that predict them; the system prompt and the questions are context, never targets. Every
+token of plain text counts, and a corpus without chats has no mask file.
+
 Every document is tokenised once into <cache-dir>/<key>/tokens.bin (nanoGPT's train.bin): training documents first,
 held-out ones last. Documents stream through a pool of processes in chunks, in order, so memory stays bounded by a few
 chunks (and by the longest document) and the file is the same for any number of processes. The folder appears by an
@@ -21,6 +26,7 @@ changed input or tokenizer never reuses a stale cache.
 """
 import argparse
 import collections
+import contextlib
 import fnmatch
 import functools
 import gzip
@@ -49,7 +55,7 @@ CHAT = ROOT / "data" / "chat"  # the default: the model's own answers to real qu
 VAL_FILES = "val.jsonl,hamlet_*,macbeth_*,tempest_*"
 # Fixed text whose encoding keys the token cache, so a different tokenizer re-tokenises.
 PROBE = "The quick brown fox, 1234567890 times!\n\tdef f(x): return x**2  # ÆØÅ naïve café 東京 🙂 <|endoftext|>"
-FORMAT = 2  # part of the cache key: bump it when the way documents become tokens changes
+FORMAT = 3  # part of the cache key: bump it when the way documents become tokens changes
 KINDS = {".txt": "txt", ".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".parquet": "table", ".arrow": "table"}
 READABLE = ".txt, .jsonl, .jsonl.gz, .parquet or .arrow (a Hugging Face save_to_disk folder)"
 FIELDS = ("messages", "prompt", "text")  # the columns a row may use
@@ -154,12 +160,26 @@ def document(row):
     return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["text"]}]
 
 
-def encode_document(tokenizer, doc) -> list:
+def encode_document(tokenizer, doc):
+    """A document's token ids and its loss mask (uint8, 1 where the token is a target of the loss): plain text, all
+    ones; a chat (ending with the template's end-of-turn token), ones on its assistant turns only."""
     if isinstance(doc, str):
-        return tokenizer.encode(doc, bos=tokenizer.add_bos, eos=True)
+        ids = tokenizer.encode(doc, bos=tokenizer.add_bos, eos=True)
+        return ids, np.ones(len(ids), dtype=np.uint8)
     # ends with the template's end-of-turn token; today=False: a template's date (Llama-3.2 writes today's) is its
     # fixed one, so the tokens, the cache key and train.py --resume's check stay the same from day to day
-    return tokenizer.encode_chat(doc, add_generation_prompt=False, today=False)
+    ids = tokenizer.encode_chat(doc, add_generation_prompt=False, today=False)
+    mask = np.zeros(len(ids), dtype=np.uint8)
+    for i in (i for i, m in enumerate(doc) if m["role"] == "assistant"):
+        # the turn's tokens are those after the prompt that asks for it, up to and with its end-of-turn token
+        prompt = tokenizer.encode_chat(doc[:i], today=False)
+        turn = tokenizer.encode_chat(doc[:i + 1], add_generation_prompt=False, today=False)
+        if ids[:len(prompt)] != prompt or ids[:len(turn)] != turn:
+            raise UsageError(f"assistant turn {i + 1} does not tokenise after its prompt, so its tokens cannot be "
+                             f"told from the prompt's")
+        end = next((j + 1 for j in range(len(prompt), len(turn)) if turn[j] in tokenizer.stop_ids), len(turn))
+        mask[len(prompt):end] = 1
+    return ids, mask
 
 
 def held_out(doc, fraction: float) -> bool:
@@ -180,10 +200,10 @@ def init_worker(tokenizer, dtype, fraction: float, in_pool: bool):
 
 
 def tokenize_chunk(task):
-    """One chunk of documents -> (training tokens, held-out tokens, number of documents)."""
+    """One chunk of documents -> (training tokens, held-out tokens, their loss masks, number of documents)."""
     path, is_val, start, items = task
     tok, fraction = WORKER["tokenizer"], WORKER["fraction"]
-    ids, n_docs = ([], []), 0
+    ids, masks, n_docs = ([], []), ([], []), 0
     for i, item in enumerate(items, start):
         try:
             if isinstance(item, bytes):  # a JSONL line
@@ -192,11 +212,15 @@ def tokenize_chunk(task):
                 doc = document(parse_json(item))
             else:  # the text of a .txt file, or a table row
                 doc = item if isinstance(item, str) else document(item)
-            ids[is_val or (fraction > 0 and held_out(doc, fraction))].extend(encode_document(tok, doc))
+            split = is_val or (fraction > 0 and held_out(doc, fraction))
+            doc_ids, mask = encode_document(tok, doc)
         except UsageError as e:
             raise UsageError(f"{path}:{i}: {e}") from None
+        ids[split].extend(doc_ids)
+        masks[split].append(mask)
         n_docs += 1
-    return np.array(ids[0], dtype=WORKER["dtype"]), np.array(ids[1], dtype=WORKER["dtype"]), n_docs
+    return (*(np.array(t, dtype=WORKER["dtype"]) for t in ids),
+            *(np.concatenate(m or [np.zeros(0, np.uint8)]) for m in masks), n_docs)
 
 
 def imap_ordered(fn, tasks, num_proc: int, initargs):
@@ -219,7 +243,8 @@ def imap_ordered(fn, tasks, num_proc: int, initargs):
 
 def cache_key(tokenizer, patterns: list, fraction: float, stats: list) -> str:
     try:
-        chat = encode_document(tokenizer, [{"role": "user", "content": PROBE}])
+        ids, mask = encode_document(tokenizer, [{"role": "user", "content": PROBE}])
+        chat = [ids, mask.tolist()]
     except UsageError:  # no chat format: a chat document would be refused anyway
         chat = None
     probe = [tokenizer.encode(PROBE, bos=True, eos=True), chat, tokenizer.add_bos]
@@ -248,8 +273,8 @@ def tokenize_corpus(files, tokenizer, val_files=VAL_FILES, cache_dir=CACHE_DIR, 
                     wait=False) -> Path:
     """Tokenise every document once into <cache_dir>/<key>/tokens.bin: the training documents, then the held-out
     ones (the files matching val_files, by name or path, and a val_fraction of the others' documents); if that
-    holds out none or all, the last 5% of tokens. wait: another process (torchrun's rank 0) writes the cache.
-    Returns the folder."""
+    holds out none or all, the last 5% of tokens. Their loss mask goes to mask.bin, in the same order, unless every
+    token counts. wait: another process (torchrun's rank 0) writes the cache. Returns the folder."""
     patterns = [p for p in val_files.split(",") if p]
     stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     folder = Path(cache_dir) / cache_key(tokenizer, patterns, val_fraction, stats)
@@ -263,22 +288,27 @@ def tokenize_corpus(files, tokenizer, val_files=VAL_FILES, cache_dir=CACHE_DIR, 
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp", dir=folder.parent))
     try:
-        n_train = n_val = n_docs = 0
-        with open(tmp / "tokens.bin", "wb") as train_f, open(tmp / "val.bin", "w+b") as val_f, \
-                tqdm(unit="tok", unit_scale=True, desc="tokenising") as bar:
+        n_train = n_val = n_docs = n_loss = 0
+        names = ("tokens.bin", "val.bin", "mask.bin", "val_mask.bin")
+        with contextlib.ExitStack() as stack, tqdm(unit="tok", unit_scale=True, desc="tokenising") as bar:
+            train_f, val_f, mask_f, val_mask_f = (stack.enter_context(open(tmp / n, "w+b")) for n in names)
             initargs = (tokenizer, dtype, val_fraction)
-            for train_ids, val_ids, n in imap_ordered(tokenize_chunk, tasks, num_proc or cpu_count(), initargs):
-                train_ids.tofile(train_f)
-                val_ids.tofile(val_f)
+            for train_ids, val_ids, train_mask, val_mask, n in imap_ordered(tokenize_chunk, tasks,
+                                                                            num_proc or cpu_count(), initargs):
+                for a, f in zip((train_ids, val_ids, train_mask, val_mask), (train_f, val_f, mask_f, val_mask_f)):
+                    a.tofile(f)
                 n_train, n_val, n_docs = n_train + len(train_ids), n_val + len(val_ids), n_docs + n
+                n_loss += int(train_mask.sum()) + int(val_mask.sum())
                 bar.update(len(train_ids) + len(val_ids))
-            val_f.seek(0)
-            shutil.copyfileobj(val_f, train_f)  # the held-out tokens go last
-        (tmp / "val.bin").unlink()
+            for part, whole in ((val_f, train_f), (val_mask_f, mask_f)):
+                part.seek(0)
+                shutil.copyfileobj(part, whole)  # the held-out tokens go last
         n_tokens = n_train + n_val
+        for name in ("val.bin", "val_mask.bin") + (("mask.bin",) if n_loss == n_tokens else ()):
+            (tmp / name).unlink()  # no mask where every token counts
         val_start = n_train if n_train and n_val else int(0.95 * n_tokens)
         meta = {"format": FORMAT, "dtype": np.dtype(dtype).name, "n_tokens": n_tokens, "val_start": val_start,
-                "n_docs": n_docs, "files": stats}
+                "n_docs": n_docs, "loss_tokens": n_loss, "files": stats}
         (tmp / "meta.json").write_text(json.dumps(meta))
         try:
             os.rename(tmp, folder)  # atomic: the cache is there complete, or not at all
@@ -292,9 +322,19 @@ def tokenize_corpus(files, tokenizer, val_files=VAL_FILES, cache_dir=CACHE_DIR, 
 
 def open_tokens(folder: Path, split: str) -> np.ndarray:
     """The 'train' or 'val' part of a tokenize_corpus folder, as a read-only memmap."""
+    return _open_split(folder, "tokens.bin", split)
+
+
+def open_mask(folder: Path, split: str):
+    """The loss mask of open_tokens(folder, split), a uint8 memmap (1: the token is a target), or None where every
+    token counts."""
+    return _open_split(folder, "mask.bin", split) if (folder / "mask.bin").exists() else None
+
+
+def _open_split(folder: Path, name: str, split: str) -> np.ndarray:
     meta = json.loads((folder / "meta.json").read_text())
-    tokens = np.memmap(folder / "tokens.bin", dtype=meta["dtype"], mode="r")
-    return tokens[:meta["val_start"]] if split == "train" else tokens[meta["val_start"]:]
+    a = np.memmap(folder / name, dtype=meta["dtype"] if name == "tokens.bin" else np.uint8, mode="r")
+    return a[:meta["val_start"]] if split == "train" else a[meta["val_start"]:]
 
 
 def load_tokens(data, tokenizer, split: str, val_files=VAL_FILES, cache_dir=CACHE_DIR) -> np.ndarray:
@@ -307,19 +347,22 @@ def n_windows(tokens, seq_len: int) -> int:
     return (len(tokens) - 1) // seq_len  # each window also needs the token after it as a target
 
 
-def get_batch(tokens, windows, seq_len: int, device):
-    """Windows i (tokens packed back to back, seq_len each) -> inputs x and next-token targets y, both (B, T)."""
+def get_batch(tokens, windows, seq_len: int, device, mask=None):
+    """Windows i (tokens packed back to back, seq_len each) -> inputs x and next-token targets y, both (B, T).
+    With a loss mask (open_mask), targets that are not in the loss are -1, nanoGPT's ignore index."""
     rows = np.stack([tokens[i * seq_len: (i + 1) * seq_len + 1] for i in windows]).astype(np.int64)
-    rows = torch.from_numpy(rows).to(device)
-    return rows[:, :-1], rows[:, 1:]
+    x, y = rows[:, :-1], rows[:, 1:].copy()  # a masked input token is still context: only targets are dropped
+    if mask is not None:
+        y[np.stack([mask[i * seq_len + 1: (i + 1) * seq_len + 1] for i in windows]) == 0] = -1
+    return torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
 
 
-def iter_batches(tokens, seq_len: int, batch_size: int, device, max_windows=None, rank=0, world_size=1):
+def iter_batches(tokens, seq_len: int, batch_size: int, device, max_windows=None, rank=0, world_size=1, mask=None):
     """The first max_windows windows in order (all if None), batch by batch; rank r gets every world_size-th batch."""
     n = min(n_windows(tokens, seq_len), max_windows or float("inf"))
     for b, s in enumerate(range(0, n, batch_size)):
         if b % world_size == rank:
-            yield get_batch(tokens, range(s, min(s + batch_size, n)), seq_len, device)
+            yield get_batch(tokens, range(s, min(s + batch_size, n)), seq_len, device, mask)
 
 
 @functools.lru_cache(maxsize=4)

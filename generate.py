@@ -87,17 +87,17 @@ def forward_rows(model: BalconyModel, idx, input_pos, plan, last=None):
     """The nested-exit forward of a batch. idx, input_pos: (B, T) tokens and their positions; plan: exit_plan() of
     the rows' depths; last: (B,) the position whose logits each row wants (default: the last). Each layer runs on the
     prefix of rows that reach it; each exit's rows take its balcony (or the final norm at full depth) and the head at
-    one position only. Returns (B, vocab) logits in batch order."""
+    one position only, all exits in one matmul. Returns (B, vocab) logits in batch order."""
     x = model.model.tok_embeddings(idx)  # (B, T, D)
-    logits, prev = [], 0
+    hs, prev = [], 0
     for depth, n, n_exit in plan:
         x, input_pos = model.run_layers(x[:n], prev, depth, input_pos[:n]), input_pos[:n]
         rows = slice(n - n_exit, n)  # deepest first: the rows exiting here close the prefix
         h = model.exit_hidden(depth, x[rows], input_pos[rows])  # a balcony runs on every position, to fill its cache
-        h = h[:, -1] if last is None else h[torch.arange(n_exit, device=h.device), last[rows]]  # (n_exit, D)
-        logits.append(lm_head(model, h))
+        hs.append(h[:, -1] if last is None else h[torch.arange(n_exit, device=h.device), last[rows]])  # (n_exit, D)
         prev = depth
-    return torch.cat(logits[::-1])  # the deepest rows come first
+    # the deepest rows come first; one head call for all of them reads its weights once a step, not once per exit
+    return lm_head(model, torch.cat(hs[::-1]))
 
 
 def decode_one_token(model: BalconyModel, cur, input_pos, plan):

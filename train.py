@@ -42,10 +42,10 @@ from tqdm import tqdm
 
 from balcony import (KINDS, BalconyModel, distillation_kl, distillation_kl_reference, heldout_metrics,
                      model_fingerprint)
-from cli import DEFAULT_CHECKPOINT, DTYPE_HELP, DTYPES, UsageError, atomic_write, default_dtype, run_cli
+from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, atomic_write, default_dtype, run_cli
 from convert_hf import TOKENIZER_FILES
-from data import (add_data_args, data_files, get_batch, iter_batches, n_windows, open_tokens, step_windows,
-                  tokenize_corpus)
+from data import (FORMAT, add_data_args, data_files, get_batch, iter_batches, n_windows, open_mask, open_tokens,
+                  step_windows, tokenize_corpus)
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
 
@@ -66,24 +66,37 @@ def chunked_ce(weight, hs, y, chunk_size: int):
 
 class ExitLoss(nn.Module):
     """The training objective as one module, so DDP and torch.compile can wrap it: per exit, kl_weight times Eq. 2's
-    KL averaged over tokens, plus (--loss kl+ce) ce_weight times the exit's cross-entropy against the next token.
+    KL averaged over the target tokens, plus (--loss kl+ce) ce_weight times the exit's cross-entropy against the next
+    token. masked: only the positions whose target y is not -1 (data.py's mask: a chat's answers) enter the loss, and
+    the head's products in it; the backbone and the balconies still run on every position, as attention needs.
     Returns the loss and the unweighted per-exit KL and CE (None without CE) for the log."""
 
-    def __init__(self, bm: BalconyModel, chunk_size: int, ce_weight: float = 0.0, kl_weight: float = 1.0):
+    def __init__(self, bm: BalconyModel, chunk_size: int, ce_weight: float = 0.0, kl_weight: float = 1.0,
+                 masked: bool = False):
         super().__init__()
         self.bm, self.chunk_size, self.kl_weight, self.ce_weight = bm, chunk_size, kl_weight, ce_weight
+        self.masked = masked
 
     def forward(self, x, y):
         h_full, h_exits = self.bm.forward_train(x)  # (B, T, D), [(B, T, D)] * n_exits
+        return (self.masked_loss if self.masked else self.loss)(h_full, h_exits, y)
+
+    @torch.compiler.disable  # how many positions count changes every batch: compiled, it would recompile every step
+    def masked_loss(self, h_full, h_exits, y):
+        keep = y.reshape(-1) >= 0  # (B * T,)
+        return self.loss(h_full.flatten(0, 1)[keep], [h.flatten(0, 1)[keep] for h in h_exits], y.reshape(-1)[keep])
+
+    def loss(self, h_full, h_exits, y):
+        n = max(y.numel(), 1)  # the targets counted: every position unless masked
         if self.bm.train_backbone:  # the head trains too: the plain form gives it a gradient, the fused one does not
-            kl = distillation_kl_reference(self.bm.model.output.weight, h_full, h_exits) / x.numel()  # (n_exits,)
+            kl = distillation_kl_reference(self.bm.model.output.weight, h_full, h_exits) / n  # (n_exits,)
         else:
-            kl = distillation_kl(self.bm.model.output, h_full, h_exits, self.chunk_size) / x.numel()
+            kl = distillation_kl(self.bm.model.output, h_full, h_exits, self.chunk_size) / n
         # The weighting, in one place. The paper's CE ablation (section 4.3) is kl_weight 0.001, ce_weight 1.
         loss = self.kl_weight * kl.sum()
         if not self.ce_weight:
             return loss, kl.detach(), None
-        ce = chunked_ce(self.bm.model.output.weight, h_exits, y, self.chunk_size) / x.numel()  # chunked like the KL
+        ce = chunked_ce(self.bm.model.output.weight, h_exits, y, self.chunk_size) / n  # chunked like the KL
         return loss + self.ce_weight * ce.sum(), kl.detach(), ce.detach()
 
 
@@ -113,11 +126,12 @@ def baseline_states(bm: BalconyModel, x):
 
 
 @torch.no_grad()
-def evaluate(bm, val, args, ctx, rank=0, world_size=1, baseline=False):
-    """Validation KL(p_full || p) per token, top-1 agreement with the full model and perplexity: three lists, one value
-    per exit and a last one for full depth. baseline: no balconies (the final norm straight on layer-k states)."""
+def evaluate(bm, val, args, ctx, rank=0, world_size=1, baseline=False, mask=None):
+    """Validation KL(p_full || p) per target token (mask: data.py's loss mask, else every token), top-1 agreement with
+    the full model and perplexity: three lists, one value per exit and a last one for full depth. baseline: no
+    balconies (the final norm straight on layer-k states)."""
     device = bm.model.output.weight.device
-    real = iter_batches(val, args.seq_len, args.batch_size, device, args.eval_windows, rank, world_size)
+    real = iter_batches(val, args.seq_len, args.batch_size, device, args.eval_windows, rank, world_size, mask)
     n_batches = math.ceil(min(n_windows(val, args.seq_len), args.eval_windows) / args.batch_size)
 
     def batches():
@@ -126,11 +140,12 @@ def evaluate(bm, val, args, ctx, rank=0, world_size=1, baseline=False):
         # window and count none of its rows
         for _ in range(math.ceil(n_batches / world_size)):
             batch = next(real, None)
-            x, y = batch or get_batch(val, [0], args.seq_len, device)
+            x, y = batch or get_batch(val, [0], args.seq_len, device, mask)
             with ctx:
                 h_full, h_exits = baseline_states(bm, x) if baseline else bm.forward_train(x)
             n = len(x) if batch else 0
-            yield h_full[:n], [h[:n] for h in h_exits + [h_full]], y[:n]
+            keep = y[:n] >= 0  # (n, T): the targets that count
+            yield h_full[:n][keep], [h[:n][keep] for h in h_exits + [h_full]], y[:n][keep]
 
     m = heldout_metrics(bm.model.output, batches(), args.chunk_size, ctx=ctx,
                         all_reduce=dist.all_reduce if world_size > 1 else None)
@@ -144,6 +159,27 @@ def get_lr(step: int, max_lr: float, warmup_steps: int, max_steps: int) -> float
         return max_lr * (step + 1) / (warmup_steps + 1)
     progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def native_bf16(device) -> bool:
+    """Whether the device multiplies bf16 natively: CUDA, or a CPU with AVX512-BF16 or AMX (the flags Linux lists in
+    /proc/cpuinfo; about twice its fp32 rate on the head's products). Other CPUs emulate bf16, slower than fp32."""
+    if device.type == "cuda":
+        return True
+    try:
+        flags = set(CPUINFO.read_text().split())
+    except OSError:  # not Linux
+        return False
+    return device.type == "cpu" and bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def train_dtype(device) -> str:
+    """--dtype's default for training: bf16 where it is native (the exits' master weights and the loss's softmax and
+    KL stay fp32 anyway), fp32 elsewhere."""
+    return "bfloat16" if native_bf16(device) else default_dtype(device)
 
 
 # ------------------------------------------------------------------------------------ Table 4: from scratch
@@ -217,8 +253,8 @@ def run_config(args, global_batch: int, data_key: str) -> dict:
     """What a resumed run must share with the saved one to continue exactly (the data position is the step).
     --max-steps may grow: the learning rate then follows the new schedule from the resumed step on."""
     keys = ("seq_len", "lr", "warmup_steps", "weight_decay", "grad_clip", "init", "balcony", "loss", "kl_weight",
-            "ce_weight", "train_backbone", "from_scratch", "seed", "dtype")
-    return {**{k: getattr(args, k) for k in keys}, "global_batch": global_batch, "data": data_key}
+            "ce_weight", "train_backbone", "from_scratch", "seed", "dtype", "loss_on")
+    return {**{k: getattr(args, k) for k in keys}, "global_batch": global_batch, "data": data_key, "format": FORMAT}
 
 
 def save_state(path: Path, bm, opt, step: int, fingerprint: str, config: dict):
@@ -242,6 +278,10 @@ def load_state(path: Path, fingerprint: str, exit_layers: list, config: dict) ->
     if state["fingerprint"] != fingerprint:
         raise UsageError(f"{path} was saved for another base model (fingerprint {state['fingerprint']}, this "
                          f"checkpoint's is {fingerprint})")
+    if state["config"].get("format") != config["format"]:  # states from before the format was recorded: 2
+        raise UsageError(f"{path} was saved by an older train.py (token format {state['config'].get('format', 2)}, "
+                         f"now {config['format']}: chats train on their answers alone), so it cannot continue exactly; "
+                         f"train without --resume")
     if state["exit_layers"] != exit_layers:
         raise UsageError(f"{path} trains exits {state['exit_layers']}, not --exit-layers {exit_layers}")
     diff = [f"{k} {state['config'].get(k)!r} -> {v!r}" for k, v in config.items() if state["config"].get(k) != v]
@@ -386,7 +426,8 @@ def train(args, rank: int, world_size: int, device) -> int:
     state_path, log_path = exits_path.with_suffix(".state.pt"), exits_path.with_suffix(".log.jsonl")
     if args.fsdp and not dist.is_initialized():
         raise UsageError("--fsdp shards the backbone across processes; launch with torchrun --nproc_per_node N")
-    args.dtype = args.dtype or default_dtype(device)
+    chosen = args.dtype is None
+    args.dtype = args.dtype or ("float32" if args.train_backbone else train_dtype(device))
     dtype = DTYPES[args.dtype]
     if args.train_backbone and (ddp or dtype != torch.float32):  # (--from-scratch keeps fp32 weights, autocasts)
         raise UsageError("--train-backbone (the unfrozen ablation) trains in one process with an fp32 backbone: drop "
@@ -415,6 +456,9 @@ def train(args, rank: int, world_size: int, device) -> int:
     folder = tokenize_corpus(files, tokenizer, args.val_files, args.cache_dir, args.val_fraction, args.num_proc,
                              wait=not master)
     train_tokens, val_tokens = open_tokens(folder, "train"), open_tokens(folder, "val")
+    train_mask, val_mask = open_mask(folder, "train"), open_mask(folder, "val")  # None: plain text, every token
+    if args.loss_on == "all" or args.loss == "ce":  # the ablation, or --from-scratch's next-token loss: every token
+        train_mask = None
     global_batch = args.batch_size * args.grad_accum * world_size  # windows per optimiser step
     n_train = n_windows(train_tokens, args.seq_len)
     if n_train < global_batch or n_windows(val_tokens, args.seq_len) < 1:
@@ -428,7 +472,7 @@ def train(args, rank: int, world_size: int, device) -> int:
     # autocast runs the exits in --dtype (the frozen weights already are); the loss's softmax and KL stay fp32
     ctx = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     # the original model's; a new one's random start is no baseline
-    baseline = None if args.from_scratch else evaluate(bm, val_tokens, args, ctx, rank, world_size, baseline=True)
+    baseline = None if args.from_scratch else evaluate(bm, val_tokens, args, ctx, rank, world_size, True, val_mask)
     config, step = run_config(args, global_batch, folder.name), 0
     if args.resume:
         state = load_state(state_path, fingerprint, bm.exit_layers, config)
@@ -445,7 +489,8 @@ def train(args, rank: int, world_size: int, device) -> int:
     if args.loss == "ce":
         loss_fn = SubmodelLoss(bm, args.chunk_size)
     else:
-        loss_fn = ExitLoss(bm, args.chunk_size, args.ce_weight if args.loss == "kl+ce" else 0.0, args.kl_weight)
+        loss_fn = ExitLoss(bm, args.chunk_size, args.ce_weight if args.loss == "kl+ce" else 0.0, args.kl_weight,
+                           masked=train_mask is not None)
     loss_fn = wrap_loss(loss_fn, device, ddp, device.type == "cuda" if args.compile is None else args.compile)
 
     exits_path.parent.mkdir(parents=True, exist_ok=True)
@@ -459,6 +504,11 @@ def train(args, rank: int, world_size: int, device) -> int:
     say(f"{sum(p.numel() for p in params):,} trainable parameters in exits {bm.exit_layers}"
         f"{' and the backbone' if bm.train_backbone else ''} ({args.balcony} balconies, --loss {args.loss}); "
         f"{n_train} training windows of {args.seq_len} tokens, {global_batch} per step; from step {step}")
+    say(f"backbone and head in {args.dtype}" + (f" (the default on this {device.type}; --dtype to change)" if chosen
+                                                 else "") + ", the exits' weights and the softmax and KL in float32")
+    say(f"the loss on the chats' assistant answers: {int(train_mask[1:].sum()):,} of {len(train_tokens) - 1:,} "
+        f"training targets" if train_mask is not None else "the loss on every token" +
+        (" (--loss-on all)" if val_mask is not None else " (plain text)"))
     if baseline is not None:
         if not args.resume:  # a resumed run's log already has it
             record({"step": step, "eval": "no_balcony", **metrics_by_exit(exit_layers, baseline)})
@@ -480,7 +530,7 @@ def train(args, rank: int, world_size: int, device) -> int:
             stats = torch.zeros(2, len(exit_layers) + 1, device=device)
             for micro in range(args.grad_accum):
                 first = (micro * world_size + rank) * args.batch_size  # this rank's slice of the global batch
-                x, y = get_batch(train_tokens, windows[first:first + args.batch_size], args.seq_len, device)
+                x, y = get_batch(train_tokens, windows[first:first + args.batch_size], args.seq_len, device, train_mask)
                 # DDP averages gradients across ranks on the last micro-step only
                 sync = loss_fn.no_sync() if ddp and micro < args.grad_accum - 1 else contextlib.nullcontext()
                 with sync:
@@ -511,7 +561,7 @@ def train(args, rank: int, world_size: int, device) -> int:
             else:
                 record({**entry, "kl": kl, **({"ce": stats[1, :-1].tolist()} if args.loss == "kl+ce" else {})})
             if step % args.eval_every == 0 or step == args.max_steps:
-                final = evaluate(bm, val_tokens, args, ctx, rank, world_size)
+                final = evaluate(bm, val_tokens, args, ctx, rank, world_size, mask=val_mask)
                 record({"step": step, "eval": "balcony", **metrics_by_exit(exit_layers, final)})
                 say(f"step {step}: val KL " + ", ".join(f"{k}: {v:.3f}" for k, v in zip(exit_layers, final[0])))
             stop = step < args.max_steps and stop_requested(ddp, device)  # a collective: every rank asks
@@ -527,7 +577,7 @@ def train(args, rank: int, world_size: int, device) -> int:
         if log:
             log.close()
     if final is None:  # resumed at the last step (killed after its state was saved, before the exits were)
-        final = evaluate(bm, val_tokens, args, ctx, rank, world_size)
+        final = evaluate(bm, val_tokens, args, ctx, rank, world_size, mask=val_mask)
     if master:
         if bm.train_backbone:
             save_checkpoint(bm.model, tok_dir, out)
@@ -582,6 +632,9 @@ def get_parser():
                    "(up to the last exit) and the head train with the exits on the same loss, the teacher being the "
                    "current full model, detached; --out is then a new checkpoint folder whose full depth is no "
                    "longer the original model")
+    p.add_argument("--loss-on", choices=["answers", "all"], default="answers", help="answers: on chats, only the "
+                   "positions that predict an assistant turn's tokens (plain text: every token); all: every token "
+                   "(validation stays on the answers)" + d)
     p.add_argument("--chunk-size", type=int, default=256, help="tokens whose logits exist at once in the loss" + d)
     p.add_argument("--eval-every", type=int, default=30, help="validate every N steps, and at the end" + d)
     p.add_argument("--eval-windows", type=int, default=16, help="validation windows per evaluation" + d)
@@ -590,8 +643,9 @@ def get_parser():
     p.add_argument("--seed", type=int, default=1337, help="exit init and data order" + d)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the training step (default: on with CUDA)")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None, help=f"the frozen backbone and head ({DTYPE_HELP}); "
-                   "the exits' weights and optimiser state stay float32")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="the frozen backbone and head (default: "
+                   "bfloat16 on CUDA and on CPUs with AVX512-BF16 or AMX, else float32; float32 with "
+                   "--train-backbone); the exits' weights and optimiser state, the softmax and the KL stay float32")
     p.add_argument("--fsdp", action="store_true", help="with torchrun: shard the frozen backbone across processes "
                    "(FSDP2), for backbones too big for one GPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",

@@ -158,7 +158,8 @@ def test_default_leaves_the_backbone_bit_identical_for_every_kind(setup, tmp_pat
     before = load_file(ckpt / "model.safetensors")
     assert train.main(train.parse_args(argv(tmp_path, ckpt, data, "b.safetensors", "--balcony", kind))) == 0
     after = models[0].model.checkpoint_state_dict()
-    assert all(torch.equal(after[k], t) for k, t in before.items())
+    # stored once in the default --dtype (bf16 on CPUs with AVX512-BF16), then never changed
+    assert all(torch.equal(after[k], t.to(after[k].dtype)) for k, t in before.items())
     assert BalconyModel.read_exits_file(tmp_path / "b.safetensors")[0]["kind"] == kind
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from conftest import CORPUS, run_script, write_tiny_tokenizer
 
 import data
@@ -104,6 +105,45 @@ def write_save_to_disk(folder, rows, shards=2):
             w.write_table(table.slice(i * per, per), max_chunksize=2)
     (folder / "state.json").write_text(json.dumps({"_data_files": [{"filename": n} for n in names]}))
     (folder / "dataset_info.json").write_text(json.dumps({"features": {}}))
+
+
+def test_loss_mask_marks_assistant_turns_and_all_plain_text(tmp_path, tok):
+    """mask.bin marks exactly each assistant turn's answer and its end-of-turn token (never the system prompt, the
+    questions or the template's headers) and every token of plain text; get_batch turns unmasked targets into -1,
+    inputs untouched. A corpus without chats has no mask: every token counts."""
+    multi = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "One?"},
+                          {"role": "assistant", "content": "To be"}, {"role": "user", "content": "Two?"},
+                          {"role": "assistant", "content": "or not to be"}]}
+    rows = ROWS + [multi]
+    write_jsonl(tmp_path / "c.jsonl", rows)
+    folder = data.tokenize_corpus([tmp_path / "c.jsonl"], tok, val_files="", cache_dir=tmp_path / "cache",
+                                  num_proc=2)
+    ids = np.concatenate([data.open_tokens(folder, s) for s in ("train", "val")])
+    mask = np.concatenate([data.open_mask(folder, s) for s in ("train", "val")])
+    assert ids.tolist() == expected_stream(tok, rows) and len(mask) == len(ids)
+    runs, start = [], None  # the masked stretches, decoded
+    for i, m in enumerate([*mask.tolist(), 0]):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            runs.append(tok.decode(ids[start:i].tolist()))
+            start = None
+    eos, end = tok.decode([tok.eos_id]), "<|im_end|>"
+    assert runs == ["To be, or not to be" + eos, "Whether 'tis nobler in the mind to suffer" + end,
+                    "The slings and arrows" + end, "0123456789 of outrageous fortune" + eos, "Against a sea" + end,
+                    "To be" + end, "or not to be" + end]
+    assert json.loads((folder / "meta.json").read_text())["loss_tokens"] == int(mask.sum())
+
+    train_ids, train_mask = data.open_tokens(folder, "train"), data.open_mask(folder, "train")
+    x, y = data.get_batch(train_ids, [1, 0], 8, "cpu", train_mask)
+    plain_x, plain_y = data.get_batch(train_ids, [1, 0], 8, "cpu")
+    assert torch.equal(x, plain_x)
+    target_mask = torch.from_numpy(np.stack([train_mask[9:17], train_mask[1:9]]).astype(bool))
+    assert torch.equal(y, torch.where(target_mask, plain_y, -1)) and (y == -1).any() and (y >= 0).any()
+
+    write_jsonl(tmp_path / "p.jsonl", [r for r in rows if not r.get("messages") and not r.get("prompt")])
+    plain = data.tokenize_corpus([tmp_path / "p.jsonl"], tok, val_files="", cache_dir=tmp_path / "cache")
+    assert data.open_mask(plain, "train") is None and not (plain / "mask.bin").exists()
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "jsonl.gz", "parquet", "save_to_disk"])

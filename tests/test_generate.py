@@ -112,6 +112,14 @@ def test_mixed_batch_runs_each_row_through_its_own_layers():
                     "balcony1": [2] * 4, "balcony3": [2] * 4}
 
 
+def test_mixed_batch_runs_the_head_once_per_step(monkeypatch):
+    import generate as g
+    model, rows, head = tiny_balcony(), [], g.lm_head
+    monkeypatch.setattr(g, "lm_head", lambda m, h: rows.append(h.size(0)) or head(m, h))
+    generate(model, [PROMPT] * 5, 4, exit=[1, 3, 3, None, 1])
+    assert rows == [5] * 4  # every exit's rows in one matmul: the head's weights read once a step
+
+
 def test_caches_allocated_once_across_calls():
     model = tiny_balcony()
 

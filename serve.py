@@ -1,0 +1,571 @@
+"""
+An OpenAI-compatible server whose exits follow the load: the paper's dynamic inference (sections 1 and 3: "in cloud
+computing, we can select exit layers depending on the query-per-second rate"), live.
+
+A loop and a queue, as vLLM's and llama.cpp's servers are. FastAPI routes validate a request and put it on a bounded
+queue (full: 429). One engine thread owns the model and its KV caches, allocated once for --max-batch rows and
+--max-seq positions, and loops: admit one waiting request into a free row (its prefill, which gives its first token),
+run one decode step for every active row, retire the rows that finished or whose client left. Rows keep generate.py's
+layout, deepest exit first, so each layer's cache holds a prefix of the rows and one forward (forward_rows) serves a
+batch of mixed exits; a new row is slotted in after the rows at least as deep as it, the shallower rows' cache rows
+moving down one in the layers it runs.
+
+Model ids: `<name>` is full depth, `<name>@15` a trained exit, `<name>@auto` lets the server choose. Every response's
+`model` names the exit that served it (`<name>@18`, or `<name>` for full depth) and `exit` gives its layer.
+
+The @auto policy. The operator sets a budget, --tpot-ms, the time per output token a request should see. A decode
+step reads each weight it runs once, however many rows use it, and multiplies it by every row that reaches it, so
+the engine models a step's time as alpha * (weights the step reads) + beta * (sum over rows of the weights a token
+at that row's exit reads), with alpha and beta timed at startup (full depth, one row and --max-batch rows). Times
+between decode steps, measured as the server runs, scale that model by a load factor (their running mean over the
+model's prediction), which takes in the prefills that stall the batch and whatever else the machine is doing. When
+an @auto request is admitted, the controller predicts the time per token of the batch it will live in (the rows
+decoding now, itself and the queued requests that will fill the free rows or, by Little's law, the measured arrival
+rate times its lifetime if that is more rows, all at its exit) for each exit, deepest first, and gives it the deepest
+exit that keeps the budget, or the shallowest if none does. A request's exit is fixed at admission and never changes
+mid-stream, so its KV rows are always exact for its exit and nothing needs back-filling (deepening a request later
+would need the confidence cascade's exact back-fill). Decisions are logged and counted in GET /metrics.
+
+    python serve.py --tpot-ms 120                      # http://127.0.0.1:8000/v1, model ids from GET /v1/models
+    curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+      -d '{"model": "smollm2-135m-instruct@auto", "messages": [{"role": "user", "content": "Hi!"}]}'
+"""
+import argparse
+import asyncio
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from balcony import BalconyModel
+from cascade import weights_per_token
+from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, run_cli
+from generate import check_request, compact_caches, exit_plan, forward_rows, prepare_head, sample
+from model import KVCache
+
+log = logging.getLogger("serve")
+
+
+# ---- the engine: one thread, the model, its caches ----
+
+@dataclass(eq=False)
+class Request:
+    prompt: list  # token ids
+    exit: Union[int, str]  # a depth (n_layers: full depth) or "auto"
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: Optional[int] = None
+    ignore_eos: bool = False  # vLLM's extension for load tests: always max_tokens tokens
+    post: Callable = print  # post(kind, value), thread-safe: "start" (depth), "token" (id), "done" (finish reason)
+    cancelled: bool = False  # set by the route (client gone, stop string seen); the engine frees the row next step
+    depth: int = 0  # the exit that serves it, fixed at admission
+    cur: int = 0  # its newest token, not yet in the caches
+    pos: int = 0  # the position of cur
+    n_out: int = 0
+    done: bool = False
+    generator: Optional[torch.Generator] = None
+
+
+class CacheRows(KVCache):
+    """Rows start.. of a KVCache as a KVCache of their own, sharing its buffers: a forward on one row writes row
+    `start` of the real cache, so a request's prefill lands in its own row while the batch's other rows stay put."""
+
+    def __init__(self, cache: KVCache, start: int, length: int):
+        nn.Module.__init__(self)
+        self.register_buffer("k_cache", cache.k_cache[start:], persistent=False)
+        self.register_buffer("v_cache", cache.v_cache[start:], persistent=False)
+        self.length = length
+
+
+class AutoPolicy:
+    """@auto's controller (the module docstring says why it is shaped so): the deepest exit whose predicted time per
+    output token keeps the budget."""
+
+    def __init__(self, model: BalconyModel, budget_s: Optional[float], alpha: float, beta: float, max_batch: int):
+        self.model, self.budget_s, self.alpha, self.beta, self.max_batch = model, budget_s, alpha, beta, max_batch
+        self.ladder = [model.n_layers, *model.exit_layers[::-1]]  # deepest first
+        self.layer = sum(p.numel() for p in model.model.layers[0].parameters())
+        self.token = {d: weights_per_token(model, d) for d in self.ladder}  # the weights a token at exit d reads
+        self.head = model.model.output.weight.numel()
+        self.load = 1.0  # measured step intervals over predicted step times, a running mean
+        self.gap, self.last_arrival = None, None  # seconds between arrivals, a running mean
+        self.decisions = {d: 0 for d in self.ladder}
+        self.last = {}  # the latest decision's predicted ms per token, by exit
+
+    def step_s(self, depths: list) -> float:
+        """Predicted seconds of one decode step on rows at these depths, before the load factor."""
+        # layers 1..deepest, each exit's balcony, and the head once (forward_rows runs it on every row together)
+        balconies = sum(self.token[d] - self.layer * d - self.head for d in set(depths))
+        read = self.layer * max(depths) + balconies + self.head
+        return self.alpha * read + self.beta * sum(self.token[d] for d in depths)
+
+    def observe(self, depths: list, interval_s: float):
+        self.load += 0.1 * (interval_s / self.step_s(depths) - self.load)
+
+    def arrived(self, now: float):
+        if self.last_arrival is not None:
+            self.gap = now - self.last_arrival if self.gap is None else self.gap + 0.2 * (now - self.last_arrival
+                                                                                          - self.gap)
+        self.last_arrival = now
+
+    def predict_ms(self, depths: list, exit: int, joining: int, tokens: int) -> float:
+        rows = depths + [exit] * (1 + joining)
+        s = self.load * self.step_s(rows)
+        if self.gap:  # Little's law: arrivals at the measured rate keep rate x lifetime rows in the batch
+            more = min(self.max_batch, round(tokens * s / self.gap)) - len(rows)
+            s = self.load * self.step_s(rows + [exit] * more) if more > 0 else s
+        return 1000 * s
+
+    def choose(self, depths: list, joining: int, tokens: int) -> int:
+        """The exit for a request of at most `tokens` new tokens joining rows at `depths`, with `joining` queued
+        requests right behind it."""
+        self.last = {d: self.predict_ms(depths, d, joining, tokens) for d in self.ladder}
+        ok = [d for d in self.ladder if self.budget_s is None or self.last[d] <= 1000 * self.budget_s]
+        choice = ok[0] if ok else self.ladder[-1]
+        self.decisions[choice] += 1
+        log.info("@auto: exit %d (predicted ms/token %s, budget %s, load x%.2f, %d rows, %d joining)", choice,
+                 {d: round(ms, 1) for d, ms in self.last.items()},
+                 "none" if self.budget_s is None else f"{1000 * self.budget_s:g} ms", self.load, len(depths), joining)
+        return choice
+
+
+class Engine:
+    """The decode loop (module docstring): one thread that owns the model and its caches."""
+
+    def __init__(self, model: BalconyModel, max_batch: int, max_seq: int, queue_size: int, stop_ids,
+                 tpot_s: Optional[float] = None):
+        self.model, self.max_batch, self.max_seq, self.stop_ids = model, max_batch, max_seq, set(stop_ids)
+        self.device = model.model.tok_embeddings.weight.device
+        self.cache_exits = [None, *model.exit_layers]
+        model.setup_caches(max_batch, max_seq, exits=self.cache_exits)  # once: every layer, every balcony
+        prepare_head(model)
+        self.queue = queue.Queue(queue_size)
+        self.rows = []  # active requests, deepest exit first
+        self.stats = dict(steps=0, tokens=0, admitted=0, finished=0, cancelled=0, errors=0)
+        self.served = {d: 0 for d in [model.n_layers, *model.exit_layers]}  # requests admitted at each exit
+        self.interval_s, self.last_step_end = None, None
+        self.policy = AutoPolicy(model, tpot_s, *self.calibrate(), max_batch)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="engine", daemon=True)
+
+    @torch.no_grad()
+    def calibrate(self) -> tuple:
+        """(alpha, beta) of AutoPolicy's step model, from full-depth decode steps on 1 and max_batch rows."""
+        n, w = self.model.n_layers, weights_per_token(self.model, self.model.n_layers)
+        times = []
+        for B in (1, self.max_batch):
+            cur, pos = torch.zeros(B, 1, dtype=torch.long, device=self.device), torch.full((B, 1), 31)
+            self.reach(32)
+            ts = []
+            for _ in range(4):
+                t = time.perf_counter()
+                forward_rows(self.model, cur, pos.to(self.device), exit_plan([n] * B))
+                ts.append(time.perf_counter() - t)
+            times.append(sorted(ts)[1])  # the first call warms up
+        beta = max(times[1] - times[0], 0.0) / max(self.max_batch - 1, 1) / w
+        alpha = max(times[0] / w - beta, 0.0)
+        log.info("engine: full-depth step %.1f ms at 1 row, %.1f ms at %d rows", 1000 * times[0], 1000 * times[1],
+                 self.max_batch)
+        return alpha, beta
+
+    def reach(self, length: int):
+        # attention reads `length` cache slots: what the rows can see, not all --max-seq of them
+        self.model.setup_caches(self.max_batch, max(length, 1), exits=self.cache_exits)
+
+    def submit(self, req: Request):
+        self.queue.put_nowait(req)  # queue.Full: the route answers 429
+        self.policy.arrived(time.perf_counter())
+
+    def start(self):
+        self.thread.start()
+
+    def stop(self):
+        """Cancel what is still waiting or decoding and end the loop."""
+        self.stopping.set()
+        self.thread.join()
+
+    def run(self):
+        with torch.no_grad():
+            while not self.stopping.is_set():
+                try:
+                    self.admit()
+                    if self.rows:
+                        self.step()
+                except Exception:  # a bug, not a bad request (routes check those): fail the batch, keep serving
+                    log.exception("engine step failed; failing %d requests", len(self.rows))
+                    self.stats["errors"] += 1
+                    for r in self.rows:
+                        r.post("error", "the engine failed on this batch")
+                    self.rows = []
+        for r in self.rows + [self.queue.get_nowait() for _ in range(self.queue.qsize())]:
+            r.post("error", "the server is shutting down")
+
+    def admit(self):
+        # one prefill between decode steps: it stalls every row, so one at a time keeps the stall short
+        if len(self.rows) >= self.max_batch:
+            return
+        try:
+            req = self.queue.get(timeout=0.05) if not self.rows else self.queue.get_nowait()
+        except queue.Empty:
+            return
+        if req.cancelled:
+            return
+        depths = [r.depth for r in self.rows]
+        if req.exit == "auto":
+            req.depth = self.policy.choose(depths, min(self.queue.qsize(), self.max_batch - len(depths) - 1),
+                                           req.max_tokens)
+        else:
+            req.depth = req.exit
+        d, n, T = req.depth, self.model.n_layers, len(req.prompt)
+        p = sum(x >= d for x in depths)  # its batch row: after every row at least as deep
+        used = max((r.pos for r in self.rows), default=0)  # cache slots holding the rows' tokens
+        layers = [layer.attention for layer in self.model.model.layers[:d]]
+        for j, att in enumerate(layers):  # make room: the shallower rows reaching layer j move down one
+            reach = sum(x > j for x in depths)
+            for buf in (att.kv_cache.k_cache, att.kv_cache.v_cache):
+                buf[p + 1:reach + 1, :, :used] = buf[p:reach, :, :used].clone()
+        views = [(att, p) for att in layers]
+        if d < n and self.model.kind != "mlp":  # balcony d's cache holds the rows exiting at d: it goes last there
+            views.append((self.model.exits[str(d)].layer.attention, depths.count(d)))
+        caches = [att.kv_cache for att, _ in views]
+        try:
+            for att, start in views:
+                att.kv_cache = CacheRows(att.kv_cache, start, T)
+            idx = torch.tensor([req.prompt], device=self.device)
+            logits = forward_rows(self.model, idx, torch.arange(T, device=self.device)[None], exit_plan([d]))
+        finally:
+            for (att, _), c in zip(views, caches):
+                att.kv_cache = c
+        if req.seed is not None:
+            req.generator = torch.Generator(self.device).manual_seed(req.seed)
+        req.pos = T
+        self.rows.insert(p, req)
+        self.served[d] += 1
+        self.stats["admitted"] += 1
+        req.post("start", d)
+        self.emit(req, self.sample(logits, [req])[0])
+        self.retire()
+
+    def step(self):
+        rows = self.rows
+        self.reach(max(r.pos for r in rows) + 1)
+        cur = torch.tensor([[r.cur] for r in rows], device=self.device)
+        pos = torch.tensor([[r.pos] for r in rows], device=self.device)
+        depths = [r.depth for r in rows]
+        logits = forward_rows(self.model, cur, pos, exit_plan(depths))
+        for r, t in zip(rows, self.sample(logits, rows)):
+            r.pos += 1
+            self.emit(r, t)
+        now = time.perf_counter()
+        if self.last_step_end is not None:  # since the previous step, prefills included: what a decoding row waits
+            interval = now - self.last_step_end
+            self.interval_s = interval + 0.9 * ((self.interval_s or interval) - interval)  # a running mean
+            self.policy.observe(depths, interval)
+        self.last_step_end = now
+        self.stats["steps"] += 1
+        self.retire()
+
+    def sample(self, logits, rows: list) -> list:
+        # (B, vocab) -> one token per row, each with its own temperature, top_p and seed
+        tokens = logits.argmax(-1).tolist()
+        for i, r in enumerate(rows):
+            if r.temperature > 0:
+                tokens[i] = sample(logits[i:i + 1], r.temperature, top_p=r.top_p, generator=r.generator)[0].item()
+        return tokens
+
+    def emit(self, r: Request, token: int):
+        r.cur, r.n_out = token, r.n_out + 1
+        self.stats["tokens"] += 1
+        r.post("token", token)
+        stop = token in self.stop_ids and not r.ignore_eos
+        if stop or r.n_out == r.max_tokens:
+            r.done = True
+            r.post("done", "stop" if stop else "length")
+
+    def retire(self):
+        keep = [i for i, r in enumerate(self.rows) if not (r.done or r.cancelled)]
+        if len(keep) == len(self.rows):
+            return
+        self.stats["finished"] += sum(r.done for r in self.rows)
+        self.stats["cancelled"] += sum(r.cancelled and not r.done for r in self.rows)
+        if keep:
+            self.reach(max(r.pos for r in self.rows))  # compaction copies the slots the rows filled
+            compact_caches(self.model, [r.depth for r in self.rows], keep)
+        self.rows = [self.rows[i] for i in keep]
+        if not self.rows:
+            self.last_step_end = None  # idle from here: the next interval starts fresh
+
+    def metrics(self) -> str:
+        """Prometheus text: load, queue, what @auto decided and why."""
+        p = self.policy
+        gauges = dict(self.stats, rows_active=len(self.rows), queue_depth=self.queue.qsize(), max_batch=self.max_batch,
+                      steps_per_s=1 / self.interval_s if self.interval_s else 0.0, load_factor=p.load,
+                      tpot_budget_ms=1000 * (p.budget_s or 0.0))
+        lines = [f"balcony_{name} {value:g}" for name, value in gauges.items()]
+        lines += [f'balcony_requests_by_exit{{exit="{d}"}} {c}' for d, c in self.served.items()]
+        lines += [f'balcony_auto_decisions{{exit="{d}"}} {c}' for d, c in p.decisions.items()]
+        lines += [f'balcony_auto_predicted_tpot_ms{{exit="{d}"}} {ms:.2f}' for d, ms in p.last.items()]
+        return "\n".join(lines) + "\n"
+
+
+# ---- the routes: validate, enqueue, stream what the engine posts ----
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def error_body(status: int, message: str, param=None, code=None) -> dict:
+    kind = {404: "not_found_error", 429: "rate_limit_error"}.get(status, "invalid_request_error" if status < 500
+                                                                 else "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def make_app(engine: Engine, tokenizer, name: str):
+    """The FastAPI app in front of a started engine: OpenAI's /v1/models, /v1/completions, /v1/chat/completions."""
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from pydantic import BaseModel, Field
+
+    model, context = engine.model, engine.max_seq
+    n = model.n_layers
+    ids = {name: n, f"{name}@auto": "auto", **{f"{name}@{e}": e for e in model.exit_layers}}
+
+    class Common(BaseModel):
+        model: str
+        max_tokens: Optional[int] = None
+        max_completion_tokens: Optional[int] = None
+        temperature: float = Field(1.0, ge=0, le=2)
+        top_p: float = Field(1.0, gt=0, le=1)
+        seed: Optional[int] = None
+        stop: Union[str, list[str], None] = None
+        n: int = Field(1, ge=1, le=1)
+        stream: bool = False
+        stream_options: Optional[dict] = None
+        ignore_eos: bool = False
+
+    class Message(BaseModel):
+        role: str
+        content: str
+
+    class ChatRequest(Common):
+        messages: list[Message] = Field(min_length=1)
+
+    class CompletionRequest(Common):
+        prompt: Union[str, list[int]]
+
+    app = FastAPI(title="balcony")
+
+    @app.exception_handler(APIError)
+    async def api_error(_, e: APIError):
+        return JSONResponse(error_body(e.status, e.message, e.param, e.code), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_, e: RequestValidationError):
+        errs = e.errors()
+        if any(err["type"] == "json_invalid" for err in errs):
+            return JSONResponse(error_body(400, "the body is not valid JSON"), status_code=400)
+        err = errs[0]
+        param = ".".join(str(x) for x in err["loc"][1:]) or None
+        return JSONResponse(error_body(422, f"{param}: {err['msg']}" if param else err["msg"], param),
+                            status_code=422)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": i, "object": "model", "created": 0, "owned_by": "balcony"}
+                                           for i in ids]}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(engine.metrics())
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        prompt = body.prompt if isinstance(body.prompt, list) else tokenizer.encode(body.prompt,
+                                                                                    bos=tokenizer.add_bos)
+        return await serve(body, prompt, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest):
+        try:
+            prompt = tokenizer.encode_chat([m.model_dump() for m in body.messages])
+        except UsageError as e:  # a tokenizer with no chat format
+            raise APIError(400, str(e), "messages") from None
+        return await serve(body, prompt, chat=True)
+
+    async def serve(body: Common, prompt: list, chat: bool):
+        if body.model not in ids:
+            base, _, exit = body.model.partition("@")
+            hint = (f"exit {exit} has no trained balcony" if base == name and exit else f"unknown model {body.model!r}")
+            raise APIError(404, f"{hint}; this server has {', '.join(ids)}", "model", "model_not_found")
+        max_tokens = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
+        if max_tokens is None:
+            max_tokens = max(context - len(prompt), 1) if chat else 16  # OpenAI's defaults
+        if max_tokens < 1:
+            raise APIError(422, f"max_tokens must be at least 1, not {max_tokens}", "max_tokens")
+        if any(not 0 <= t < model.model.args.vocab_size for t in prompt):
+            raise APIError(400, f"prompt token ids must be in 0..{model.model.args.vocab_size - 1}", "prompt")
+        try:
+            check_request(len(prompt), max_tokens, context)
+        except UsageError as e:
+            raise APIError(400, str(e), "messages" if chat else "prompt",
+                           "context_length_exceeded" if prompt else None) from None
+        events, loop = asyncio.Queue(), asyncio.get_running_loop()
+        req = Request(prompt, ids[body.model], max_tokens, body.temperature, body.top_p, body.seed,
+                      body.ignore_eos, lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value)))
+        try:
+            engine.submit(req)
+        except queue.Full:
+            raise APIError(429, f"the server is busy: {engine.max_batch} requests decoding and {engine.queue.maxsize}"
+                                f" waiting; retry later", code="rate_limit_exceeded") from None
+        try:
+            kind, depth = await events.get()  # ("start", its exit) once admitted
+        except asyncio.CancelledError:
+            req.cancelled = True
+            raise
+        if kind == "error":
+            raise APIError(500, depth)
+        served = name if depth == n else f"{name}@{depth}"
+        rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
+        stops = [s for s in ([body.stop] if isinstance(body.stop, str) else body.stop or []) if s]
+        head = dict(id=rid, created=created, model=served, exit=depth)
+
+        def usage():
+            return {"prompt_tokens": len(prompt), "completion_tokens": req.n_out,
+                    "total_tokens": len(prompt) + req.n_out}
+
+        def choice(text, finish, stream):
+            if not chat:
+                return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+            if stream:
+                return {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}
+            return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+
+        if not body.stream:
+            parts, finish = [], None
+            try:
+                async for text, finish in deltas(req, events, stops):
+                    parts.append(text)
+            finally:
+                req.cancelled = not req.done  # the client left before the end: free the row
+            return JSONResponse({**head, "object": "chat.completion" if chat else "text_completion",
+                                 "choices": [choice("".join(parts), finish, False)], "usage": usage()},
+                                headers={"x-balcony-exit": str(depth)})
+
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        with_usage = bool((body.stream_options or {}).get("include_usage"))
+
+        async def sse():
+            try:
+                if chat:
+                    first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                    yield f"data: {json.dumps({**head, 'object': obj, 'choices': [first]})}\n\n"
+                async for text, finish in deltas(req, events, stops):
+                    if text or finish:
+                        chunk = {**head, "object": obj, "choices": [choice(text, finish, True)]}
+                        yield f"data: {json.dumps(chunk)}\n\n"
+                if with_usage:
+                    yield f"data: {json.dumps({**head, 'object': obj, 'choices': [], 'usage': usage()})}\n\n"
+            except APIError as e:  # the headers are gone: the error travels as an event, as OpenAI's do
+                yield f"data: {json.dumps(error_body(e.status, e.message))}\n\n"
+            finally:  # also when the client disconnects mid-stream (the task is cancelled): free its row
+                req.cancelled = not req.done
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream", headers={"x-balcony-exit": str(depth)})
+
+    async def deltas(req: Request, events: asyncio.Queue, stops: list):
+        """The request's text as it grows, as (new text, None) pieces and a last (text, finish reason). A stop string
+        ends it early (its rows are freed); text that could be the start of one is held back until it cannot."""
+        ids_, sent, hold = [], 0, max(map(len, stops), default=1) - 1
+        while True:
+            kind, value = await events.get()
+            if kind == "error":
+                raise APIError(500, value)
+            if kind == "done":
+                text = tokenizer.decode(ids_)
+                yield text[sent:], value
+                return
+            if value not in tokenizer.stop_ids:
+                ids_.append(value)
+            text = tokenizer.decode(ids_)
+            hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+            if hits:
+                req.cancelled = True
+                yield text[sent:min(hits)], "stop"
+                return
+            end = len(text.rstrip("\ufffd")) - hold  # U+FFFD: part of a character whose other bytes are coming
+            if end > sent:
+                yield text[sent:end], None
+                sent = end
+
+    return app
+
+
+def load(args) -> tuple:
+    """(model with every trained exit, tokenizer, served name) for the command line."""
+    from tokenizer import Tokenizer
+
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    trained = args.balcony or (Path(args.checkpoint) / "balcony.safetensors").is_file()
+    if not trained:
+        log.warning("no balcony.safetensors in %s: serving full depth only (train exits with train.py)",
+                    args.checkpoint)
+    model = BalconyModel.from_checkpoint(args.checkpoint, args.balcony, None if trained else [None], device, dtype)
+    return model, Tokenizer.from_checkpoint(args.checkpoint), args.name or Path(args.checkpoint).resolve().name
+
+
+def main(args):
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.max_batch < 1 or args.max_queue < 0:
+        raise UsageError("--max-batch must be at least 1 and --max-queue at least 0")
+    if args.tpot_ms is not None and args.tpot_ms <= 0:
+        raise UsageError(f"--tpot-ms must be positive, not {args.tpot_ms}")
+    model, tokenizer, name = load(args)
+    max_seq = min(args.max_seq, model.model.args.max_seq_len)
+    engine = Engine(model, args.max_batch, max_seq, args.max_queue, tokenizer.stop_ids,
+                    None if args.tpot_ms is None else args.tpot_ms / 1000)
+    engine.start()
+    app = make_app(engine, tokenizer, name)
+    log.info("serving %s on http://%s:%d/v1 (trained exits: %s)", name, args.host, args.port,
+             model.exit_layers or "none")
+    # Ctrl-C: uvicorn stops accepting, lets the streams in flight finish for --drain-s, then cancels them
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=args.drain_s)
+    engine.stop()
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="converted model folder")
+    p.add_argument("--balcony", default=None, help="trained exits (default: <checkpoint>/balcony.safetensors)")
+    p.add_argument("--name", default=None, help="model id (default: the checkpoint folder's name)")
+    p.add_argument("--host", default="127.0.0.1", help="loopback only unless you change it")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=8, help="rows decoded together (KV cache rows)")
+    p.add_argument("--max-seq", type=int, default=1024, help="positions per row: prompt plus new tokens")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row; past that, 429")
+    p.add_argument("--tpot-ms", type=float, default=None,
+                   help="@auto's budget: time per output token; none: @auto serves full depth")
+    p.add_argument("--drain-s", type=int, default=10, help="on Ctrl-C, how long streams in flight may finish")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
+    return p
+
+
+if __name__ == "__main__":
+    run_cli(main, get_parser().parse_args)

@@ -1,0 +1,280 @@
+"""serve.py on a tiny random model behind a real uvicorn on a loopback port: the official openai client, streaming and
+not; greedy output through the server equals generate() at the same exit, also when requests of different exits
+and lengths share the batch; a client that leaves mid-stream frees its row; every bad request gets an OpenAI-style
+error and the next good one is served."""
+import http.client
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from balcony import BalconyModel
+from conftest import ROOT, make_tiny_checkpoint, tiny_args
+from generate import generate
+from model import Transformer
+from serve import AutoPolicy, Engine, make_app
+from test_generate import PROMPTS, lively_balcony
+from tokenizer import Tokenizer
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+MAX_SEQ = 96
+
+
+def untrained_2():
+    # the lively tiny model of test_generate with balcony 2 taken away: exits 1 and 3 trained, 2 not
+    model = lively_balcony()
+    model.exits.pop("2")
+    model.exit_layers.remove(2)
+    return model
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models gain nothing from threads (test_generate.py)
+    tok = Tokenizer.from_checkpoint(make_tiny_checkpoint(tmp_path_factory.mktemp("tiny")))
+    engine = Engine(untrained_2(), max_batch=4, max_seq=MAX_SEQ, queue_size=6, stop_ids=tok.stop_ids)
+    engine.start()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    srv = uvicorn.Server(uvicorn.Config(make_app(engine, tok, "tiny"), log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs=dict(sockets=[sock]))
+    thread.start()
+    while not srv.started:
+        time.sleep(0.01)
+    port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/v1"
+    client = openai.OpenAI(base_url=url, api_key="none", max_retries=0)
+    yield dict(port=port, engine=engine, tok=tok, client=client)
+    srv.should_exit = True
+    thread.join()
+    engine.stop()
+    torch.set_num_threads(threads)
+
+
+def reference(tok, prompt, exit, max_tokens):
+    # generate() on a fresh copy of the same weights (the server's model and caches belong to its engine)
+    r = generate(untrained_2(), [prompt], max_tokens, exit=exit, eos_id=tok.stop_ids)[0]
+    return tok.decode([t for t in r["tokens"] if t not in tok.stop_ids]), len(r["tokens"])
+
+
+def call(port: int, path: str, body=None, stream=False):
+    """A raw GET (no body) or POST (str bodies as they are) on the server's root: (status, text); stream: the open
+    response and its connection, to read and drop."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    if body is None:
+        conn.request("GET", path)
+    else:
+        conn.request("POST", path, body if isinstance(body, str) else json.dumps(body),
+                     {"Content-Type": "application/json"})
+    r = conn.getresponse()
+    if stream:
+        return r, conn
+    status, text = r.status, r.read().decode()
+    conn.close()
+    return status, text
+
+
+def post(server, path, body):
+    status, text = call(server["port"], "/v1" + path, body)
+    return status, json.loads(text)
+
+
+def idle(engine):
+    for _ in range(500):
+        if not engine.rows:
+            return
+        time.sleep(0.01)
+    raise AssertionError("the engine kept its rows")
+
+
+def slow_steps(engine, monkeypatch, seconds=0.01):
+    step = engine.step
+    monkeypatch.setattr(engine, "step", lambda: (time.sleep(seconds), step()))
+
+
+def test_models_and_greedy_equals_generate(server):
+    client, tok = server["client"], server["tok"]
+    assert [m.id for m in client.models.list().data] == ["tiny", "tiny@auto", "tiny@1", "tiny@3"]
+    for model, exit in [("tiny", None), ("tiny@1", 1), ("tiny@3", 3)]:
+        text, n = reference(tok, PROMPTS[0], exit, 10)
+        r = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=10, temperature=0)
+        assert (r.choices[0].text, r.usage.completion_tokens, r.usage.prompt_tokens) == (text, n, len(PROMPTS[0]))
+        assert r.model == model and r.model_extra["exit"] == (exit or 4)
+        assert r.choices[0].finish_reason == ("length" if n == 10 else "stop")
+        # streamed: the same text in pieces, each chunk naming the exit
+        chunks = list(client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=10, temperature=0,
+                                                stream=True, stream_options={"include_usage": True}))
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == text
+        assert {c.model for c in chunks} == {model} and chunks[-1].usage.completion_tokens == n
+
+
+def test_chat_template_and_stream(server):
+    client, tok = server["client"], server["tok"]
+    messages = [{"role": "user", "content": "To be, or not to be"}]
+    text, n = reference(tok, tok.encode_chat(messages), 3, 8)
+    r = client.chat.completions.create(model="tiny@3", messages=messages, max_tokens=8, temperature=0)
+    assert r.choices[0].message.content == text and r.usage.completion_tokens == n and r.model == "tiny@3"
+    chunks = list(client.chat.completions.create(model="tiny@3", messages=messages, max_tokens=8, temperature=0,
+                                                 stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
+
+
+def test_overlapping_requests_of_mixed_exits_equal_generate(server, monkeypatch):
+    client, tok, engine = server["client"], server["tok"], server["engine"]
+    jobs = [(p, e, m) for p, e, m in zip(PROMPTS, [1, 3, 1, "auto", 3, None], [20, 5, 24, 9, 16, 3])]
+    batches = []
+    step = engine.step
+    monkeypatch.setattr(engine, "step", lambda: (batches.append([r.depth for r in engine.rows]), step()))
+
+    def ask(job):
+        prompt, exit, m = job
+        model = "tiny" if exit is None else f"tiny@{exit}"
+        return client.completions.create(model=model, prompt=prompt, max_tokens=m, temperature=0)
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        got = list(pool.map(ask, jobs))
+    assert max(len(b) for b in batches) >= 3 and any(len(set(b)) >= 2 for b in batches)  # they did share steps
+    assert got[3].model_extra["exit"] == 4  # @auto without a budget: full depth
+    for (prompt, exit, m), r in zip(jobs, got):
+        text, n = reference(tok, prompt, None if exit == "auto" else exit, m)
+        assert (r.choices[0].text, r.usage.completion_tokens) == (text, n)
+
+
+def test_seeded_sampling_repeats(server):
+    client = server["client"]
+    kw = dict(model="tiny@1", prompt=PROMPTS[2], max_tokens=12, temperature=1.0, top_p=0.9)
+    a, b = (client.completions.create(seed=7, **kw).choices[0].text for _ in range(2))
+    assert a == b
+
+
+def test_ignore_eos_decodes_max_tokens(server):
+    client, tok = server["client"], server["tok"]
+    ref = generate(untrained_2(), [PROMPTS[1]], 40, exit=1)[0]["tokens"]  # no eos: 40 tokens, whatever they are
+    r = client.completions.create(model="tiny@1", prompt=PROMPTS[1], max_tokens=40, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 40 and r.choices[0].finish_reason == "length"
+    assert r.choices[0].text == tok.decode([t for t in ref if t not in tok.stop_ids])
+
+
+def test_stop_string_ends_the_text(server):
+    client, tok = server["client"], server["tok"]
+    text, _ = reference(tok, PROMPTS[2], 3, 20)
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    r = client.completions.create(model="tiny@3", prompt=PROMPTS[2], max_tokens=20, temperature=0, stop=[stop])
+    assert r.choices[0].text == text[:text.index(stop)] and r.choices[0].finish_reason == "stop"
+
+
+def test_disconnect_frees_the_row(server, monkeypatch):
+    engine = server["engine"]
+    slow_steps(engine, monkeypatch)
+    idle(engine)  # earlier tests' rows gone (a stop string's row leaves at the step after its reply)
+    cancelled, tokens = engine.stats["cancelled"], engine.stats["tokens"]
+    body = dict(model="tiny", prompt=PROMPTS[0], max_tokens=80, temperature=0, stream=True)
+    r, conn = call(server["port"], "/v1/completions", body, stream=True)
+    assert r.getheader("x-balcony-exit") == "4"
+    assert r.readline().startswith(b"data: ")  # one event, then hang up
+    conn.close()
+    idle(engine)
+    assert engine.stats["cancelled"] == cancelled + 1 and engine.stats["tokens"] - tokens < 40  # of 80
+
+
+@pytest.mark.parametrize("body,status,message", [
+    ('{"model": "tiny", "prompt": ', 400, "not valid JSON"),
+    (dict(model="gpt-4", prompt="Hi"), 404, "unknown model 'gpt-4'"),
+    (dict(model="tiny@2", prompt="Hi"), 404, "exit 2 has no trained balcony"),
+    (dict(model="tiny", prompt=list(range(3, 3 + MAX_SEQ))), 400, "exceeds the model's context"),
+    (dict(model="tiny", prompt="Hi", max_tokens=0), 422, "max_tokens must be at least 1, not 0"),
+    (dict(model="tiny", prompt=""), 400, "the prompt is empty"),
+    (dict(model="tiny", prompt="Hi", n=2), 422, "n: Input should be less than or equal to 1"),
+    (dict(model="tiny", prompt=[5, 999]), 400, "token ids must be in 0..319"),
+    (dict(model="tiny", messages=[]), 422, "prompt: Field required"),
+])
+def test_bad_requests_get_errors_and_the_server_goes_on(server, body, status, message):
+    code, reply = post(server, "/completions", body)
+    assert code == status
+    err = reply["error"]
+    assert message in err["message"] and set(err) == {"message", "type", "param", "code"}
+    ok = server["client"].completions.create(model="tiny@1", prompt="Hi", max_tokens=3, temperature=0)
+    assert ok.usage.completion_tokens >= 1
+
+
+def test_full_queue_answers_429(server, monkeypatch):
+    engine = server["engine"]
+    slow_steps(engine, monkeypatch, 0.02)
+    body = dict(model="tiny@1", prompt=PROMPTS[1], max_tokens=10, temperature=0)
+    with ThreadPoolExecutor(16) as pool:
+        rs = list(pool.map(lambda _: post(server, "/completions", body), range(16)))
+    codes = sorted(code for code, _ in rs)
+    assert codes.count(200) >= 6 + 1 and 429 in codes and set(codes) == {200, 429}  # the queue and a row, at least
+    assert next(r for code, r in rs if code == 429)["error"]["type"] == "rate_limit_error"
+    assert post(server, "/completions", body)[0] == 200
+
+
+def test_auto_policy_picks_the_deepest_exit_that_keeps_the_budget():
+    model = BalconyModel(Transformer(tiny_args(n_layers=8)), [2, 5])
+    layer, head = (sum(p.numel() for p in m.parameters()) for m in (model.model.layers[0], model.model.output))
+
+    def step_s(depths):  # the step model by hand: each weight used is read once and used by each of its rows
+        read = layer * max(depths) + head + sum(layer * (d < 8) for d in set(depths))
+        return 2e-9 * read + 1e-9 * sum(layer * d + head + layer * (d < 8) for d in depths)
+
+    policy = AutoPolicy(model, None, alpha=2e-9, beta=1e-9, max_batch=6)
+    policy.load = 1.5
+    assert policy.choose([8, 8, 5], 1, 10) == 8  # no budget: full depth
+    for budget, rows, joining, want in [(1.0, [], 0, 8), (1.5 * step_s([8, 8, 5, 5, 5]), [8, 8], 2, 5),
+                                        (1.5 * step_s([8, 8, 5, 2, 2]) * 1.001, [8, 8, 5], 1, 2), (1e-9, [8], 0, 2)]:
+        policy.budget_s = budget
+        assert policy.choose(rows, joining, 10) == want
+        assert policy.last == pytest.approx({d: 1000 * 1.5 * step_s(rows + [d] * (1 + joining)) for d in (8, 5, 2)})
+    assert policy.decisions == {8: 2, 5: 1, 2: 2}
+    # arrivals every 10 ms: a request of 100 tokens will share its steps with max_batch rows, not with one
+    policy.budget_s = 1.5 * step_s([8, 8]) * 1.001
+    assert policy.choose([8], 0, 100) == 8
+    for t in (0.0, 0.01, 0.02):
+        policy.arrived(t)
+    assert policy.gap == pytest.approx(0.01) and policy.choose([8], 0, 100) < 8
+    assert policy.last == pytest.approx({d: 1000 * 1.5 * step_s([8] + [d] * 5) for d in (8, 5, 2)})
+
+
+def test_auto_request_served_at_the_chosen_exit(server, monkeypatch):
+    engine = server["engine"]
+    monkeypatch.setattr(engine.policy, "budget_s", 1e-9)  # no exit keeps it: the shallowest
+    r = server["client"].completions.create(model="tiny@auto", prompt=PROMPTS[0], max_tokens=4, temperature=0)
+    assert r.model == "tiny@1" and r.choices[0].text == reference(server["tok"], PROMPTS[0], 1, 4)[0]
+    metrics = call(server["port"], "/metrics")[1]
+    assert 'balcony_auto_decisions{exit="1"} 1' in metrics and "balcony_auto_predicted_tpot_ms" in metrics
+
+
+def test_ctrl_c_drains_the_streams_in_flight(tmp_path):
+    ckpt = make_tiny_checkpoint(tmp_path / "tiny")
+    BalconyModel(Transformer.from_checkpoint(ckpt), [1, 3]).save_exits(ckpt / "balcony.safetensors")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--checkpoint", str(ckpt), "--port", str(port),
+                             "--max-seq", "256"], stderr=subprocess.PIPE, text=True)
+    for _ in range(300):
+        try:
+            assert "tiny@3" in call(port, "/v1/models")[1]
+            break
+        except OSError:
+            time.sleep(0.1)
+    r, conn = call(port, "/v1/completions", dict(model="tiny@3", prompt=PROMPTS[0], max_tokens=200, temperature=0,
+                                                  stream=True), stream=True)
+    assert r.readline().startswith(b"data: ")
+    proc.send_signal(signal.SIGINT)  # Ctrl-C while it streams: the stream still ends properly, then the server
+    events = [line for line in r.read().decode().splitlines() if line]
+    conn.close()
+    assert events[-1] == "data: [DONE]" and json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "length"
+    assert proc.wait(30) == 0 and "Traceback" not in proc.stderr.read()
