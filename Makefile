@@ -2,7 +2,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: test setup demo clean default-model gpu-check
+.PHONY: test setup demo clean default-model check-docs gpu-check
 setup: $(VENV)/.ok
 $(VENV)/.ok: requirements.txt requirements-dev.txt
 	$(PY) -m venv $(VENV)
@@ -32,6 +32,11 @@ demo: setup
 	$(BIN)/python train.py --exit-layers 15,18,21
 	$(BIN)/python eval.py --exits 15,18,21,full --tasks arc_easy,piqa,heldout_chat --limit 200
 	$(BIN)/python demo.py --exits 15,18,21,full
+
+# After make demo: runs every command of README.md and docs/*.md that needs nothing more and finishes in a few minutes,
+# in a scratch copy of the repository (tests/test_docs.py; make test checks them all without running them).
+check-docs: setup
+	CHECK_DOCS=1 $(BIN)/python -m pytest -q tests/test_docs.py -k runs --durations=0
 
 # Everything a GPU owes in one command, about 8 minutes on one H100/H200 (docs/gpu.md): the CUDA tests, a training
 # step and decoding at the Llama-3-8B shape, decoding and a distillation on the default model. Results, small files,

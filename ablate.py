@@ -3,7 +3,7 @@ The paper's ablations (section 4.3 and appendix B, Figure 5) at one fixed budget
 the paper's recipe in one flag each, then per exit the held-out KL and top-1 agreement against the original full
 model and ARC-Easy / PIQA accuracy (eval.py), in one table.
 
-    OMP_NUM_THREADS=1 python ablate.py                    # SmolLM2-135M, Shakespeare, exits 15,18,21: the README's
+    OMP_NUM_THREADS=1 python ablate.py --lr 5e-4          # SmolLM2-135M, Shakespeare, exits 15,18,21: docs/ablations.md
     python ablate.py --max-steps 150 --seq-len 256 --out out/ablation-150   # train.py's default budget per run
 
 | run      | train.py flags                               | the paper's finding (Figure 5)              |
@@ -57,7 +57,7 @@ def run_paths(name: str, args, out: Path):
 def train_run(name: str, args, out: Path) -> int:
     _, exits, train_out = run_paths(name, args, out)
     budget = ["--checkpoint", args.checkpoint, "--exit-layers", args.exit_layers, "--max-steps", args.max_steps,
-              "--seq-len", args.seq_len, "--batch-size", args.batch_size,
+              "--seq-len", args.seq_len, "--batch-size", args.batch_size, "--lr", args.lr,
               "--warmup-steps", max(1, args.max_steps // 10), "--eval-every", args.max_steps,
               "--eval-windows", 1, "--save-every", args.max_steps, "--device", args.device,  # its own checks: 1 window
               "--dtype", "float32"]  # one dtype for all six: the unfrozen run trains an fp32 backbone only
@@ -151,7 +151,8 @@ def open_grid(args, known: dict, budget_keys) -> tuple:
 
 
 def main(args):
-    runs, out = open_grid(args, RUNS, ("checkpoint", "exit_layers", "max_steps", "seq_len", "batch_size", "data"))
+    runs, out = open_grid(args, RUNS, ("checkpoint", "exit_layers", "max_steps", "seq_len", "batch_size", "lr",
+                                        "data"))
     for name in runs:
         if not run_paths(name, args, out)[1].is_file():
             code = train_run(name, args, out)
@@ -189,8 +190,9 @@ def get_parser():
     p.add_argument("--max-steps", type=int, default=8, help="optimiser steps per run" + d)
     p.add_argument("--seq-len", type=int, default=128, help="tokens per window" + d)
     p.add_argument("--batch-size", type=int, default=2, help="windows per step" + d)
+    p.add_argument("--lr", type=float, default=train.get_parser().get_default("lr"), help="train.py's --lr" + d)
     p.add_argument("--data", nargs="+", default=[str(CORPUS)], help="train.py's --data (default: the Shakespeare "
-                   "plays, as the README's table was measured; train.py's own default is the chat data)")
+                   "plays, as docs/ablations.md was measured; train.py's own default is the chat data)")
     p.add_argument("--eval-windows", type=int, default=8, help="held-out windows for KL and agreement" + d)
     p.add_argument("--limit", type=int, default=200, help="ARC-Easy and PIQA examples" + d)
     p.add_argument("--evals-dir", default=None, help="eval.py's --evals-dir (default: python fetch.py evals's)")

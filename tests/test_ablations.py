@@ -214,8 +214,8 @@ def test_ablation_grid_end_to_end(setup, tmp_path, capsys):
                  for i in range(4)])
     write_split(evals, ["piqa", "plain_text", "validation"],
                 [dict(goal=f"To be {i}", sol1="or not", sol2="to be", label=i % 2) for i in range(4)])
-    argv = ["--checkpoint", str(ckpt), "--exit-layers", "1,2", "--max-steps", "2", "--seq-len", "32", "--data",
-            str(data), "--eval-windows", "2", "--limit", "3", "--evals-dir", str(evals), "--out", str(tmp_path / "ab")]
+    argv = ["--checkpoint", str(ckpt), "--exit-layers", "1,2", "--max-steps", "2", "--seq-len", "32", "--lr", "2e-3",
+            "--data", str(data), "--eval-windows", "2", "--limit", "3", "--evals-dir", str(evals), "--out", str(tmp_path / "ab")]
     assert ablate.main(ablate.parse_args(argv)) is None
     table = (tmp_path / "ab" / "table.md").read_text().splitlines()
     rows = [line.split(" | ")[:2] for line in table[2:]]
@@ -225,6 +225,8 @@ def test_ablation_grid_end_to_end(setup, tmp_path, capsys):
     assert results["original model full"]["kl"] < 1e-5 and results["original model full"]["top1"] == 1
     assert results["unfrozen full"]["kl"] > 1e-6  # its full depth moved
     assert results["paper 1"]["kl"] != results["random 1"]["kl"] != results["mlp 1"]["kl"]
+    logged = [json.loads(line) for line in (tmp_path / "ab" / "paper.log.jsonl").read_text().splitlines()]
+    assert max(r.get("lr", 0) for r in logged) == 2e-3  # --lr reaches train.py (warmup 1 step: the peak is logged)
 
     # the shared backbone pass scores each frozen run as that run alone would
     import eval as ev

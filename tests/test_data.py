@@ -160,7 +160,7 @@ def test_each_format_gives_the_templated_token_stream(tmp_path, tok, kind):
     folder = data.tokenize_corpus(files, tok, cache_dir=tmp_path / "cache", num_proc=1)
     assert all_tokens(folder) == expected_stream(tok, ROWS)
     assert json.loads((folder / "meta.json").read_text())["n_docs"] == len(ROWS)
-    # the roles as the README says: prompt -> user, text -> assistant; a plain text is not templated
+    # the roles as docs/usage.md says: prompt -> user, text -> assistant; a plain text is not templated
     pair = tok.decode(expected_stream(tok, ROWS[1:2]))
     assert pair == ("<|im_start|>user\nWhat is the question?<|im_end|>\n"
                     "<|im_start|>assistant\nWhether 'tis nobler in the mind to suffer<|im_end|>\n")

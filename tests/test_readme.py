@@ -1,8 +1,7 @@
-"""The README cannot drift: every `python X.py ...` command in its shell blocks parses with that script's own argument
-parser (make demo runs the main ones for real), every script answers -h, and bad input ends in one line, exit 2."""
+"""Every script answers -h, bad input ends in one line, exit 2, and default paths are anchored at the repository
+(the documented commands are checked in test_docs.py)."""
 import importlib
 import re
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -14,30 +13,6 @@ SCRIPTS = ["convert_hf.py", "fetch.py", "train.py", "generate.py", "eval.py", "b
            "data.py", "bench_data.py", "chat_data.py", "demo.py"]
 SCRIPTS += ["export.py", "bench_export.py"]
 SCRIPTS += ["ablate.py"]
-
-
-def readme_commands():
-    text = (ROOT / "README.md").read_text()
-    for block in re.findall(r"```(?:bash|sh)\n(.*?)```", text, re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            words = shlex.split(line.split("#")[0]) if line.strip() else []
-            scripts = [i for i, w in enumerate(words) if w in SCRIPTS]
-            if scripts:
-                yield words[scripts[0]], words[scripts[0] + 1:]
-
-
-COMMANDS = list(readme_commands())
-
-
-def test_readme_shows_every_script():
-    assert {s for s, _ in COMMANDS} == set(SCRIPTS)
-
-
-@pytest.mark.parametrize("script,argv", COMMANDS, ids=[" ".join([s, *a])[:60] for s, a in COMMANDS])
-def test_readme_command_parses(script, argv):
-    module = importlib.import_module(script.removesuffix(".py"))
-    parse = getattr(module, "parse_args", None) or module.get_parser().parse_args
-    parse(argv)  # argparse exits (SystemExit) on an unknown flag or a bad value
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -122,7 +122,7 @@ def test_interrupted_run_resumes_exactly(setup, tmp_path, monkeypatch):
 def test_finished_run_resumes_with_more_steps(setup, tmp_path, monkeypatch):
     """A finished 4-step run, resumed with --max-steps 6, continues exactly: its exits equal, bit for bit, those of
     one uninterrupted 6-step run whose learning rate follows the 4-step schedule for steps 0..3 and the 6-step one
-    from step 4 (the schedule switches at the resume, as the README says); the state (exits, AdamW moments, data
+    from step 4 (the schedule switches at the resume, as docs/usage.md says); the state (exits, AdamW moments, data
     position, RNG) carries over unchanged."""
     ckpt, data = setup
     extra = ("--eval-every", "100", "--warmup-steps", "1")
