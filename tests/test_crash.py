@@ -157,11 +157,15 @@ def test_ctrl_c_saves_the_state_and_exits_130(setup, tmp_path):
     assert not (tmp_path / "run.safetensors").exists()  # no exits file for an unfinished run
 
 
-def test_ctrl_c_in_generate_exits_130_without_traceback(tiny_ckpt):
+def test_ctrl_c_in_generate_exits_130_without_traceback(tiny_ckpt, tmp_path):
+    # 200 prompts one at a time (the tiny model decodes one in a fraction of a second): the first printed answer
+    # says it is generating, and the Ctrl-C lands while the rest are still to come, however slow the signal
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("To be\n" * 200)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, str(ROOT / "generate.py"), "--checkpoint", str(tiny_ckpt),
-                             "--max-new-tokens", "250", "--prompt", "To be"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             "--max-new-tokens", "250", "--batch-size", "1", "--prompts", str(prompts)], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout.read(1)  # generating
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=600)
