@@ -1,0 +1,159 @@
+"""quantize.py: the int4 / int8 modules equal a dequantise-then-F.linear reference, GGUF Q4_0 / Q4_1 blocks map to
+int4 packs that dequantise to gguf's own weights, a quantised model decodes as its own uncached forward does, no packed
+tensor reaches a file, and bad combinations stop with one line."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from balcony import BalconyModel
+from cli import UsageError
+from conftest import make_tiny_checkpoint, tiny_args, write_tiny_tokenizer
+from model import Transformer
+from quantize import (WeightOnlyInt4Linear, WeightOnlyInt8Linear, blocks_to_int4, channel_quantize, group_dequantize,
+                      group_quantize, gguf_q4_blocks, quantize, quantize_checkpoint)
+
+BF16_EPS = 2.0 ** -7  # bf16's relative step (8 significant bits): round-to-nearest moves a value by at most half of it
+
+
+def packed_dequantize(m: WeightOnlyInt4Linear, codes):
+    # the weights the kernel multiplies: the codes with the scales and zeros as packed (bf16)
+    sz = m.scales_and_zeros.float().transpose(0, 1)  # (N, K / group, 2)
+    return group_dequantize(codes, sz[..., 0], sz[..., 1], m.group_size)
+
+
+def assert_linear_close(y, x, w, rtol):
+    # y against F.linear(x, w) in fp32 from bf16 activations: the error relative to the output's scale
+    ref = F.linear(x.to(torch.bfloat16).float(), w)
+    assert ref.abs().max() > 0.1
+    assert (y.float() - ref).abs().max() <= rtol * ref.abs().max(), (y.float() - ref).abs().max()
+
+
+@pytest.mark.parametrize("group_size", [32, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_linear_matches_dequantised_reference(group_size, dtype):
+    torch.manual_seed(0)
+    w, x = torch.randn(96, 128) * 0.05, torch.randn(3, 5, 128, dtype=dtype)
+    codes, scales, zeros = group_quantize(w, group_size)
+    # min-max groups: every weight within half a step of its value
+    assert ((group_dequantize(codes, scales, zeros, group_size) - w).abs()
+            <= scales.repeat_interleave(group_size, 1) / 2 + 1e-7).all()
+    m = WeightOnlyInt4Linear(codes, scales, zeros, group_size)
+    y = m(x)
+    assert y.shape == (3, 5, 96) and y.dtype == dtype
+    # bf16 output rounding and accumulation order only: the reference uses the packed (bf16) scales
+    assert_linear_close(y, x, packed_dequantize(m, codes), rtol=2 * BF16_EPS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_linear_matches_dequantised_reference(dtype):
+    torch.manual_seed(0)
+    w, x = torch.randn(96, 64) * 0.05, torch.randn(4, 64, dtype=dtype)
+    codes, scales = channel_quantize(w)
+    assert ((codes.float() * scales[:, None] - w).abs() <= scales[:, None] / 2 + 1e-7).all()
+    m = WeightOnlyInt8Linear(codes, scales)
+    y = m(x)
+    assert y.dtype == dtype
+    assert_linear_close(y, x, codes.float() * m.scales.float()[:, None], rtol=2 * BF16_EPS)
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+def test_gguf_blocks_map_to_int4_packs(kind):
+    import gguf
+    from gguf.quants import dequantize, quantize as gguf_quantize
+
+    qtype = gguf.GGMLQuantizationType[kind]
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((48, 128)) * 0.05 + (0.02 if kind == "Q4_1" else 0)).astype(np.float32)
+    raw = gguf_quantize(w, qtype)
+    theirs = torch.from_numpy(dequantize(raw, qtype).reshape(w.shape).copy())
+    codes, scales, zeros = blocks_to_int4(**gguf_q4_blocks(raw, kind, w.shape))
+    # in fp32 the mapping is exact up to the order of d q + m against d (q - 8) + (m + 8 d): a few ulps
+    assert torch.allclose(group_dequantize(codes, scales, zeros, 32), theirs, rtol=0, atol=1e-6)
+    # the pack holds bf16 scales and zeros: each weight moves by at most half a bf16 step of 8 |scale| + |zero|
+    m = WeightOnlyInt4Linear(codes, scales, zeros, 32)
+    bound = BF16_EPS / 2 * (8 * scales.abs() + zeros.abs()).repeat_interleave(32, 1)
+    assert ((packed_dequantize(m, codes) - theirs).abs() <= bound + 1e-9).all()
+    x = torch.randn(2, 128)
+    assert_linear_close(m(x), x, theirs, rtol=4 * BF16_EPS)
+
+
+def test_converted_gguf_decodes_with_its_own_blocks(tmp_path):
+    # a tiny GGUF with Q4_0 / Q4_1 tensors (Q, K permuted as llama.cpp writes them): convert_hf.py keeps their
+    # blocks, and the int4 model multiplies exactly the file's weights (as dequantised into model.safetensors)
+    import gguf
+    from test_convert import hf_model, write_gguf
+
+    from convert_hf import convert
+    Q = gguf.GGMLQuantizationType
+    qtypes = {"token_embd": Q.Q8_0, "attn_q": Q.Q4_1, "attn_k": Q.Q4_0, "attn_v": Q.Q4_1, "attn_output": Q.Q4_0,
+              "ffn_gate": Q.Q4_1, "ffn_up": Q.Q4_1, "ffn_down": Q.Q8_0}
+    hf = hf_model(num_key_value_heads=2, tie_word_embeddings=True, intermediate_size=128)
+    write_gguf(tmp_path / "tiny.gguf", hf, write_tiny_tokenizer(tmp_path / "t.json"), qtypes)
+    ckpt = convert(tmp_path / "tiny.gguf", tmp_path / "ckpt")
+    assert (ckpt / "model.q4.safetensors").is_file()
+    model = Transformer.from_checkpoint(ckpt)
+    floats = {n: p.detach().clone() for n, p in model.named_parameters()}
+    quantize_checkpoint(model, ckpt, "int4", 32, head="int8")
+    from quantize import read_blocks
+    blocks = read_blocks(ckpt)
+    assert len(blocks) == 3 * 6  # every Q4 tensor of the 3 layers; ffn_down (Q8_0) is re-quantised
+    for name, (codes, scales, zeros) in blocks.items():
+        m = model.get_submodule(name.removesuffix(".weight"))
+        w = packed_dequantize(m, codes)
+        assert ((w - floats[name]).abs() <= BF16_EPS / 2 * (8 * scales.abs() + zeros.abs()).repeat_interleave(32, 1)
+                + 1e-9).all(), name
+    assert isinstance(model.output, WeightOnlyInt8Linear) and isinstance(model.tok_embeddings, torch.nn.Embedding)
+
+
+def test_stale_blocks_are_refused(tmp_path):
+    import gguf
+    from safetensors.torch import load_file, save_file
+    from test_convert import hf_model, write_gguf
+
+    from convert_hf import convert
+    qtypes = dict.fromkeys(["token_embd", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
+                            "ffn_down"], gguf.GGMLQuantizationType.Q4_1)
+    hf = hf_model(num_key_value_heads=2, tie_word_embeddings=True, intermediate_size=128)
+    write_gguf(tmp_path / "tiny.gguf", hf, write_tiny_tokenizer(tmp_path / "t.json"), qtypes)
+    ckpt = convert(tmp_path / "tiny.gguf", tmp_path / "ckpt")
+    sd = load_file(ckpt / "model.safetensors")
+    sd["layers.1.feed_forward.w1.weight"] += 0.01  # as if retrained after conversion
+    save_file(sd, str(ckpt / "model.safetensors"))
+    with pytest.raises(UsageError, match="does not match model.safetensors at layers.1.feed_forward.w1"):
+        quantize_checkpoint(Transformer.from_checkpoint(ckpt), ckpt, "int4")
+
+
+@pytest.mark.parametrize("mode,head", [("int4", "int8"), ("int4", "int4"), ("int8", "bfloat16")])
+def test_quantized_greedy_equals_its_uncached_forward(tiny_ckpt, mode, head):
+    # the quantised model's cached, batched decode (generate) against its own uncached greedy loop, exits included
+    from generate import generate
+    torch.manual_seed(0)
+    bm = BalconyModel(Transformer.from_checkpoint(tiny_ckpt), [2]).eval()
+    quantize(bm, mode, 32, head)
+    assert not any(isinstance(m, torch.nn.Linear) for m in bm.modules())
+    prompt = [5, 17, 42, 7]
+    for exit in (2, None):
+        idx = torch.tensor([prompt])
+        with torch.no_grad():
+            for _ in range(8):
+                idx = torch.cat([idx, bm(idx, exit=exit)[:, -1].argmax(-1, keepdim=True)], 1)
+        assert generate(bm, [prompt], 8, exit=exit)[0]["tokens"] == idx[0, len(prompt):].tolist()
+
+
+def test_no_packed_tensor_is_saved(tiny_ckpt, tmp_path):
+    # the packed weights are non-persistent buffers: a saved state dict holds the norms and the embedding only
+    bm = BalconyModel(Transformer.from_checkpoint(tiny_ckpt), [2]).eval()
+    quantize(bm, "int4", 32, "int8")
+    torch.save(bm.state_dict(), tmp_path / "sd.pt")
+    sd = torch.load(tmp_path / "sd.pt", weights_only=True)
+    assert sd and all(t.is_floating_point() for t in sd.values())
+    assert not any(k.endswith(("wq.weight", "w1.weight", "output.weight", "scales_and_zeros", "scales")) for k in sd)
+
+
+def test_bad_group_size_is_one_line():
+    model = Transformer(tiny_args(hidden_dim=96))
+    with pytest.raises(UsageError, match="--group-size 64 does not divide the width 96"):
+        quantize(model, "int4", 64)
+    with pytest.raises(UsageError, match="--group-size 48 is not one"):
+        quantize(model, "int4", 48)
