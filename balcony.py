@@ -62,9 +62,12 @@ class BalconyExit(nn.Module):
         return self.norm(self.layer(x, cos, sin, input_pos))
 
 
-def _log_probs(output_weight, h):
-    z = F.linear(h, output_weight)  # (N, D) -> (N, vocab)
+def _log_softmax(z):
     return z.to(torch.promote_types(z.dtype, torch.float32)).log_softmax(-1)  # in fp32 (fp64 stays fp64)
+
+
+def _log_probs(output_weight, h):
+    return _log_softmax(F.linear(h, output_weight))  # (N, D) -> (N, vocab)
 
 
 def _kl(teacher, student):
@@ -126,14 +129,13 @@ def exit_metrics(output: nn.Linear, h_full, hs, targets, chunk_size: int = 1024,
     over tokens: a (3, len(hs)) tensor of KL(p_full || p), top-1 agreement with the full model, and the negative
     log-likelihood of targets (B, T), so exp(nll / tokens) is the perplexity. Chunked like distillation_kl.
     teacher_output: h_full's own head when it is not `output` (ablate.py: a trained backbone against the original)."""
-    D, w = h_full.size(-1), output.weight
-    tw = w if teacher_output is None else teacher_output.weight
+    D, teacher_output = h_full.size(-1), teacher_output or output  # modules: a quantised head (quantize.py) works
     h_full, hs, targets = h_full.reshape(-1, D), [h.reshape(-1, D) for h in hs], targets.reshape(-1, 1)
     sums = torch.zeros(3, len(hs), device=h_full.device)
     for s in range(0, h_full.size(0), chunk_size):
-        teacher = _log_probs(tw, h_full[s:s + chunk_size])
+        teacher = _log_softmax(teacher_output(h_full[s:s + chunk_size]))
         for j, h in enumerate(hs):
-            logp = _log_probs(w, h[s:s + chunk_size])
+            logp = _log_softmax(output(h[s:s + chunk_size]))
             sums[0, j] += _kl(teacher, logp)
             sums[1, j] += (logp.argmax(-1) == teacher.argmax(-1)).sum()
             sums[2, j] -= logp.gather(1, targets[s:s + chunk_size]).sum()

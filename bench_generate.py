@@ -6,26 +6,36 @@ work it does, and self-speculative decoding against plain full-depth decoding.
 Every run decodes exactly --max-new-tokens greedy tokens per prompt (eos ignored). Decode tokens/s for the
 comparison with transformers is (new tokens - 1) / (time for all of them - time for one), the same clock for both, so
 the prefill cancels out; elsewhere it is generate()'s own decode clock. The ideal speedup of exit k is (N layers +
-head) / (k layers + 1 balcony layer + head), counted in weights read per token (batch-1 decoding reads weights).
+head) / (k layers + 1 balcony layer + head), counted in bytes of weights read per token (batch-1 decoding reads
+weights), in the form they are held (--quantize). The precision table runs every precision, transformers and
+llama.cpp (llama-cpp-python, if installed) in one run:
+
+    python bench_generate.py --tables precision --gguf data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 
     python bench_generate.py --balcony /work/exits/init-15-18-21.safetensors --tables hf batch mixed
 """
 import argparse
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from balcony import BalconyModel
-from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, run_cli
-from generate import compile_steps, generate, weights_per_token
+from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, add_quantize_args, run_cli
+from generate import compile_steps, generate
+from quantize import quantize_checkpoint
 
 PROMPT = "Explain in a few paragraphs why the sky is blue, and why sunsets are red."
 QUESTIONS = [PROMPT, "What is the capital of France?", "Write a haiku about balconies.",
              "List three uses of a paperclip, with one sentence on each, and say which is the most surprising.",
              "Why do cats purr?", "Summarise the plot of Hamlet in two sentences.", "What is 17 times 23?",
              "Describe a sunrise over the sea to someone who has never seen one, in the style of a weather report."]
-TABLES = ["hf", "batch", "mixed", "exits", "speculative"]
+TABLES = ["hf", "batch", "mixed", "exits", "speculative", "precision"]
+# --tables precision: column -> (model dtype: residual stream, norms, attention, KV cache; weights)
+PRECISIONS = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"), "int8": ("bfloat16", "int8"),
+              "int4, fp32 residual": ("float32", "int4"), "int4": ("bfloat16", "int4")}
 
 
 def transformers_model(model, tok):
@@ -107,6 +117,99 @@ def table_hf(model, tok, prompt_ids, args):
           f"{'yes' if o_tok == t_tok else 'no'} |", flush=True)
 
 
+def bytes_per_token(model, exit) -> int:
+    """Bytes of weights a token decoded at batch 1 reads, in whatever form they are held (float or quantised): backbone
+    layers 1..exit (None: all) and the final norm or the exit's balcony, then the head. KV caches are not weights."""
+    def nbytes(m):
+        return sum(t.nbytes for n, t in [*m.named_parameters(), *m.named_buffers()] if "kv_cache" not in n)
+    m = model.model
+    if exit is None:
+        return sum(nbytes(layer) for layer in m.layers) + nbytes(m.norm) + nbytes(m.output)
+    return sum(nbytes(layer) for layer in m.layers[:exit]) + nbytes(model.exits[str(exit)]) + nbytes(m.output)
+
+
+def llama_cpp_files(model, args, tmp) -> dict:
+    """{(exit, GGML type): GGUF path} for llama.cpp: the shipped GGUF at full depth (--gguf, its own type), every
+    exit and full depth exported at Q4_1 and Q4_0 (export.py) from `model` (float32, the exits loaded)."""
+    from export import export
+    files = {}
+    if args.gguf is not None:
+        import gguf
+        kinds = {t.tensor_type.name for t in gguf.GGUFReader(args.gguf).tensors if len(t.shape) == 2} - {"Q8_0"}
+        files[None, "/".join(sorted(kinds)) + " (shipped)"] = args.gguf
+    for e in [*model.exit_layers, None]:
+        for q in ("q4_1", "q4_0"):
+            files[e, q.upper()] = export(model, e, args.checkpoint, Path(tmp) / f"{e}-{q}.gguf", "gguf", q)
+    return files
+
+
+def table_precision(tok, prompt_ids, args):
+    """Batch-1 decode tokens/s of every exit and full depth at each of PRECISIONS, transformers (fp32, full depth) and
+    llama.cpp on GGUFs of the same exits, in one run; then how far each of ours gets of its ideal speedup."""
+    from bench_export import llama_cpp_greedy
+    rates, mb = {}, {}
+    exits = None
+    for label, (dtype, q) in PRECISIONS.items():
+        model = BalconyModel.from_checkpoint(args.checkpoint, args.balcony, args.device, DTYPES[dtype])
+        if label == "fp32":
+            fp32_model = model
+        quantize_checkpoint(model, args.checkpoint, q, args.group_size, args.quantize_head)
+        exits = [*model.exit_layers, None]
+        for e in exits:
+            rates[label, e] = bench(model, prompt_ids, args, exit=e)[0]
+            mb[label, e] = bytes_per_token(model, e) / 1e6
+        print(f"  {label}: " + ", ".join(f"{rates[label, e]:.1f}" for e in exits), flush=True)
+
+    hf = transformers_model(fp32_model.model, tok)
+    idx = torch.tensor([prompt_ids])
+
+    def theirs(n):
+        t = time.perf_counter()
+        with torch.no_grad():
+            hf.generate(idx, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return time.perf_counter() - t, None
+    theirs(4)
+    hf_rate = median_rate(theirs, args.max_new_tokens, args.reps)[0]
+    del hf
+
+    cpp, cpp_kinds = {}, []
+    try:
+        import llama_cpp
+    except ImportError:
+        llama_cpp = None
+    if llama_cpp is not None:
+        with tempfile.TemporaryDirectory(dir=args.tmp) as d:
+            for (e, kind), path in llama_cpp_files(fp32_model, args, d).items():
+                llm = llama_cpp.Llama(str(path), n_ctx=len(prompt_ids) + args.max_new_tokens, n_threads=args.threads,
+                                      n_batch=512, verbose=False)
+                llama_cpp_greedy(llm, prompt_ids, 4)  # warm-up
+                cpp[e, kind] = statistics.median(llama_cpp_greedy(llm, prompt_ids, args.max_new_tokens)[1]
+                                                 for _ in range(args.reps))
+                cpp_kinds += [kind] if kind not in cpp_kinds else []
+                del llm
+    name = lambda e: f"{fp32_model.n_layers} (full)" if e is None else str(e)
+    cols = list(PRECISIONS)
+    print(f"\nBatch 1, {len(prompt_ids)}-token chat prompt, {args.max_new_tokens} greedy tokens: decode tokens/s "
+          f"(int4: group {args.group_size}, head {args.quantize_head})")
+    if llama_cpp is None:
+        print("llama.cpp: llama-cpp-python is not installed, its columns are absent")
+    print("| exit | " + " | ".join(cols) + " | " + " | ".join(f"llama.cpp {k}" for k in cpp_kinds) +
+          " | int4 / fp32 | int4 / llama.cpp Q4_1 |\n|---|" + "---|" * (len(cols) + len(cpp_kinds) + 2))
+    for e in exits:
+        best = cpp.get((e, "Q4_1"))
+        print(f"| {name(e)} | " + " | ".join(f"{rates[c, e]:.1f}" for c in cols) + " | " +
+              " | ".join(f"{cpp[e, k]:.1f}" if (e, k) in cpp else "-" for k in cpp_kinds) +
+              f" | {rates['int4', e] / rates['fp32', e]:.2f}x | " +
+              (f"{rates['int4', e] / best:.2f}x |" if best else "- |"), flush=True)
+    print(f"| transformers fp32, full depth | {hf_rate:.1f} |")
+    print("\nEach exit's speedup over full depth against the ideal (MB of weights read per token, full / exit)")
+    print("| exit | " + " | ".join(f"{c}: MB/token, speedup, of ideal" for c in cols) + " |\n|---|" + "---|" * len(cols))
+    for e in exits[:-1]:
+        print(f"| {name(e)} | " + " | ".join(
+            f"{mb[c, e]:.0f}, {rates[c, e] / rates[c, None]:.2f}x, "
+            f"{rates[c, e] / rates[c, None] / (mb[c, None] / mb[c, e]):.0%}" for c in cols) + " |", flush=True)
+
+
 def decode_rate(model, prompts, exits, args) -> float:
     """Median over --reps of all rows' new tokens (after each row's first) per second of the batch's decode."""
     rates = []
@@ -136,8 +239,9 @@ def main(args):
         raise UsageError(f"unknown --tables {sorted(bad)}; choose from {TABLES}")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    balcony = args.balcony or f"{args.checkpoint}/balcony.safetensors"
-    model = BalconyModel.from_checkpoint(args.checkpoint, balcony, device, DTYPES[args.dtype])
+    args.balcony = args.balcony or f"{args.checkpoint}/balcony.safetensors"
+    model = BalconyModel.from_checkpoint(args.checkpoint, args.balcony, device, DTYPES[args.dtype])
+    quantize_checkpoint(model, args.checkpoint, args.quantize, args.group_size, args.quantize_head)
     exits = model.exit_layers
     tok = Tokenizer.from_checkpoint(args.checkpoint)
     chat = [tok.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
@@ -150,6 +254,10 @@ def main(args):
         t = time.perf_counter()
         generate(model, [prompt_ids], args.max_new_tokens)
         print(f"compile (first full-depth run): {time.perf_counter() - t:.1f} s\n")
+
+    if "precision" in args.tables:
+        table_precision(tok, prompt_ids, args)
+        print()
 
     if "hf" in args.tables:
         print(f"Batch 1, full depth, {len(prompt_ids)}-token prompt: decode tokens/s")
@@ -192,12 +300,12 @@ def main(args):
     if "exits" in args.tables or "speculative" in args.tables:
         full_tps, full = bench(model, prompt_ids, args)
     if "exits" in args.tables:
-        full_w = weights_per_token(model, None)
-        print("| exit | weights/token (M) | ideal speedup | tokens/s | speedup | of ideal |")
+        full_w = bytes_per_token(model, None)
+        print("| exit | MB of weights/token | ideal speedup | tokens/s | speedup | of ideal |")
         print("|---|---|---|---|---|---|")
         for exit in [*exits, None]:
             tps = full_tps if exit is None else bench(model, prompt_ids, args, exit=exit)[0]
-            w = weights_per_token(model, exit)
+            w = bytes_per_token(model, exit)
             name = f"{model.n_layers} (full)" if exit is None else str(exit)
             print(f"| {name} | {w / 1e6:.1f} | {full_w / w:.2f}x | {tps:.1f} | {tps / full_tps:.2f}x | "
                   f"{tps / full_tps / (full_w / w):.0%} |", flush=True)
@@ -218,7 +326,7 @@ def get_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     p.add_argument("--balcony", default=None, help="trained exits (default: <checkpoint>/balcony.safetensors)")
-    p.add_argument("--tables", nargs="+", default=TABLES, help=f"which tables, of {TABLES}")
+    p.add_argument("--tables", nargs="+", default=TABLES[:-1], help=f"which tables, of {TABLES}")
     p.add_argument("--prompt", default=PROMPT, help="batch-1 user message, wrapped in the chat template")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
@@ -230,6 +338,10 @@ def get_parser():
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode steps")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    add_quantize_args(p)
+    p.add_argument("--gguf", type=Path, default=None,
+                   help="precision table: the GGUF the checkpoint was converted from, for llama.cpp at full depth")
+    p.add_argument("--tmp", default=None, help="precision table: folder for the exported GGUFs (default: the system's)")
     return p
 
 

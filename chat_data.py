@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, run_cli
+from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, add_quantize_args, quant_kwargs, run_cli
 from data import CHAT
 
 
@@ -122,7 +122,8 @@ def read_chats(path: Path) -> list:
 def config_of(args, fingerprint: str) -> dict:
     """What the chats depend on, --n-train aside: the held-out part depends on these alone."""
     keys = ("seed", "n_val", "max_new_tokens", "temperature", "top_p", "sources")
-    return {**{k: getattr(args, k) for k in keys}, "model": fingerprint}
+    quant = {"quantize": quant_kwargs(args)} if args.quantize != "none" else {}  # float runs keep their old config
+    return {**{k: getattr(args, k) for k in keys}, "model": fingerprint, **quant}
 
 
 def write_atomic(path: Path, text: str):
@@ -134,6 +135,7 @@ def write_atomic(path: Path, text: str):
 def main(args):
     from balcony import BalconyModel, model_fingerprint
     from model import Transformer
+    from quantize import quantize_checkpoint
     from tokenizer import Tokenizer
 
     unknown = [s for s in args.sources if s not in SOURCES]
@@ -159,7 +161,8 @@ def main(args):
             from fetch import fetch
             evals = fetch("evals")
         val, train = split_questions(load_questions(evals, args.sources), args.seed, args.n_val, args.n_train)
-        bm, tok = BalconyModel(base, []).eval(), Tokenizer.from_checkpoint(args.checkpoint)
+        bm = quantize_checkpoint(BalconyModel(base, []).eval(), args.checkpoint, **quant_kwargs(args))
+        tok = Tokenizer.from_checkpoint(args.checkpoint)
         out.mkdir(parents=True, exist_ok=True)
     for name in todo:
         part, t0 = val if name == "val" else train, time.time()
@@ -199,6 +202,7 @@ def get_parser():
     p.add_argument("--evals-dir", default=None, help="fetched eval data (default: python fetch.py evals's folder)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    add_quantize_args(p)
     return p
 
 

@@ -9,7 +9,7 @@ import argparse
 
 import torch
 
-from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, run_cli
+from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, add_quantize_args, quant_kwargs, run_cli
 
 PROMPTS = ["What is the capital of France?", "Name three primary colors.", "How many legs does a spider have?"]
 
@@ -23,7 +23,8 @@ def main(args):
     except ValueError:
         raise UsageError(f"--exits takes layer numbers and 'full', not {args.exits!r}") from None
     torch.set_num_threads(args.threads)
-    model = load_model(args.checkpoint, args.balcony, exits, torch.device(args.device), DTYPES[args.dtype])
+    model = load_model(args.checkpoint, args.balcony, exits, torch.device(args.device), DTYPES[args.dtype],
+                       **quant_kwargs(args))
     tok = Tokenizer.from_checkpoint(args.checkpoint)
     for prompt in args.prompt or PROMPTS:
         ids = tok.encode_chat([{"role": "user", "content": prompt}])
@@ -47,6 +48,7 @@ def get_parser():
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    add_quantize_args(p)
     return p
 
 

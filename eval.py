@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from balcony import BalconyModel, exit_metrics
-from cli import DEFAULT_CHECKPOINT, DTYPES, ROOT, UsageError, run_cli
+from cli import DEFAULT_CHECKPOINT, DTYPES, ROOT, UsageError, add_quantize_args, quant_kwargs, run_cli
 from data import CHAT
 from generate import CONFIDENCE, exit_confidence
 
@@ -321,9 +321,11 @@ def answer_tokens(tok, messages: list):
 def eval_heldout_chat(bm, tok, chats: list, exits: list, batch_size: int, chunk: int = 1024,
                       measure: str = "prob") -> list:
     """The full model's own chat answers (chat_data.py's held-out val.jsonl) teacher-forced through each exit: KL(full
-    || exit) per token, top-1 agreement with the full model, perplexity and backbone layers, on the answer tokens."""
+    || exit) per token, top-1 agreement with the full model, perplexity and backbone layers, on the answer tokens; and
+    answer_top1, how often the exit's top-1 is the answer's token: agreement with the model that wrote the answers
+    (greedy, float32 by default), the same reference whatever this model's --dtype or --quantize."""
     seqs = sorted((answer_tokens(tok, m) for m in chats), key=lambda s: -len(s[0]))
-    device, sums, n_tok = bm.model.tok_embeddings.weight.device, torch.zeros(4, len(exits)), 0
+    device, sums, n_tok = bm.model.tok_embeddings.weight.device, torch.zeros(5, len(exits)), 0
     for s in tqdm(range(0, len(seqs), batch_size), desc="heldout_chat"):
         batch = seqs[s:s + batch_size]
         x = torch.zeros(len(batch), len(batch[0][0]), dtype=torch.long)  # right-padded; causal, so padding is unseen
@@ -338,10 +340,12 @@ def eval_heldout_chat(bm, tok, chats: list, exits: list, batch_size: int, chunk:
                                                                                 measure, chunk)]  # (N_tok, D), (N_tok,)
         sums[:3] += exit_metrics(bm.model.output, h_full, [h for h, _ in hs], tgt, chunk).cpu()
         sums[3] += torch.tensor([d.sum().item() for _, d in hs])
+        sums[4] += torch.tensor([sum((bm.model.output(c).argmax(-1) == t).sum().item()
+                                     for c, t in zip(h.split(chunk), tgt.split(chunk))) for h, _ in hs])
         n_tok += len(tgt)
-    kl, agree, nll, layers = (sums / n_tok).tolist()
-    return [dict(ppl=math.exp(nll[e]), kl=kl[e], top1_agree=agree[e], layers=layers[e], tokens=n_tok)
-            for e in range(len(exits))]
+    kl, agree, nll, layers, answer = (sums / n_tok).tolist()
+    return [dict(ppl=math.exp(nll[e]), kl=kl[e], top1_agree=agree[e], answer_top1=answer[e], layers=layers[e],
+                 tokens=n_tok) for e in range(len(exits))]
 
 
 def generate_kw(e, measure: str) -> dict:
@@ -445,7 +449,8 @@ def markdown_table(results: dict, exits: list) -> str:
         extra += [("ppl layers", "ppl", "layers", 1, ".1f")] if auto else []
     if "heldout_chat" in results:
         extra += [("held-out chat KL", "heldout_chat", "kl", 1, ".4f"),
-                  ("held-out chat top-1 %", "heldout_chat", "top1_agree", 100, ".1f")]
+                  ("held-out chat top-1 %", "heldout_chat", "top1_agree", 100, ".1f"),
+                  ("held-out answer top-1 %", "heldout_chat", "answer_top1", 100, ".1f")]
         extra += [("held-out chat layers", "heldout_chat", "layers", 1, ".1f")] if auto else []
     if "chat" in results:
         extra += [(f"chat agree % (n={results['chat']['n']})", "chat", "agree", 100, ".1f"),
@@ -562,7 +567,7 @@ def main(args):
     tasks, exits, shots, limits = parse_args_lists(args)
     device = torch.device(args.device)
     bm = load_model(args.checkpoint, args.balcony, ["auto" if isinstance(e, Auto) else e for e in exits], device,
-                    DTYPES[args.dtype])
+                    DTYPES[args.dtype], **quant_kwargs(args))
     exits = list(dict.fromkeys(None if e == bm.n_layers else e for e in exits))  # "30" is full depth too
     missing = [e for e in exits if e is not None and not isinstance(e, Auto) and e not in bm.exit_layers]
     if missing:
@@ -607,7 +612,8 @@ def main(args):
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(dict(checkpoint=str(args.checkpoint), exits=[label(e) for e in exits],
-                                                   dtype=args.dtype, results=results), indent=2))
+                                                   dtype=args.dtype, **quant_kwargs(args),
+                                                   results=results), indent=2))
     if args.plot:
         plot(results, exits, args.plot)
 
@@ -639,6 +645,7 @@ def get_parser():
     p.add_argument("--evals-dir", default=None, help="fetched eval data (default: python fetch.py evals's folder)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_quantize_args(p)
     p.add_argument("--json", default=str(ROOT / "out" / "eval.json"), help="write all metrics here ('' to skip)")
     p.add_argument("--plot", default=None, help="PNG of quality against layers per token and speed (needs matplotlib)")
     return p

@@ -29,8 +29,9 @@ from typing import Callable, Optional
 import torch
 
 from balcony import BalconyModel
-from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, run_cli
+from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, add_quantize_args, quant_kwargs, run_cli
 from model import Transformer
+from quantize import quantize_checkpoint
 
 _compiled = False  # set by compile_steps(): compiled steps want fixed shapes, so caches are read whole
 
@@ -447,9 +448,11 @@ def cascade_decode(model: BalconyModel, prompt: list, cascade: ConfidenceCascade
     return prefill_end
 
 
-def load_model(checkpoint, balcony=None, exits=(), device="cpu", dtype=torch.float32, labels=None) -> BalconyModel:
+def load_model(checkpoint, balcony=None, exits=(), device="cpu", dtype=torch.float32, labels=None,
+               **quant) -> BalconyModel:
     """The base model, with the balcony file loaded only if `exits` names a balcony exit or "auto" (full depth needs
-    none). Every exit must be in range and trained; labels[i], if given, says where exits[i] came from in an error."""
+    none). Every exit must be in range and trained; labels[i], if given, says where exits[i] came from in an error.
+    quant: quantize_checkpoint's mode, group_size, head (cli.quant_kwargs), applied once the exits are loaded."""
     base = Transformer.from_checkpoint(checkpoint, device=device, dtype=dtype)
     n = base.args.n_layers
     labelled = list(zip(exits, labels or [None] * len(exits)))
@@ -457,7 +460,7 @@ def load_model(checkpoint, balcony=None, exits=(), device="cpu", dtype=torch.flo
         if e not in (None, "auto") and not 1 <= e <= n:
             raise UsageError(f"{label + ': ' if label else ''}exit {e} is outside 1..{n} (the model has {n} layers)")
     if all(e in (None, n) for e in exits):
-        return BalconyModel(base, []).eval()
+        return quantize_checkpoint(BalconyModel(base, []).eval(), checkpoint, **quant)
     balcony = balcony if balcony is not None else Path(checkpoint) / "balcony.safetensors"
     model = BalconyModel.from_exits_file(base, balcony)
     for e, label in labelled:
@@ -466,7 +469,7 @@ def load_model(checkpoint, balcony=None, exits=(), device="cpu", dtype=torch.flo
                 model._check_exit(e)
             except UsageError as err:
                 raise UsageError(f"{label}: {err}") from None
-    return model
+    return quantize_checkpoint(model, checkpoint, **quant)
 
 
 def read_prompts(path, default_exit: Optional[int]) -> list:
@@ -534,7 +537,7 @@ def main(args):
     items = read_prompts(args.prompts, args.exit) if args.prompts else [(args.prompt, args.exit, None)]
     exits = [e for _, e, _ in items]
     model = load_model(args.checkpoint, args.balcony, [*exits, args.draft_exit], device, dtype,
-                       labels=[where for *_, where in items] + [None])
+                       labels=[where for *_, where in items] + [None], **quant_kwargs(args))
     tokenizer = Tokenizer.from_checkpoint(args.checkpoint)
     if args.chat:
         prompts = [tokenizer.encode_chat([{"role": "user", "content": text}]) for text, *_ in items]
@@ -651,6 +654,7 @@ def get_parser():
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode steps")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
+    add_quantize_args(p)
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per prompt (prompt, exit, tokens, text, timings) instead of text")
     return p

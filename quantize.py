@@ -28,10 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import UsageError
+from cli import QUANTIZE as MODES, QUANTIZE_HEADS as HEADS, UsageError
 
-MODES = ("none", "int8", "int4")
-HEADS = ("int4", "int8", "bfloat16", "none")  # none: the head stays as loaded
 GROUP_SIZES = (32, 64, 128, 256)  # what both int4 kernels take
 BLOCKS_FILE = "model.q4.safetensors"
 GGUF_BLOCK = 32
@@ -173,6 +171,7 @@ def read_blocks(ckpt_dir) -> dict:
 # ----------------------------------------------------------------------------- the transform
 
 def check_args(mode: str, group_size: int, head: Optional[str] = None):
+    # quantize() is also called from Python, not only through add_quantize_args' choices
     if mode not in MODES:
         raise UsageError(f"--quantize must be one of {', '.join(MODES)}, not {mode!r}")
     if head is not None and head not in HEADS:
@@ -216,7 +215,8 @@ def quantize(model: nn.Module, mode: str, group_size: int = 32, head: Optional[s
     return model
 
 
-def quantize_checkpoint(model: nn.Module, ckpt_dir, mode: str, group_size: int = 32, head: Optional[str] = None):
+def quantize_checkpoint(model: nn.Module, ckpt_dir, mode: str = "none", group_size: int = 32,
+                        head: Optional[str] = None):
     """quantize() with the checkpoint's GGUF blocks (model.q4.safetensors) where it has them, after checking that they
     are the blocks of the float weights loaded (a retrained or re-converted model.safetensors makes them stale)."""
     if mode == "none":

@@ -157,3 +157,33 @@ def test_bad_group_size_is_one_line():
         quantize(model, "int4", 64)
     with pytest.raises(UsageError, match="--group-size 48 is not one"):
         quantize(model, "int4", 48)
+
+
+def test_generate_cli_quantizes(tiny_ckpt, capsys):
+    # generate.py --quantize int4 decodes what the model quantised by hand decodes
+    import json
+
+    from generate import generate, get_parser, main
+    from tokenizer import Tokenizer
+    BalconyModel(Transformer.from_checkpoint(tiny_ckpt), [2]).save_exits(tiny_ckpt / "balcony.safetensors")
+    main(get_parser().parse_args(["--checkpoint", str(tiny_ckpt), "--exit", "2", "--prompt", "To be", "--json",
+                                  "--max-new-tokens", "6", "--quantize", "int4", "--quantize-head", "int4"]))
+    got = json.loads(capsys.readouterr().out)["tokens"]
+    bm = quantize(BalconyModel.from_checkpoint(tiny_ckpt, tiny_ckpt / "balcony.safetensors"), "int4", 32, "int4")
+    tok = Tokenizer.from_checkpoint(tiny_ckpt)
+    assert got == generate(bm, [tok.encode("To be", bos=tok.add_bos)], 6, exit=2)[0]["tokens"]
+
+
+@pytest.mark.parametrize("script,args", [
+    ("generate.py", ["--quantize", "int4", "--group-size", "64"]),  # the tiny model's FFN is 96 wide
+    ("eval.py", ["--tasks", "chat", "--exits", "full", "--quantize", "int4", "--group-size", "64"]),
+])
+def test_bad_combination_is_one_line(tiny_ckpt, script, args):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    r = subprocess.run([sys.executable, str(ROOT / script), "--checkpoint", str(tiny_ckpt), *args],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert "--group-size 64 does not divide the width 96" in r.stderr
