@@ -193,12 +193,12 @@ def table_precision(tok, prompt_ids, args):
           f"(int4: group {args.group_size}, head {args.quantize_head})")
     if llama_cpp is None:
         print("llama.cpp: llama-cpp-python is not installed, its columns are absent")
-    print("| exit | " + " | ".join(cols) + " | " + " | ".join(f"llama.cpp {k}" for k in cpp_kinds) +
+    print("| exit | " + " | ".join([*cols, *(f"llama.cpp {k}" for k in cpp_kinds)]) +
           " | int4 / fp32 | int4 / llama.cpp Q4_1 |\n|---|" + "---|" * (len(cols) + len(cpp_kinds) + 2))
     for e in exits:
         best = cpp.get((e, "Q4_1"))
-        print(f"| {name(e)} | " + " | ".join(f"{rates[c, e]:.1f}" for c in cols) + " | " +
-              " | ".join(f"{cpp[e, k]:.1f}" if (e, k) in cpp else "-" for k in cpp_kinds) +
+        print(f"| {name(e)} | " + " | ".join([*(f"{rates[c, e]:.1f}" for c in cols),
+                                             *(f"{cpp[e, k]:.1f}" if (e, k) in cpp else "-" for k in cpp_kinds)]) +
               f" | {rates['int4', e] / rates['fp32', e]:.2f}x | " +
               (f"{rates['int4', e] / best:.2f}x |" if best else "- |"), flush=True)
     print(f"| transformers fp32, full depth | {hf_rate:.1f} |")

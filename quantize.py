@@ -231,3 +231,37 @@ def quantize_checkpoint(model: nn.Module, ckpt_dir, mode: str = "none", group_si
             raise UsageError(f"{Path(ckpt_dir) / BLOCKS_FILE} does not match model.safetensors at {name}; convert "
                              "the model again (python convert_hf.py --default)")
     return quantize(model, mode, group_size, head, blocks)
+
+
+# ----------------------------------------------------------------------------- what bf16 scales cost
+
+def main(args):
+    """For every tensor kept as GGUF blocks: the int4 pack's weights (bf16 scales and zeros) against the file's own
+    (gguf's dequantize, which model.safetensors holds): the largest difference and the relative RMS, beside the
+    4-bit rounding itself (a uniform step of `scale`: RMS scale / sqrt(12))."""
+    from model import Transformer
+    model = Transformer.from_checkpoint(args.checkpoint)
+    floats = dict(model.named_parameters())
+    blocks = read_blocks(args.checkpoint)
+    if not blocks:
+        raise UsageError(f"{Path(args.checkpoint) / BLOCKS_FILE} not found: convert a Q4_0 / Q4_1 GGUF first")
+    worst, err2, ref2, step2 = 0.0, 0.0, 0.0, 0.0
+    for name, (codes, scales, zeros) in sorted(blocks.items()):
+        w = floats[name].detach()
+        packed = WeightOnlyInt4Linear(codes, scales, zeros, GGUF_BLOCK).scales_and_zeros.float().transpose(0, 1)
+        d = group_dequantize(codes, packed[..., 0], packed[..., 1], GGUF_BLOCK) - w
+        worst = max(worst, d.abs().max().item())
+        err2, ref2 = err2 + d.pow(2).sum().item(), ref2 + w.pow(2).sum().item()
+        step2 += (scales.pow(2).sum() * GGUF_BLOCK / 12).item()
+    print(f"{len(blocks)} tensors from {BLOCKS_FILE}: bf16 scales and zeros move the file's weights by at most "
+          f"{worst:.2e}; relative RMS {(err2 / ref2) ** 0.5:.2e}, against {(step2 / ref2) ** 0.5:.2e} for the 4-bit "
+          "rounding the file already holds")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from cli import DEFAULT_CHECKPOINT, run_cli
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
+    run_cli(main, p.parse_args)
