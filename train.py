@@ -31,11 +31,12 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from balcony import KINDS, BalconyModel, distillation_kl, distillation_kl_reference, exit_metrics, model_fingerprint
-from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, run_cli
+from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, add_quantize_args, quant_kwargs, run_cli
 from convert_hf import TOKENIZER_FILES, atomic_write
 from data import (add_data_args, data_files, get_batch, iter_batches, n_windows, open_tokens, step_windows,
                   tokenize_corpus)
 from model import Transformer
+from quantize import quantize_checkpoint
 from tokenizer import Tokenizer
 
 
@@ -110,7 +111,8 @@ def run_config(args, global_batch: int, data_key: str) -> dict:
     --max-steps may grow: the learning rate then follows the new schedule from the resumed step on."""
     keys = ("seq_len", "lr", "warmup_steps", "weight_decay", "grad_clip", "init", "balcony", "loss", "kl_weight",
             "ce_weight", "train_backbone", "seed", "dtype")
-    return {**{k: getattr(args, k) for k in keys}, "global_batch": global_batch, "data": data_key}
+    quant = {"quantize": quant_kwargs(args)} if args.quantize != "none" else {}  # float runs keep their old config
+    return {**{k: getattr(args, k) for k in keys}, "global_batch": global_batch, "data": data_key, **quant}
 
 
 def save_state(path: Path, bm, opt, step: int, fingerprint: str, config: dict):
@@ -272,6 +274,9 @@ def train(args, rank: int, world_size: int, device) -> int:
     if args.train_backbone and (ddp or dtype != torch.float32):
         raise UsageError("--train-backbone (the unfrozen ablation) trains in one process with an fp32 backbone: drop "
                          "torchrun and --fsdp, and pass --dtype float32")
+    if args.quantize != "none" and (args.train_backbone or args.fsdp):
+        raise UsageError(f"--quantize {args.quantize} quantises the frozen backbone: it cannot train "
+                         "(--train-backbone) or be sharded (--fsdp)")
     torch.manual_seed(args.seed)  # the same random exits on every rank (--init random)
     # the frozen backbone and head are stored in --dtype once (no per-step casts); with --fsdp each rank reads them
     # into CPU memory and keeps only its shard of every layer on the device
@@ -280,7 +285,10 @@ def train(args, rank: int, world_size: int, device) -> int:
     bm.exits.float()  # the exits' master weights, and so AdamW's state, stay fp32 whatever --dtype is
     if args.seq_len > bm.model.args.max_seq_len:
         raise UsageError(f"--seq-len {args.seq_len} exceeds the model's context of {bm.model.args.max_seq_len}")
-    fingerprint = model_fingerprint(bm.model)
+    fingerprint = model_fingerprint(bm.model)  # of the float weights: the exits load onto any --quantize
+    # the backbone's layers as they will decode (the teacher's too); the head stays float: the loss's gradient
+    # multiplies by its weight
+    quantize_checkpoint(bm.model, ckpt, **dict(quant_kwargs(args), head="none"))
     if args.fsdp:
         shard_backbone(bm, device, world_size)
 
@@ -447,6 +455,7 @@ def get_parser():
                    help="torch.compile the training step (default: on with CUDA)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="the frozen backbone and head (default: "
                    "bfloat16 on CUDA, float32 on CPU); the exits' weights and optimiser state stay float32")
+    add_quantize_args(p)
     p.add_argument("--fsdp", action="store_true", help="with torchrun: shard the frozen backbone across processes "
                    "(FSDP2), for backbones too big for one GPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",

@@ -177,6 +177,7 @@ def test_generate_cli_quantizes(tiny_ckpt, capsys):
 @pytest.mark.parametrize("script,args", [
     ("generate.py", ["--quantize", "int4", "--group-size", "64"]),  # the tiny model's FFN is 96 wide
     ("eval.py", ["--tasks", "chat", "--exits", "full", "--quantize", "int4", "--group-size", "64"]),
+    ("train.py", ["--exit-layers", "2", "--train-backbone", "--out", "unused", "--quantize", "int4"]),
 ])
 def test_bad_combination_is_one_line(tiny_ckpt, script, args):
     import subprocess
@@ -186,4 +187,17 @@ def test_bad_combination_is_one_line(tiny_ckpt, script, args):
     r = subprocess.run([sys.executable, str(ROOT / script), "--checkpoint", str(tiny_ckpt), *args],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
-    assert "--group-size 64 does not divide the width 96" in r.stderr
+    assert ("cannot train (--train-backbone)" if script == "train.py" else
+            "--group-size 64 does not divide the width 96") in r.stderr
+
+
+def test_train_on_a_quantized_backbone(tmp_path):
+    # train.py --quantize int4: the exits train on the int4 backbone's states and load onto the float model
+    import train
+    from test_train import CORPUS, argv
+    ckpt, data = make_tiny_checkpoint(tmp_path / "tiny"), tmp_path / "data"
+    data.mkdir()
+    (data / "play.txt").write_text(CORPUS * 3)
+    assert train.main(train.parse_args(argv(tmp_path, ckpt, data, "q.safetensors", "--quantize", "int4"))) == 0
+    bm = BalconyModel.from_checkpoint(ckpt, tmp_path / "q.safetensors")
+    assert bm.exit_layers == [1, 2]
