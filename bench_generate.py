@@ -143,80 +143,97 @@ def llama_cpp_files(model, args, tmp) -> dict:
     return files
 
 
-def table_precision(tok, prompt_ids, args):
+def table_precision(tok, chat, prompt_ids, args):
     """Batch-1 decode tokens/s of every exit and full depth at each of PRECISIONS, transformers (fp32, full depth) and
-    llama.cpp on GGUFs of the same exits, in one run; then how far each of ours gets of its ideal speedup."""
+    llama.cpp on GGUFs of the same exits, all loaded at once and run in turn, round after round (--warmup + --reps
+    rounds, the median of the last --reps): a machine whose load changes during the run shifts every engine alike.
+    Then how far each of ours gets of its ideal speedup, and --precision-batch-sizes throughput."""
     from bench_export import llama_cpp_greedy
-    rates, mb = {}, {}
-    exits = None
+    models = {}
     for label, (dtype, q) in PRECISIONS.items():
-        model = BalconyModel.from_checkpoint(args.checkpoint, args.balcony, args.device, DTYPES[dtype])
-        if label == "fp32":
-            fp32_model = model
-        quantize_checkpoint(model, args.checkpoint, q, args.group_size, args.quantize_head)
-        exits = [*model.exit_layers, None]
+        models[label] = BalconyModel.from_checkpoint(args.checkpoint, args.balcony, args.device, DTYPES[dtype])
+        quantize_checkpoint(models[label], args.checkpoint, q, args.group_size, args.quantize_head)
+    fp32 = models["fp32"]
+    exits, n = [*fp32.exit_layers, None], args.max_new_tokens
+    runs = {}  # key -> a function that decodes once and returns tokens/s
+    for label, m in models.items():
         for e in exits:
-            rates[label, e] = bench(model, prompt_ids, args, exit=e)[0]
-            mb[label, e] = bytes_per_token(model, e) / 1e6
-        print(f"  {label}: " + ", ".join(f"{rates[label, e]:.1f}" for e in exits), flush=True)
+            runs[label, e, 1] = lambda m=m, e=e: generate(m, [prompt_ids], n, exit=e)[0]["tokens_per_s"]
+            for b in args.precision_batch_sizes:
+                runs[label, e, b] = lambda m=m, e=e, b=b: decode_rate(m, batch_prompts(chat, b), e, args, rounds=1)
 
-    hf = transformers_model(fp32_model.model, tok)
-    idx = torch.tensor([prompt_ids])
+    hf, idx = transformers_model(fp32.model, tok), torch.tensor([prompt_ids])
 
-    def theirs(n):
+    def theirs(k):
         t = time.perf_counter()
         with torch.no_grad():
-            hf.generate(idx, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        return time.perf_counter() - t, None
-    theirs(4)
-    hf_rate = median_rate(theirs, args.max_new_tokens, args.reps)[0]
-    del hf
+            hf.generate(idx, max_new_tokens=k, min_new_tokens=k, do_sample=False)
+        return time.perf_counter() - t
+    runs["transformers fp32", None, 1] = lambda: (n - 1) / (theirs(n) - theirs(1))  # the prefill cancels
 
-    cpp, cpp_kinds = {}, []
     try:
         import llama_cpp
     except ImportError:
         llama_cpp = None
+    tmp = tempfile.TemporaryDirectory(dir=args.tmp)
     if llama_cpp is not None:
-        with tempfile.TemporaryDirectory(dir=args.tmp) as d:
-            for (e, kind), path in llama_cpp_files(fp32_model, args, d).items():
-                llm = llama_cpp.Llama(str(path), n_ctx=len(prompt_ids) + args.max_new_tokens, n_threads=args.threads,
-                                      n_batch=512, verbose=False)
-                llama_cpp_greedy(llm, prompt_ids, 4)  # warm-up
-                cpp[e, kind] = statistics.median(llama_cpp_greedy(llm, prompt_ids, args.max_new_tokens)[1]
-                                                 for _ in range(args.reps))
-                cpp_kinds += [kind] if kind not in cpp_kinds else []
-                del llm
-    name = lambda e: f"{fp32_model.n_layers} (full)" if e is None else str(e)
-    cols = list(PRECISIONS)
-    print(f"\nBatch 1, {len(prompt_ids)}-token chat prompt, {args.max_new_tokens} greedy tokens: decode tokens/s "
-          f"(int4: group {args.group_size}, head {args.quantize_head})")
-    if llama_cpp is None:
-        print("llama.cpp: llama-cpp-python is not installed, its columns are absent")
-    print("| exit | " + " | ".join([*cols, *(f"llama.cpp {k}" for k in cpp_kinds)]) +
-          " | int4 / fp32 | int4 / llama.cpp Q4_1 |\n|---|" + "---|" * (len(cols) + len(cpp_kinds) + 2))
+        for (e, kind), path in llama_cpp_files(fp32, args, tmp.name).items():
+            llm = llama_cpp.Llama(str(path), n_ctx=len(prompt_ids) + n, n_threads=args.threads, n_batch=512,
+                                  verbose=False)
+            runs[f"llama.cpp {kind}", e, 1] = lambda llm=llm: llama_cpp_greedy(llm, prompt_ids, n)[1]
+    samples = {k: [] for k in runs}
+    for r in range(args.warmup + args.reps):
+        for k, run in runs.items():
+            rate = run()
+            if r >= args.warmup:
+                samples[k].append(rate)
+        print(f"  round {r + 1}/{args.warmup + args.reps} done", flush=True)
+    tmp.cleanup()
+    rate = {k: statistics.median(v) for k, v in samples.items()}
+    engines = [*PRECISIONS, *dict.fromkeys(k[0] for k in runs if k[0].startswith("llama.cpp"))]
+
+    name = lambda e: f"{fp32.n_layers} (full)" if e is None else str(e)
+    cell = lambda k: f"{rate[k]:.1f}" if k in rate else "-"
+    print(f"\nBatch 1, {len(prompt_ids)}-token chat prompt, {n} greedy tokens: decode tokens/s, median of {args.reps} "
+          f"rounds (int4: group {args.group_size}, head {args.quantize_head}; llama.cpp: "
+          f"{'GGUFs of the same exits' if llama_cpp else 'llama-cpp-python is not installed, its columns are absent'})")
+    q41 = "llama.cpp Q4_1"
+    print("| exit | " + " | ".join(engines) + " | int4 / fp32 | int4 / llama.cpp Q4_1 |\n|---|" +
+          "---|" * (len(engines) + 2))
     for e in exits:
-        best = cpp.get((e, "Q4_1"))
-        print(f"| {name(e)} | " + " | ".join([*(f"{rates[c, e]:.1f}" for c in cols),
-                                             *(f"{cpp[e, k]:.1f}" if (e, k) in cpp else "-" for k in cpp_kinds)]) +
-              f" | {rates['int4', e] / rates['fp32', e]:.2f}x | " +
-              (f"{rates['int4', e] / best:.2f}x |" if best else "- |"), flush=True)
-    print(f"| transformers fp32, full depth | {hf_rate:.1f} |")
+        vs_cpp = f"{rate['int4', e, 1] / rate[q41, e, 1]:.2f}x" if (q41, e, 1) in rate else "-"
+        print(f"| {name(e)} | " + " | ".join(cell((c, e, 1)) for c in engines) +
+              f" | {rate['int4', e, 1] / rate['fp32', e, 1]:.2f}x | {vs_cpp} |")
+    print(f"| transformers fp32, full depth | {rate['transformers fp32', None, 1]:.1f} |")
+
     print("\nEach exit's speedup over full depth against the ideal (MB of weights read per token, full / exit)")
-    print("| exit | " + " | ".join(f"{c}: MB/token, speedup, of ideal" for c in cols) + " |\n|---|" + "---|" * len(cols))
+    print("| exit | " + " | ".join(f"{c}: MB/token, speedup, of ideal" for c in PRECISIONS) + " |\n|---|" +
+          "---|" * len(PRECISIONS))
     for e in exits[:-1]:
-        print(f"| {name(e)} | " + " | ".join(
-            f"{mb[c, e]:.0f}, {rates[c, e] / rates[c, None]:.2f}x, "
-            f"{rates[c, e] / rates[c, None] / (mb[c, None] / mb[c, e]):.0%}" for c in cols) + " |", flush=True)
+        cells = []
+        for c, m in models.items():
+            mb, full_mb, speedup = bytes_per_token(m, e) / 1e6, bytes_per_token(m, None) / 1e6, \
+                rate[c, e, 1] / rate[c, None, 1]
+            cells.append(f"{mb:.0f}, {speedup:.2f}x, {speedup / (full_mb / mb):.0%}")
+        print(f"| {name(e)} | " + " | ".join(cells) + " |")
+    if args.precision_batch_sizes:
+        print("\nDecode tokens/s (all rows) against batch size per precision")
+        print("| exit | batch | " + " | ".join(PRECISIONS) + " |\n|---|---|" + "---|" * len(PRECISIONS))
+        for e in exits:
+            for b in [1, *args.precision_batch_sizes]:
+                print(f"| {name(e)} | {b} | " + " | ".join(cell((c, e, b)) for c in PRECISIONS) + " |")
+    print(flush=True)
 
 
-def decode_rate(model, prompts, exits, args) -> float:
-    """Median over --reps of all rows' new tokens (after each row's first) per second of the batch's decode."""
+def decode_rate(model, prompts, exits, args, rounds=None) -> float:
+    """Median over --reps (after --warmup; or of `rounds` runs) of all rows' new tokens (after each row's first) per
+    second of the batch's decode."""
     rates = []
-    for _ in range(args.warmup + args.reps):
+    warmup = 0 if rounds else args.warmup
+    for _ in range(warmup + (rounds or args.reps)):
         rs = generate(model, prompts, args.max_new_tokens, exit=exits)
         rates.append(sum(len(r["tokens"]) - 1 for r in rs) / max(r["decode_s"] for r in rs))
-    return statistics.median(rates[args.warmup:])
+    return statistics.median(rates[warmup:])
 
 
 def batch_prompts(chat_prompts, n):
@@ -256,7 +273,7 @@ def main(args):
         print(f"compile (first full-depth run): {time.perf_counter() - t:.1f} s\n")
 
     if "precision" in args.tables:
-        table_precision(tok, prompt_ids, args)
+        table_precision(tok, chat, prompt_ids, args)
         print()
 
     if "hf" in args.tables:
@@ -341,6 +358,8 @@ def get_parser():
     add_quantize_args(p)
     p.add_argument("--gguf", type=Path, default=None,
                    help="precision table: the GGUF the checkpoint was converted from, for llama.cpp at full depth")
+    p.add_argument("--precision-batch-sizes", type=int, nargs="*", default=[],
+                   help="precision table: batch sizes beyond 1 to measure at every exit and precision")
     p.add_argument("--tmp", default=None, help="precision table: folder for the exported GGUFs (default: the system's)")
     return p
 

@@ -13,48 +13,52 @@ from model import Transformer
 from quantize import (WeightOnlyInt4Linear, WeightOnlyInt8Linear, blocks_to_int4, channel_quantize, group_dequantize,
                       group_quantize, gguf_q4_blocks, quantize, quantize_checkpoint)
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 BF16_EPS = 2.0 ** -7  # bf16's relative step (8 significant bits): round-to-nearest moves a value by at most half of it
 
 
 def packed_dequantize(m: WeightOnlyInt4Linear, codes):
     # the weights the kernel multiplies: the codes with the scales and zeros as packed (bf16)
-    sz = m.scales_and_zeros.float().transpose(0, 1)  # (N, K / group, 2)
+    sz = m.scales_and_zeros.float().cpu().transpose(0, 1)  # (N, K / group, 2)
     return group_dequantize(codes, sz[..., 0], sz[..., 1], m.group_size)
 
 
 def assert_linear_close(y, x, w, rtol):
     # y against F.linear(x, w) in fp32 from bf16 activations: the error relative to the output's scale
+    y, x = y.cpu(), x.cpu()
     ref = F.linear(x.to(torch.bfloat16).float(), w)
     assert ref.abs().max() > 0.1
     assert (y.float() - ref).abs().max() <= rtol * ref.abs().max(), (y.float() - ref).abs().max()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("group_size", [32, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int4_linear_matches_dequantised_reference(group_size, dtype):
+def test_int4_linear_matches_dequantised_reference(group_size, dtype, device):
     torch.manual_seed(0)
     w, x = torch.randn(96, 128) * 0.05, torch.randn(3, 5, 128, dtype=dtype)
     codes, scales, zeros = group_quantize(w, group_size)
     # min-max groups: every weight within half a step of its value
     assert ((group_dequantize(codes, scales, zeros, group_size) - w).abs()
             <= scales.repeat_interleave(group_size, 1) / 2 + 1e-7).all()
-    m = WeightOnlyInt4Linear(codes, scales, zeros, group_size)
-    y = m(x)
+    m = WeightOnlyInt4Linear(codes, scales, zeros, group_size, device=device)
+    y = m(x.to(device))
     assert y.shape == (3, 5, 96) and y.dtype == dtype
     # bf16 output rounding and accumulation order only: the reference uses the packed (bf16) scales
     assert_linear_close(y, x, packed_dequantize(m, codes), rtol=2 * BF16_EPS)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_linear_matches_dequantised_reference(dtype):
+def test_int8_linear_matches_dequantised_reference(dtype, device):
     torch.manual_seed(0)
     w, x = torch.randn(96, 64) * 0.05, torch.randn(4, 64, dtype=dtype)
     codes, scales = channel_quantize(w)
     assert ((codes.float() * scales[:, None] - w).abs() <= scales[:, None] / 2 + 1e-7).all()
-    m = WeightOnlyInt8Linear(codes, scales)
-    y = m(x)
+    m = WeightOnlyInt8Linear(codes, scales, device=device)
+    y = m(x.to(device))
     assert y.dtype == dtype
-    assert_linear_close(y, x, codes.float() * m.scales.float()[:, None], rtol=2 * BF16_EPS)
+    assert_linear_close(y, x, codes.float() * m.scales.float().cpu()[:, None], rtol=2 * BF16_EPS)
 
 
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
@@ -124,17 +128,18 @@ def test_stale_blocks_are_refused(tmp_path):
         quantize_checkpoint(Transformer.from_checkpoint(ckpt), ckpt, "int4")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode,head", [("int4", "int8"), ("int4", "int4"), ("int8", "bfloat16")])
-def test_quantized_greedy_equals_its_uncached_forward(tiny_ckpt, mode, head):
+def test_quantized_greedy_equals_its_uncached_forward(tiny_ckpt, mode, head, device):
     # the quantised model's cached, batched decode (generate) against its own uncached greedy loop, exits included
     from generate import generate
     torch.manual_seed(0)
-    bm = BalconyModel(Transformer.from_checkpoint(tiny_ckpt), [2]).eval()
+    bm = BalconyModel(Transformer.from_checkpoint(tiny_ckpt, device=device), [2]).eval()
     quantize(bm, mode, 32, head)
     assert not any(isinstance(m, torch.nn.Linear) for m in bm.modules())
     prompt = [5, 17, 42, 7]
     for exit in (2, None):
-        idx = torch.tensor([prompt])
+        idx = torch.tensor([prompt], device=device)
         with torch.no_grad():
             for _ in range(8):
                 idx = torch.cat([idx, bm(idx, exit=exit)[:, -1].argmax(-1, keepdim=True)], 1)
