@@ -28,12 +28,12 @@ from pathlib import Path
 import torch
 
 import train
-from balcony import BalconyModel, exit_metrics
+from balcony import BalconyModel, heldout_metrics
 from cli import DEFAULT_CHECKPOINT, ROOT, UsageError, run_cli
 from data import CORPUS, iter_batches, load_tokens
-from eval import TASKS, task_metrics
+from eval import task_metrics
 from fetch import fetch
-from model import Transformer
+from tasks import TASKS
 from tokenizer import Tokenizer
 
 RUNS = {
@@ -100,15 +100,14 @@ class SharedBackbone:
 def heldout(bm, original: BalconyModel, val, args):
     """Per exit and full depth: KL(p_original || p) per token and top-1 agreement with the original full model, on
     the first --eval-windows held-out windows (original: the untouched model, with no exits)."""
-    sums, n = torch.zeros(2, len(bm.exit_layers) + 1), 0
-    device = bm.model.output.weight.device
-    for x, y in iter_batches(val, args.seq_len, args.batch_size, device, args.eval_windows):
-        h_full, h_exits = bm.forward_train(x)
-        h_ref = h_full if bm.model is original.model else original.forward_train(x)[0]
-        metrics = exit_metrics(bm.model.output, h_ref, h_exits + [h_full], y, teacher_output=original.model.output)
-        sums += metrics[:2].cpu()  # KL, top-1 hits
-        n += x.numel()
-    return (sums / n).tolist()
+    def batches():
+        for x, y in iter_batches(val, args.seq_len, args.batch_size, bm.model.output.weight.device, args.eval_windows):
+            h_full, h_exits = bm.forward_train(x)
+            h_ref = h_full if bm.model is original.model else original.forward_train(x)[0]
+            yield h_ref, h_exits + [h_full], y
+
+    m = heldout_metrics(bm.model.output, batches(), teacher_output=original.model.output)
+    return m["kl"], m["top1"]
 
 
 def score(bm: SharedBackbone, full_name: str, original: BalconyModel, val, tok, root: Path, args) -> dict:
@@ -153,7 +152,7 @@ def main(args):
                 return code  # stopped (Ctrl-C): the state is saved, run again to continue
 
     print("\n== scoring", flush=True)
-    original = BalconyModel(Transformer.from_checkpoint(args.checkpoint, device=args.device), []).eval()
+    original = BalconyModel.from_checkpoint(args.checkpoint, exits=[None], device=args.device)
     tok = Tokenizer.from_checkpoint(args.checkpoint)
     val = load_tokens(args.data, tok, "val")
     root = Path(args.evals_dir) if args.evals_dir else fetch("evals")

@@ -6,9 +6,10 @@ Exit k runs backbone layers 1..k, then its balcony: one decoder block of the bas
 sum_j KL(p_full || p_exit_j) (Eq. 2, `distillation_kl` below); the backbone never changes, so full depth is exactly
 the original model.
 """
+import contextlib
 import hashlib
 import json
-import os
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -16,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import UsageError
+from cli import UsageError, atomic_write
 from model import Attention, FeedForward, ModelArgs, RMSNorm, Transformer, TransformerBlock, ensure_cache
 
 
@@ -126,12 +127,13 @@ def distillation_kl(output: nn.Linear, h_full, h_exits, chunk_size: int = 256):
 @torch.no_grad()
 def exit_metrics(output: nn.Linear, h_full, hs, targets, chunk_size: int = 1024, teacher_output=None):
     """Held-out quality of each normalised hidden state in hs (an exit's, or h_full itself for full depth), summed
-    over tokens: a (3, len(hs)) tensor of KL(p_full || p), top-1 agreement with the full model, and the negative
-    log-likelihood of targets (B, T), so exp(nll / tokens) is the perplexity. Chunked like distillation_kl.
+    over tokens: a (4, len(hs)) tensor of KL(p_full || p), top-1 agreement with the full model, the negative
+    log-likelihood of targets (B, T), so exp(nll / tokens) is the perplexity, and top-1 hits on the targets
+    themselves. Chunked like distillation_kl.
     teacher_output: h_full's own head when it is not `output` (ablate.py: a trained backbone against the original)."""
     D, teacher_output = h_full.size(-1), teacher_output or output  # modules: a quantised head (quantize.py) works
     h_full, hs, targets = h_full.reshape(-1, D), [h.reshape(-1, D) for h in hs], targets.reshape(-1, 1)
-    sums = torch.zeros(3, len(hs), device=h_full.device)
+    sums = torch.zeros(4, len(hs), device=h_full.device)
     for s in range(0, h_full.size(0), chunk_size):
         teacher = _log_softmax(teacher_output(h_full[s:s + chunk_size]))
         for j, h in enumerate(hs):
@@ -139,7 +141,27 @@ def exit_metrics(output: nn.Linear, h_full, hs, targets, chunk_size: int = 1024,
             sums[0, j] += _kl(teacher, logp)
             sums[1, j] += (logp.argmax(-1) == teacher.argmax(-1)).sum()
             sums[2, j] -= logp.gather(1, targets[s:s + chunk_size]).sum()
+            sums[3, j] += (logp.argmax(-1, keepdim=True) == targets[s:s + chunk_size]).sum()
     return sums
+
+
+@torch.no_grad()
+def heldout_metrics(output: nn.Linear, batches, chunk_size: int = 1024, teacher_output=None, ctx=None,
+                    all_reduce=None) -> dict:
+    """exit_metrics per token over held-out batches, the one loop behind train.py's validation, eval.py's ppl and
+    heldout_chat and ablate.py's scores. batches yields (h_full, hs, targets) as exit_metrics takes them; ctx: a
+    context for the metrics (train.py's autocast); all_reduce: sums a tensor across ranks (train.py under DDP).
+    Returns lists kl, top1, ppl, target_top1 (one value per state in hs) and the token count."""
+    sums = None
+    for h_full, hs, targets in batches:
+        with ctx or contextlib.nullcontext():
+            m = exit_metrics(output, h_full, hs, targets, chunk_size, teacher_output)
+        m = torch.cat([m, torch.full_like(m[:1], targets.numel())])  # KL, top-1 hits, NLL, target hits, tokens
+        sums = m if sums is None else sums + m
+    if all_reduce is not None:
+        all_reduce(sums)
+    kl, top1, nll, target_top1 = (sums[:4] / sums[4]).tolist()
+    return dict(kl=kl, top1=top1, ppl=[math.exp(v) for v in nll], target_top1=target_top1, tokens=int(sums[4, 0]))
 
 
 class BalconyModel(nn.Module):
@@ -217,8 +239,12 @@ class BalconyModel(nn.Module):
             x = layer(x, cos, sin, input_pos)
         return x
 
-    def exit_hidden(self, exit: int, x, input_pos=None):
-        """Eq. 1 for exit `exit` on the layer-`exit` hidden states x: (B, T, D) -> normalised (B, T, D)."""
+    def exit_hidden(self, exit: Optional[int], x, input_pos=None):
+        """Eq. 1 for exit `exit` on the layer-`exit` hidden states x: (B, T, D) -> normalised (B, T, D), ready for the
+        shared head; at full depth (None or n_layers) the base model's final norm. With run_layers(x, 0, exit), the
+        one way every caller runs exit k: layers 1..k, then this."""
+        if exit is None or exit == self.n_layers:
+            return self.model.norm(x)
         cos, sin = self.model.rope(x.size(1), input_pos)
         return self.exits[str(exit)](x, cos, sin, input_pos)
 
@@ -263,9 +289,7 @@ class BalconyModel(nn.Module):
                 "base_fingerprint": fingerprint or model_fingerprint(self.model),
                 "model_args": self.model.args.to_json()}
         tensors = {f"exits.{k}": v.detach().contiguous().cpu() for k, v in self.exits.state_dict().items()}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     def load_exits(self, path):
         """Load exits written by save_exits; refuse exits trained on another base model, or of another kind."""
@@ -311,9 +335,33 @@ class BalconyModel(nn.Module):
         return bm.eval()
 
     @classmethod
-    def from_checkpoint(cls, ckpt_dir, exits_path, device="cpu", dtype=torch.float32) -> "BalconyModel":
-        cls.read_exits_file(exits_path)  # a missing or foreign exits file fails before the base model loads
-        return cls.from_exits_file(Transformer.from_checkpoint(ckpt_dir, device=device, dtype=dtype), exits_path)
+    def from_checkpoint(cls, checkpoint, balcony=None, exits=None, device="cpu", dtype=torch.float32,
+                        labels=None) -> "BalconyModel":
+        """How every script loads a model: the base model of `checkpoint` and the trained exits of `balcony` (default
+        <checkpoint>/balcony.safetensors). exits: those the caller will run (None or n_layers: full depth; "auto":
+        the cascade, which needs them all); the file is read only if one needs a balcony, and each must be in range and
+        trained. exits=None: every exit in the file. labels[i], if given, says where exits[i] came from in an error."""
+        path = Path(balcony) if balcony is not None else Path(checkpoint) / "balcony.safetensors"
+        if exits is None:
+            cls.read_exits_file(path)  # a missing or foreign file fails before the base model loads
+        base = Transformer.from_checkpoint(checkpoint, device=device, dtype=dtype)
+        n = base.args.n_layers
+        exits = list(exits) if exits is not None else None
+        layers = [(e, where) for e, where in zip(exits or [], labels or [None] * len(exits or []))
+                  if isinstance(e, int)]  # the others are None (full depth) or the cascade
+        for e, where in layers:
+            if not 1 <= e <= n:
+                at = f"{where}: " if where else ""
+                raise UsageError(f"{at}exit {e} is outside 1..{n} (the model has {n} layers)")
+        if exits is not None and all(e is None or e == n for e in exits):
+            return cls(base, []).eval()
+        model = cls.from_exits_file(base, path)
+        for e, where in layers:
+            try:
+                model._check_exit(e)
+            except UsageError as err:
+                raise UsageError(f"{where}: {err}" if where else str(err)) from None
+        return model
 
 
 def model_fingerprint(model: Transformer) -> str:

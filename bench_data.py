@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cli import DEFAULT_CHECKPOINT, UsageError, run_cli
+from cli import DEFAULT_CHECKPOINT, UsageError, atomic_write, run_cli
 from data import CORPUS, cpu_count, data_files, tokenize_corpus
 from tokenizer import Tokenizer
 
@@ -50,8 +50,11 @@ def corpus_rows(size_mb: int, seed: int = 0):
 
 def make_corpus(path: Path, size_mb: int):
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp, batches = path.with_name(path.name + ".tmp"), corpus_rows(size_mb)
-    if path.suffix == ".parquet":
+    atomic_write(path, lambda tmp: write_corpus(tmp, path.suffix, corpus_rows(size_mb)))
+
+
+def write_corpus(tmp: Path, suffix: str, batches):
+    if suffix == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
         first = pa.Table.from_pylist(next(batches))
@@ -63,7 +66,6 @@ def make_corpus(path: Path, size_mb: int):
         with gzip.open(tmp, "wt", compresslevel=1) as f:
             for rows in batches:
                 f.write("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.rename(path)
 
 
 def tokenise(corpus, checkpoint, cache_dir, num_proc, queue):

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from cli import DEFAULT_CHECKPOINT, UsageError, run_cli
-from export import export, parse_exit
-from generate import generate, load_model
+from balcony import BalconyModel
+from cli import DEFAULT_CHECKPOINT, UsageError, parse_exit, run_cli
+from export import export
+from generate import generate
 
 PROMPT = "Write a short story about a cat who lives on a balcony."
 
@@ -47,7 +48,7 @@ def main(args):
 
     torch.set_num_threads(args.threads)
     exit = parse_exit(args.exit)
-    bm = load_model(args.checkpoint, args.balcony, (exit,))
+    bm = BalconyModel.from_checkpoint(args.checkpoint, args.balcony, [exit])
     tok = Tokenizer.from_checkpoint(args.checkpoint)
     text = tok.apply_chat_template([{"role": "user", "content": args.prompt}])
     prompt_ids = tok.encode(text, allowed_special="all")

@@ -257,7 +257,7 @@ def main(args):
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     args.balcony = args.balcony or f"{args.checkpoint}/balcony.safetensors"
-    model = BalconyModel.from_checkpoint(args.checkpoint, args.balcony, device, DTYPES[args.dtype])
+    model = BalconyModel.from_checkpoint(args.checkpoint, args.balcony, device=device, dtype=DTYPES[args.dtype])
     quantize_checkpoint(model, args.checkpoint, args.quantize, args.group_size, args.quantize_head)
     exits = model.exit_layers
     tok = Tokenizer.from_checkpoint(args.checkpoint)

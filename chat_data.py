@@ -17,7 +17,6 @@ and each finished split (chats, tokens, seconds): a rerun reuses what matches, s
 """
 import argparse
 import json
-import os
 import re
 import time
 from pathlib import Path
@@ -26,8 +25,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, add_quantize_args, quant_kwargs, run_cli
+from cli import (DEFAULT_CHECKPOINT, DTYPES, UsageError, add_quantize_args, atomic_write, quant_kwargs,
+                 run_cli)
 from data import CHAT
+from tasks import read_split
 
 
 def _nq(r):  # NQ-open questions are lower case and have no question mark
@@ -52,8 +53,6 @@ def normalize(q: str) -> str:
 
 def load_questions(evals_dir: Path, sources=tuple(SOURCES)) -> dict:
     """{source: [question, ...]}, stripped, in the files' order."""
-    from eval import read_split
-
     return {s: [q.strip() for q in map(SOURCES[s][1], read_split(evals_dir, *SOURCES[s][0])) if q.strip()]
             for s in sources}
 
@@ -122,19 +121,12 @@ def read_chats(path: Path) -> list:
 def config_of(args, fingerprint: str) -> dict:
     """What the chats depend on, --n-train aside: the held-out part depends on these alone."""
     keys = ("seed", "n_val", "max_new_tokens", "temperature", "top_p", "sources")
-    quant = {"quantize": quant_kwargs(args)} if args.quantize != "none" else {}  # float runs keep their old config
+    quant = {"quantize": quant_kwargs(args)} if args.quantize != "none" else {}  # float runs keep old configs
     return {**{k: getattr(args, k) for k in keys}, "model": fingerprint, **quant}
-
-
-def write_atomic(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def main(args):
     from balcony import BalconyModel, model_fingerprint
-    from model import Transformer
     from quantize import quantize_checkpoint
     from tokenizer import Tokenizer
 
@@ -147,8 +139,8 @@ def main(args):
     if args.temperature < 0 or (args.top_p is not None and not 0 < args.top_p <= 1):
         raise UsageError("--temperature must be >= 0 and --top-p in (0, 1]")
     out, meta_path = Path(args.out), Path(args.out) / "meta.json"
-    base = Transformer.from_checkpoint(args.checkpoint, device=args.device, dtype=DTYPES[args.dtype])
-    config = config_of(args, model_fingerprint(base))
+    bm = BalconyModel.from_checkpoint(args.checkpoint, exits=[None], device=args.device, dtype=DTYPES[args.dtype])
+    config = config_of(args, model_fingerprint(bm.model))
     # meta.json lists the splits written so far: a rerun reuses them, and one with another --n-train keeps val
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     if meta.get("config") != config:
@@ -161,23 +153,23 @@ def main(args):
             from fetch import fetch
             evals = fetch("evals")
         val, train = split_questions(load_questions(evals, args.sources), args.seed, args.n_val, args.n_train)
-        bm = quantize_checkpoint(BalconyModel(base, []).eval(), args.checkpoint, **quant_kwargs(args))
+        quantize_checkpoint(bm, args.checkpoint, **quant_kwargs(args))  # after the float weights' fingerprint
         tok = Tokenizer.from_checkpoint(args.checkpoint)
         out.mkdir(parents=True, exist_ok=True)
     for name in todo:
         part, t0 = val if name == "val" else train, time.time()
         meta.pop(name, None)
-        write_atomic(meta_path, json.dumps(meta, indent=1))  # this split is being replaced: not done until listed
+        atomic_write(meta_path, json.dumps(meta, indent=1))  # this split is being replaced: not done until listed
         with tqdm(total=len(part), desc=f"answering {name}", unit="q", dynamic_ncols=True) as bar:
             answers = answer(bm, tok, [q for _, q in part], args.max_new_tokens, args.batch_size, args.temperature,
                              args.top_p, args.seed, bar)
         rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
                  "source": source, "finished": finished} for (source, q), (a, _, finished) in zip(part, answers)]
-        write_atomic(out / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        atomic_write(out / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         meta[name] = {"chats": len(rows), "tokens": sum(len(tok.encode_chat(r["messages"], False)) for r in rows),
                       "answer_tokens": sum(n for _, n, _ in answers), "finished": sum(r["finished"] for r in rows),
                       "seconds": round(time.time() - t0, 1)}
-        write_atomic(meta_path, json.dumps(meta, indent=1))
+        atomic_write(meta_path, json.dumps(meta, indent=1))
     for name in ("val", "train"):
         m = meta[name]
         print(f"{out / name}.jsonl: {m['chats']} chats, {m['tokens']:,} tokens ({m['answer_tokens']:,} generated, "

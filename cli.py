@@ -1,8 +1,13 @@
 """
-Command-line plumbing shared by every script: the error users can fix, the one __main__, and the --dtype names.
-model.py holds the model; this file holds what a command line needs around it.
+Command-line plumbing shared by every script: the error users can fix, the one __main__, the --dtype names, the one
+--exit rule and the one way to write a file. model.py holds the model; this file holds what a command line needs
+around it.
 """
+import os
+import re
+import shutil
 import sys
+from collections import namedtuple
 from pathlib import Path
 
 import torch
@@ -33,6 +38,58 @@ def quant_kwargs(args) -> dict:
 
 class UsageError(Exception):
     """A problem the user can fix (bad path, wrong flag, mismatched checkpoint); CLIs print it as one line."""
+
+
+Auto = namedtuple("Auto", "threshold")  # the confidence cascade as an exit: 'auto' (threshold None) or 'auto@T'
+
+
+def parse_exits(text: str, auto: bool = False) -> list:
+    """The one rule for exits on a command line (--exit, --exits): comma-separated layer numbers, 'full' (None: full
+    depth, the untouched model) and, where the confidence cascade applies, 'auto' or 'auto@T' (Auto(T))."""
+    exits = []
+    for s in filter(None, map(str.strip, text.split(","))):
+        if s == "full" or s.isdigit():
+            exits.append(None if s == "full" else int(s))
+        elif auto and (s == "auto" or s.startswith("auto@") and re.fullmatch(r"\d*\.?\d+", s[5:])):
+            exits.append(Auto(float(s[5:]) if s != "auto" else None))
+        else:
+            forms = "layer numbers, 'full', 'auto' and auto@THRESHOLD (e.g. auto@0.9)" if auto else \
+                "layer numbers and 'full'"
+            raise UsageError(f"an exit is one of {forms}, not {s!r}")
+    if not exits:
+        raise UsageError(f"no exit given; exits are {'layer numbers' if not auto else 'layer numbers, auto'} or 'full'")
+    return exits
+
+
+def parse_exit(text: str, auto: bool = False):
+    """One exit (--exit), by parse_exits' rule."""
+    exits = parse_exits(text, auto)
+    if len(exits) > 1:
+        raise UsageError(f"one exit, not {len(exits)}: {text!r}")
+    return exits[0]
+
+
+def atomic_write(path, write):
+    """Write `path` whole or not at all: write (a function of a path: it writes a file or a folder there; or text,
+    written as UTF-8) fills a temporary name beside `path`, which then takes its place. An interrupted run never leaves
+    a half-written `path`, and an old one goes only once the new one is complete."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    _remove(tmp)  # left by an interrupted run
+    if isinstance(write, str):
+        tmp.write_text(write, encoding="utf-8")
+    else:
+        write(tmp)
+    if tmp.is_dir() or path.is_dir():  # a rename replaces a file, never a folder
+        _remove(path)
+    os.replace(tmp, path)
+
+
+def _remove(path: Path):
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def run_cli(main, parse_args):

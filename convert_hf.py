@@ -13,7 +13,6 @@ Q4_0 / Q4_1 tensors also keep their own blocks, in model.q4.safetensors, for `--
 """
 import argparse
 import json
-import os
 import pickle
 import re
 import shutil
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cli import DEFAULT_CHECKPOINT, DTYPES, ROOT, UsageError, run_cli
+from cli import DEFAULT_CHECKPOINT, DTYPES, ROOT, UsageError, atomic_write, run_cli
 from model import ModelArgs, rope_inv_freq
 from quantize import BLOCKS_FILE, gguf_q4_blocks
 from tokenizer import LLAMA3_PATTERN
@@ -276,13 +275,6 @@ def convert_gguf(src: Path):
 
 
 # ----------------------------------------------------------------------------- writing
-
-def atomic_write(path: Path, write):
-    # write to a temp name then rename: an interrupted run never leaves a half-written file under the real name
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
 
 def convert(src: Path, out: Path, dtype: str = "auto") -> Path:
     from safetensors.torch import save_file

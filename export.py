@@ -13,7 +13,6 @@ checkpoint whose logits equal the exit's. The output is written under a temporar
 """
 import argparse
 import json
-import os
 import shutil
 import sys
 from dataclasses import replace
@@ -22,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, run_cli
-from convert_hf import (GGUF_PRE_TOKENIZERS, GGUF_WEIGHT_MAP, HF_WEIGHT_MAP, TOKENIZER_FILES, atomic_write,
-                        expected_shapes, gguf_pre_tokenizer, permute, rename)
+from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, atomic_write, parse_exit, run_cli
+from convert_hf import (GGUF_PRE_TOKENIZERS, GGUF_WEIGHT_MAP, HF_WEIGHT_MAP, TOKENIZER_FILES, expected_shapes,
+                        gguf_pre_tokenizer, permute, rename)
 from model import ModelArgs, rope_inv_freq
 
 GGUF_TYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0",
@@ -185,13 +184,6 @@ def write_gguf(out: Path, args: ModelArgs, sd: dict, ckpt: Path, tok, dtype: str
 
 # ----------------------------------------------------------------------------- main
 
-def remove(path: Path):
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
 def check_out(out: Path, fmt: str, dtype: str, force: bool):
     if dtype not in (GGUF_TYPES if fmt == "gguf" else DTYPES):
         raise UsageError(f"--dtype {dtype} is for GGUF only; a Hugging Face folder takes {', '.join(DTYPES)}")
@@ -207,31 +199,21 @@ def export(bm, exit, ckpt, out, fmt: str = "hf", dtype: str = "float32", force: 
     check_out(out, fmt, dtype, force)
     args, sd = exit_as_llama(bm, exit)
     tok = Tokenizer.from_checkpoint(ckpt)
-    tmp = out.with_name(out.name + ".tmp")
-    remove(tmp)  # left by an interrupted run
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "gguf":
         label = "full" if exit in (None, bm.n_layers) else f"exit {exit}"
-        write_gguf(tmp, args, sd, ckpt, tok, dtype, name=f"{ckpt.name} {label}")
-    else:
-        write_hf(tmp, args, sd, ckpt, tok, dtype)
-    remove(out)  # --force: the old export goes only once the new one is complete
-    os.replace(tmp, out)
+        atomic_write(out, lambda tmp: write_gguf(tmp, args, sd, ckpt, tok, dtype, name=f"{ckpt.name} {label}"))
+    else:  # --force: the old export goes only once the new one is complete
+        atomic_write(out, lambda tmp: write_hf(tmp, args, sd, ckpt, tok, dtype))
     return out
 
 
-def parse_exit(s: str):
-    if s != "full" and not s.isdigit():
-        raise UsageError(f"--exit takes a layer number or 'full', not {s!r}")
-    return None if s == "full" else int(s)
-
-
 def main(args):
-    from generate import load_model
+    from balcony import BalconyModel
 
     exit = parse_exit(args.exit)
     check_out(args.out, args.format, args.dtype, args.force)  # before loading anything
-    bm = load_model(args.checkpoint, args.balcony, (exit,))  # float32: every --dtype is cast from it
+    bm = BalconyModel.from_checkpoint(args.checkpoint, args.balcony, [exit])  # float32: every --dtype is cast from it
     out = export(bm, exit, args.checkpoint, args.out, args.format, args.dtype, args.force)
     n = bm.n_layers if exit in (None, bm.n_layers) else exit + 1
     print(f"wrote {out} ({args.format}, {n} layers, {args.dtype})", file=sys.stderr)

@@ -13,7 +13,7 @@ drafts' layer-d hidden states and runs only layers d+1..N. Greedy output is the 
 sampled output follows the full model's distribution (speculative rejection sampling, Leviathan et al. 2023).
 
 With --exit auto, each token leaves at the first exit whose confidence reaches --confidence (CALM's rule); tokens that
-left early get their deeper KV back-filled, exactly, when a later token goes deeper (ConfidenceCascade).
+left early get their deeper KV back-filled, exactly, when a later token goes deeper (cascade.py).
 
     python generate.py --prompt "The capital of France is" --exit 15
     python generate.py --chat --prompt "Write a haiku about balconies." --draft-exit 15 --speculate-k 4
@@ -29,8 +29,9 @@ from typing import Callable, Optional
 import torch
 
 from balcony import BalconyModel
-from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, add_quantize_args, quant_kwargs, run_cli
-from model import Transformer
+from cascade import CONFIDENCE, DEFAULT_CONFIDENCE, ConfidenceCascade
+from cli import (DEFAULT_CHECKPOINT, DTYPES, Auto, UsageError, add_quantize_args, parse_exit, quant_kwargs,
+                 run_cli)
 from quantize import quantize_checkpoint
 
 _compiled = False  # set by compile_steps(): compiled steps want fixed shapes, so caches are read whole
@@ -87,19 +88,12 @@ def forward_rows(model: BalconyModel, idx, input_pos, plan, last=None):
     the rows' depths; last: (B,) the position whose logits each row wants (default: the last). Each layer runs on the
     prefix of rows that reach it; each exit's rows take its balcony (or the final norm at full depth) and the head at
     one position only. Returns (B, vocab) logits in batch order."""
-    m = model.model
-    x = m.tok_embeddings(idx)  # (B, T, D)
-    cos, sin = m.rope(idx.size(1), input_pos)  # (B, 1, T, hd)
+    x = model.model.tok_embeddings(idx)  # (B, T, D)
     logits, prev = [], 0
     for depth, n, n_exit in plan:
-        x, cos, sin, input_pos = x[:n], cos[:n], sin[:n], input_pos[:n]
-        for layer in m.layers[prev:depth]:
-            x = layer(x, cos, sin, input_pos)
+        x, input_pos = model.run_layers(x[:n], prev, depth, input_pos[:n]), input_pos[:n]
         rows = slice(n - n_exit, n)  # deepest first: the rows exiting here close the prefix
-        if depth == model.n_layers:
-            h = m.norm(x[rows])
-        else:  # the balcony runs on every position, to fill its KV cache
-            h = model.exits[str(depth)](x[rows], cos[rows], sin[rows], input_pos[rows])
+        h = model.exit_hidden(depth, x[rows], input_pos[rows])  # a balcony runs on every position, to fill its cache
         h = h[:, -1] if last is None else h[torch.arange(n_exit, device=h.device), last[rows]]  # (n_exit, D)
         logits.append(lm_head(model, h))
         prev = depth
@@ -121,7 +115,7 @@ def draft_one_token(model: BalconyModel, cur, input_pos, exit: int, head: bool =
 
 def verify(model: BalconyModel, h, input_pos, draft_exit: int):
     # The full model resumed at layer draft_exit: (B, T, D) layer-d hidden states -> (B, T, D) normalised states
-    return model.model.norm(model.run_layers(h, draft_exit, model.n_layers, input_pos))
+    return model.exit_hidden(None, model.run_layers(h, draft_exit, model.n_layers, input_pos))
 
 
 def compile_steps():
@@ -365,74 +359,6 @@ def speculative_decode(model: BalconyModel, prompt: list, draft_exit: int, specu
     return stats
 
 
-CONFIDENCE = ("prob", "margin")  # CALM's softmax measures: the top probability, or top-1 minus top-2
-
-
-def exit_confidence(logits, measure: str = "prob"):
-    # logits: (..., vocab) -> (...) how sure an exit is of its top token, from the untempered softmax
-    top2 = logits.float().softmax(-1).topk(2, dim=-1).values
-    return top2[..., 0] if measure == "prob" else top2[..., 0] - top2[..., 1]
-
-
-class ConfidenceCascade:
-    """Token-level confidence exits with exact KV back-fill (batch 1; the paper's limitations section, CALM's exit
-    rule, FREE's and Apparate's exactness). A token runs layers 1..e1 and balcony e1; if the exit's confidence
-    reaches `threshold` it leaves there, else it goes on to the next exit, and full depth always emits.
-
-    A token that left at exit j has no KV in layers or balconies deeper than j. It waits in `pending[j]` with its
-    layer-j hidden state, and the next token that goes past j takes it along: the waiting positions ride in the same
-    forward as that token through layers j+1..j' and balcony j' (input_pos lists their positions, not necessarily
-    contiguous: each query row is masked to the slots <= its own position, and every slot it may read is written in
-    this pass or an earlier one). So a token at depth l reads layer-l KV of every earlier position, exactly what a
-    full-depth run writes there, and each (layer, position) is computed once. The caches must hold every layer and
-    every balcony."""
-
-    def __init__(self, model: BalconyModel, threshold: float, measure: str = "prob"):
-        self.model, self.threshold, self.measure = model, threshold, measure
-        self.ladder = [*model.exit_layers, model.n_layers]
-        self.pending = {}  # exit j -> (positions (k,), layer-j hidden states (1, k, D)) of tokens waiting there
-        self.exits = []  # the exit that emitted each token
-        self.backfilled = 0  # backbone (layer, position) pairs run for earlier tokens' positions
-
-    def __call__(self, idx, input_pos):
-        """idx (1, T) at positions input_pos (T,) -> (1, vocab) logits for the last position, from the first exit
-        confident enough (the prefill is a T-token step whose other positions ride along)."""
-        m = self.model
-        h, pos, prev = m.model.tok_embeddings(idx), input_pos, 0
-        for e in self.ladder:
-            h = m.run_layers(h, prev, e, pos)  # (1, riders, D), this step's tokens last
-            self.backfilled += (pos.numel() - idx.size(1)) * (e - prev)
-            if e == m.n_layers:
-                self.exits.append(e)
-                return m.model.output(m.model.norm(h[:, -1]))
-            # balcony e runs on every rider: its cache must hold them for later tokens that leave at e
-            logits = m.model.output(m.exit_hidden(e, h, pos)[:, -1])
-            if exit_confidence(logits, self.measure).item() >= self.threshold:
-                self.pending[e] = self._join(e, pos, h)
-                self.exits.append(e)
-                return logits
-            pos, h = self._join(e, pos, h)  # going deeper: the positions waiting at e come along
-            prev = e
-
-    def _join(self, e, pos, h):
-        # the positions waiting at exit e (no longer waiting), then pos: (k + T,) positions, (1, k + T, D) states
-        if e not in self.pending:
-            return pos, h
-        old_pos, old_h = self.pending.pop(e)
-        return torch.cat([old_pos, pos]), torch.cat([old_h, h], 1)
-
-
-def weights_per_token(model: BalconyModel, exit, cascade: bool = False) -> int:
-    """Weights a token decoded at batch 1 reads, which bounds its speed: backbone layers 1..exit (None: all), its
-    balcony and the shared head. In the cascade (ConfidenceCascade) a token also tried every shallower exit, a balcony
-    and a head each; the positions it back-fills ride in the same passes and read nothing more."""
-    layer = sum(p.numel() for p in model.model.layers[0].parameters())
-    head = model.model.output.weight.numel()
-    exit = None if exit == model.n_layers else exit
-    tried = (model.exit_layers.index(exit) if exit is not None else len(model.exit_layers)) if cascade else 0
-    return (exit or model.n_layers) * layer + (exit is not None) * layer + head + tried * (layer + head)
-
-
 def cascade_decode(model: BalconyModel, prompt: list, cascade: ConfidenceCascade, emit: Callable, samp: dict,
                    sync: Callable) -> float:
     """Decode one prompt with the confidence cascade (generate() with exit="auto"), giving tokens to emit(0, [id])
@@ -446,30 +372,6 @@ def cascade_decode(model: BalconyModel, prompt: list, cascade: ConfidenceCascade
         cur, _ = sample(cascade(cur, torch.tensor([pos], device=device)), **samp)
         pos += 1
     return prefill_end
-
-
-def load_model(checkpoint, balcony=None, exits=(), device="cpu", dtype=torch.float32, labels=None,
-               **quant) -> BalconyModel:
-    """The base model, with the balcony file loaded only if `exits` names a balcony exit or "auto" (full depth needs
-    none). Every exit must be in range and trained; labels[i], if given, says where exits[i] came from in an error.
-    quant: quantize_checkpoint's mode, group_size, head (cli.quant_kwargs), applied once the exits are loaded."""
-    base = Transformer.from_checkpoint(checkpoint, device=device, dtype=dtype)
-    n = base.args.n_layers
-    labelled = list(zip(exits, labels or [None] * len(exits)))
-    for e, label in labelled:
-        if e not in (None, "auto") and not 1 <= e <= n:
-            raise UsageError(f"{label + ': ' if label else ''}exit {e} is outside 1..{n} (the model has {n} layers)")
-    if all(e in (None, n) for e in exits):
-        return quantize_checkpoint(BalconyModel(base, []).eval(), checkpoint, **quant)
-    balcony = balcony if balcony is not None else Path(checkpoint) / "balcony.safetensors"
-    model = BalconyModel.from_exits_file(base, balcony)
-    for e, label in labelled:
-        if label is not None and e not in (None, "auto"):
-            try:
-                model._check_exit(e)
-            except UsageError as err:
-                raise UsageError(f"{label}: {err}") from None
-    return quantize_checkpoint(model, checkpoint, **quant)
 
 
 def read_prompts(path, default_exit: Optional[int]) -> list:
@@ -524,20 +426,25 @@ def main(args):
         raise UsageError(f"--top-k must be at least 1, not {args.top_k}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, not {args.batch_size}")
-    auto = args.exit == "auto"
+    exit = parse_exit(args.exit, auto=True) if args.exit is not None else None
+    auto = isinstance(exit, Auto)
     if auto:
         if args.compile:
             raise UsageError("--compile applies to fixed exits and speculative decoding; the cascade's passes change "
                              "size from token to token")
-        args.confidence = 0.9 if args.confidence is None else args.confidence
+        if exit.threshold is not None and args.confidence is not None:
+            raise UsageError("give the threshold once: --exit auto@T, or --exit auto --confidence T")
+        args.confidence = next(t for t in (exit.threshold, args.confidence, DEFAULT_CONFIDENCE) if t is not None)
+        exit = "auto"  # generate()'s name for the cascade
     elif args.confidence is not None:
         raise UsageError("--confidence applies to --exit auto only")
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
-    items = read_prompts(args.prompts, args.exit) if args.prompts else [(args.prompt, args.exit, None)]
+    items = read_prompts(args.prompts, exit) if args.prompts else [(args.prompt, exit, None)]
     exits = [e for _, e, _ in items]
-    model = load_model(args.checkpoint, args.balcony, [*exits, args.draft_exit], device, dtype,
-                       labels=[where for *_, where in items] + [None], **quant_kwargs(args))
+    model = BalconyModel.from_checkpoint(args.checkpoint, args.balcony, [*exits, args.draft_exit], device, dtype,
+                                         labels=[where for *_, where in items] + [None])
+    quantize_checkpoint(model, args.checkpoint, **quant_kwargs(args))
     tokenizer = Tokenizer.from_checkpoint(args.checkpoint)
     if args.chat:
         prompts = [tokenizer.encode_chat([{"role": "user", "content": text}]) for text, *_ in items]
@@ -615,24 +522,16 @@ def main(args):
     print(line, file=sys.stderr)
 
 
-def exit_arg(s: str):
-    if s == "auto":
-        return s
-    try:
-        return int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"an exit layer or 'auto', not {s!r}") from None
-
-
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="converted model folder")
     p.add_argument("--balcony", default=None, help="trained exits (default: <checkpoint>/balcony.safetensors); "
                                                    "needed only for --exit or --draft-exit below full depth")
-    p.add_argument("--exit", type=exit_arg, default=None,
-                   help="exit layer; 'auto': each token leaves at the first exit whose confidence reaches "
-                        "--confidence (one prompt at a time); omitted: full depth, the untouched model")
+    p.add_argument("--exit", default=None,
+                   help="exit layer, or 'full' (the default: full depth, the untouched model); 'auto': each token "
+                        "leaves at the first exit whose confidence reaches --confidence (auto@T: T), one prompt at "
+                        "a time")
     p.add_argument("--confidence", type=float, default=None, help="--exit auto: threshold (default 0.9)")
     p.add_argument("--confidence-measure", default="prob", choices=CONFIDENCE,
                    help="--exit auto: the top probability, or top-1 minus top-2 probability")

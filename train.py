@@ -30,9 +30,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from balcony import KINDS, BalconyModel, distillation_kl, distillation_kl_reference, exit_metrics, model_fingerprint
-from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, add_quantize_args, quant_kwargs, run_cli
-from convert_hf import TOKENIZER_FILES, atomic_write
+from balcony import (KINDS, BalconyModel, distillation_kl, distillation_kl_reference, heldout_metrics,
+                     model_fingerprint)
+from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, add_quantize_args, atomic_write, quant_kwargs, run_cli
+from convert_hf import TOKENIZER_FILES
 from data import (add_data_args, data_files, get_batch, iter_batches, n_windows, open_tokens, step_windows,
                   tokenize_corpus)
 from model import Transformer
@@ -83,17 +84,16 @@ def baseline_states(bm: BalconyModel, x):
 def evaluate(bm, val, args, ctx, rank=0, world_size=1, baseline=False):
     """Validation KL(p_full || p) per token, top-1 agreement with the full model and perplexity: three lists, one value
     per exit and a last one for full depth. baseline: no balconies (the final norm straight on layer-k states)."""
-    device = bm.model.output.weight.device
-    sums = torch.zeros(4, len(bm.exit_layers) + 1, device=device)  # KL, top-1 hits, NLL, tokens
-    for x, y in iter_batches(val, args.seq_len, args.batch_size, device, args.eval_windows, rank, world_size):
-        with ctx:
-            h_full, h_exits = baseline_states(bm, x) if baseline else bm.forward_train(x)
-            sums[:3] += exit_metrics(bm.model.output, h_full, h_exits + [h_full], y, args.chunk_size)
-        sums[3] += x.numel()
-    if world_size > 1:
-        dist.all_reduce(sums)
-    kl, top1, nll = (sums[:3] / sums[3]).tolist()
-    return kl, top1, [math.exp(v) for v in nll]
+    def batches():
+        for x, y in iter_batches(val, args.seq_len, args.batch_size, bm.model.output.weight.device,
+                                 args.eval_windows, rank, world_size):
+            with ctx:
+                h_full, h_exits = baseline_states(bm, x) if baseline else bm.forward_train(x)
+            yield h_full, h_exits + [h_full], y
+
+    m = heldout_metrics(bm.model.output, batches(), args.chunk_size, ctx=ctx,
+                        all_reduce=dist.all_reduce if world_size > 1 else None)
+    return m["kl"], m["top1"], m["ppl"]
 
 
 def get_lr(step: int, max_lr: float, warmup_steps: int, max_steps: int) -> float:
@@ -111,7 +111,7 @@ def run_config(args, global_batch: int, data_key: str) -> dict:
     --max-steps may grow: the learning rate then follows the new schedule from the resumed step on."""
     keys = ("seq_len", "lr", "warmup_steps", "weight_decay", "grad_clip", "init", "balcony", "loss", "kl_weight",
             "ce_weight", "train_backbone", "seed", "dtype")
-    quant = {"quantize": quant_kwargs(args)} if args.quantize != "none" else {}  # float runs keep their old config
+    quant = {"quantize": quant_kwargs(args)} if args.quantize != "none" else {}  # float runs keep old configs
     return {**{k: getattr(args, k) for k in keys}, "global_batch": global_batch, "data": data_key, **quant}
 
 
@@ -119,9 +119,7 @@ def save_state(path: Path, bm, opt, step: int, fingerprint: str, config: dict):
     state = {"exits": bm.exits.state_dict(), "optimizer": opt.state_dict(), "step": step,
              "rng": torch.get_rng_state(), "fingerprint": fingerprint, "exit_layers": bm.exit_layers, "config": config,
              "backbone": bm.model.state_dict() if bm.train_backbone else None}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a crash mid-write never leaves a half-written state behind
+    atomic_write(path, lambda tmp: torch.save(state, tmp))  # a crash mid-write never leaves a half-written state
 
 
 def load_state(path: Path, fingerprint: str, exit_layers: list, config: dict) -> dict:
@@ -167,9 +165,7 @@ def open_log(path: Path, resume_step=None):
     if resume_step is None or not path.exists():
         return open(path, "w")
     kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
     return open(path, "a")
 
 

@@ -1,4 +1,4 @@
-"""The confidence cascade (generate.ConfidenceCascade, --exit auto) on tiny random models: a threshold above 1 is
+"""The confidence cascade (cascade.ConfidenceCascade, --exit auto) on tiny random models: a threshold above 1 is
 full-depth greedy, 0 is the first exit's greedy; in between, each token leaves at the first exit an uncached forward
 finds confident, every layer's and balcony's KV cache equals a full-depth forward's wherever it has been written
 (and is written everywhere once a token has gone to full depth), and the layers run (hooks) match the exits."""
@@ -8,8 +8,9 @@ import re
 import pytest
 import torch
 
-import generate as generate_module
-from generate import exit_confidence, generate, get_parser, main, weights_per_token
+import cascade as cascade_module
+from cascade import exit_confidence, weights_per_token
+from generate import generate, get_parser, main
 from cli import UsageError
 from test_generate import PROMPT, one_thread, tiny_balcony, tiny_with_balcony  # noqa: F401 (fixtures)
 
@@ -122,7 +123,7 @@ def scripted(monkeypatch):
             state.update(step=state["step"] + 1, tried=0)
         return torch.tensor(float(sure))
 
-    monkeypatch.setattr(generate_module, "exit_confidence", fake_confidence)
+    monkeypatch.setattr(cascade_module, "exit_confidence", fake_confidence)
     return model, state
 
 
@@ -218,6 +219,15 @@ def test_bad_input_messages(tiny_with_balcony, args, message):
         main(get_parser().parse_args(["--checkpoint", str(tiny_with_balcony), *map(str, args)]))
 
 
-def test_exit_must_be_a_number_or_auto():
-    with pytest.raises(SystemExit):
-        get_parser().parse_args(["--exit", "deep"])
+def test_exit_must_be_a_number_full_or_auto(tiny_with_balcony, capsys):
+    with pytest.raises(UsageError, match="an exit is one of layer numbers, 'full', 'auto' and auto@THRESHOLD"):
+        main(get_parser().parse_args(["--exit", "deep"]))
+    ckpt = str(tiny_with_balcony)
+    with pytest.raises(UsageError, match="give the threshold once"):
+        main(get_parser().parse_args(["--checkpoint", ckpt, "--exit", "auto@.5", "--confidence", ".5"]))
+    args = ["--checkpoint", ckpt, "--prompt", "To be", "--max-new-tokens", "4", "--json"]
+    main(get_parser().parse_args([*args, "--exit", "full"]))  # full depth, as eval.py and export.py take it
+    assert json.loads(capsys.readouterr().out)["exit"] == 4
+    main(get_parser().parse_args([*args, "--exit", "auto@2"]))  # = --exit auto --confidence 2
+    r = json.loads(capsys.readouterr().out)
+    assert r["confidence"] == 2 and r["exits"] == [4] * len(r["tokens"])

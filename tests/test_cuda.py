@@ -51,7 +51,8 @@ def kl_and_top1(hi, lo):
 def test_bf16_logits_match_fp32(tmp_path, device):
     # both loaded as generate.py and eval.py load them (--dtype bfloat16): weights cast on load, RoPE tables in fp32
     ckpt = peaked_checkpoint(tmp_path / "ckpt")
-    fp32, bf16 = (generate.load_model(ckpt, None, [1], device, dtype) for dtype in (torch.float32, torch.bfloat16))
+    fp32, bf16 = (BalconyModel.from_checkpoint(ckpt, None, [1], device, dtype)
+                  for dtype in (torch.float32, torch.bfloat16))
     idx = torch.randint(0, 320, (2, 128), generator=torch.Generator().manual_seed(1)).to(device)
     with torch.no_grad():
         for exit in (1, 3, None):

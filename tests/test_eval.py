@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import eval as ev
+import tasks
 from balcony import BalconyModel
 from conftest import ROOT
 from model import Transformer
@@ -125,22 +126,22 @@ def test_prompts_follow_lm_eval(monkeypatch):
         "piqa": [dict(goal="Ready a cage?", sol1="Add bedding.", sol2="Add jeans.", label=0)],
         "boolq": [dict(passage="Ethanol is fuel.", question="is ethanol a fuel", answer=True)],
     }
-    monkeypatch.setattr(ev, "read_split", lambda root, name, *parts: rows[name])
-    assert ev.winogrande(None, 0) == [(["Sarah was a better surgeon than Maria so Sarah",
+    monkeypatch.setattr(tasks, "read_split", lambda root, name, *parts: rows[name])
+    assert tasks.winogrande(None, 0) == [(["Sarah was a better surgeon than Maria so Sarah",
                                         "Sarah was a better surgeon than Maria so Maria"],
                                        ["got the easier cases."] * 2, 1)]
-    assert ev.hellaswag(None, 0) == [(["Roof shingle removal: A man is on a roof. He"] * 2,
+    assert tasks.hellaswag(None, 0) == [(["Roof shingle removal: A man is on a roof. He"] * 2,
                                       ["is ripping tiles off.", "starts. pulling up roofing."], 1)]
-    assert ev.piqa(None, 0)[0][0] == ["Question: Ready a cage?\nAnswer:"] * 2
-    assert ev.boolq(None, 0) == [(["Ethanol is fuel.\nQuestion: is ethanol a fuel?\nAnswer:"] * 2, ["no", "yes"], 1)]
+    assert tasks.piqa(None, 0)[0][0] == ["Question: Ready a cage?\nAnswer:"] * 2
+    assert tasks.boolq(None, 0) == [(["Ethanol is fuel.\nQuestion: is ethanol a fuel?\nAnswer:"] * 2, ["no", "yes"], 1)]
 
 
 def test_mmlu_prompt(tmp_path, monkeypatch):
     (tmp_path / "hf_datasets" / "hails" / "mmlu_no_train" / "college_physics").mkdir(parents=True)
     dev = [dict(question=f"Q{i}? ", choices=["a", "b", "c", "d"], answer=i % 4) for i in range(6)]
     test = [dict(question="What?", choices=["w", "x", "y", "z"], answer=2)]
-    monkeypatch.setattr(ev, "read_split", lambda root, *parts: dev if parts[-1] == "dev" else test)
-    [(contexts, choices, gold)] = ev.mmlu(tmp_path, 2)
+    monkeypatch.setattr(tasks, "read_split", lambda root, *parts: dev if parts[-1] == "dev" else test)
+    [(contexts, choices, gold)] = tasks.mmlu(tmp_path, 2)
     assert contexts[0] == ("The following are multiple choice questions (with answers) about college physics.\n\n"
                            "Q0?\nA. a\nB. b\nC. c\nD. d\nAnswer: A\n\nQ1?\nA. a\nB. b\nC. c\nD. d\nAnswer: B\n\n"
                            "What?\nA. w\nB. x\nC. y\nD. z\nAnswer:")
@@ -291,12 +292,46 @@ def test_cascade_rows_end_to_end(tiny_ckpt, tmp_path, capsys):
     assert "| auto@0.8 |" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("spec", ["auto", "auto@", "auto@x", "auto@-1"])
+@pytest.mark.parametrize("spec", ["auto@", "auto@x", "auto@-1", "autox"])
 def test_bad_auto_exit(spec):
     with pytest.raises(ev.UsageError, match="auto@THRESHOLD"):
         ev.parse_args_lists(ev.get_parser().parse_args(["--exits", f"15,{spec}"]))
 
 
 def test_auto_exit_parsing():
-    args = ev.get_parser().parse_args(["--exits", "15,full,auto@0.9,auto@.5", "--tasks", "chat"])
-    assert ev.parse_args_lists(args)[1] == [15, None, ev.Auto(0.9), ev.Auto(0.5)]
+    args = ev.get_parser().parse_args(["--exits", "15,full,auto@0.9,auto@.5,auto", "--tasks", "chat"])
+    assert ev.parse_args_lists(args)[1] == [15, None, ev.Auto(0.9), ev.Auto(0.5), ev.Auto(0.9)]  # auto: the default 0.9
+
+
+@pytest.mark.parametrize("argv, message", [(["--batch-size", "0"], "--batch-size must be at least 1, not 0"),
+                                           (["--block-size", "0"], "--block-size must be at least 1, not 0"),
+                                           (["--block-size", "-1"], "--block-size must be at least 1, not -1")])
+def test_sizes_below_one_are_refused(argv, message):
+    # --block-size -1 used to report ppl 1.0; --batch-size 0 and --block-size 0 failed inside
+    with pytest.raises(ev.UsageError, match=message):
+        ev.parse_args_lists(ev.get_parser().parse_args(["--tasks", "ppl", *argv]))
+
+
+def test_ppl_default_data_is_what_it_says(setup, tiny_ckpt, tmp_path, monkeypatch):
+    """Without --data, ppl scores train.py's default data (data/chat's held-out chats), and its label says so."""
+    import data
+
+    bm, tok = setup
+    chat = tmp_path / "chat"
+    chat.mkdir()
+    chats = [[{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": "An answer. " * 8}]
+             for i in range(4)]
+    for split in ("train", "val"):
+        (chat / f"{split}.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in chats))
+    (chat / "meta.json").write_text("{}")
+    real = data.load_tokens
+    monkeypatch.setattr(data, "CHAT", chat)
+    monkeypatch.setattr(ev, "CHAT", chat)
+    monkeypatch.setattr(data, "load_tokens", lambda d, t, split: real(d, t, split, cache_dir=tmp_path / "tokens"))
+    out = tmp_path / "eval.json"
+    ev.main(ev.get_parser().parse_args(["--checkpoint", str(tiny_ckpt), "--exits", "full", "--tasks", "ppl",
+                                        "--block-size", "16", "--json", str(out)]))
+    res = json.loads(out.read_text())["results"]["ppl"]
+    val = [t for m in chats for t in tok.encode_chat(m, add_generation_prompt=False)]
+    assert res["data"].startswith(str(chat)) and res["n"] == (len(val) - 1) // 16 * 16
+    assert "Shakespeare" not in ev.get_parser().format_help()

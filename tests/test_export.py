@@ -14,7 +14,6 @@ from cli import UsageError
 from conftest import ROOT, make_tiny_checkpoint
 from convert_hf import convert
 from export import export
-from generate import load_model
 from model import ModelArgs, Transformer
 
 EXIT = 2  # of the tiny model's 4 layers
@@ -50,7 +49,7 @@ def built(tmp_path_factory):
     def get(name):
         if name not in cache:
             ckpt = balcony_ckpt(tmp_path_factory.mktemp(name) / "ckpt", **CASES[name])
-            cache[name] = ckpt, load_model(ckpt, None, (EXIT,))
+            cache[name] = ckpt, BalconyModel.from_checkpoint(ckpt, None, [EXIT])
         return cache[name]
     return get
 
