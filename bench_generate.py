@@ -33,9 +33,10 @@ QUESTIONS = [PROMPT, "What is the capital of France?", "Write a haiku about balc
              "Why do cats purr?", "Summarise the plot of Hamlet in two sentences.", "What is 17 times 23?",
              "Describe a sunrise over the sea to someone who has never seen one, in the style of a weather report."]
 TABLES = ["hf", "batch", "mixed", "exits", "speculative", "precision"]
-# --tables precision: column -> (model dtype: residual stream, norms, attention, KV cache; weights)
-PRECISIONS = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"), "int8": ("bfloat16", "int8"),
-              "int4, fp32 residual": ("float32", "int4"), "int4": ("bfloat16", "int4")}
+# --tables precision: column -> (model dtype: residual stream, norms, attention, KV cache; weights; head)
+PRECISIONS = {"fp32": ("float32", "none", "none"), "bf16": ("bfloat16", "none", "none"),
+              "int8": ("bfloat16", "int8", "int8"), "int4, fp32 residual and head": ("float32", "int4", "none"),
+              "int4": ("bfloat16", "int4", "int8")}
 
 
 def transformers_model(model, tok):
@@ -150,9 +151,9 @@ def table_precision(tok, chat, prompt_ids, args):
     Then how far each of ours gets of its ideal speedup, and --precision-batch-sizes throughput."""
     from bench_export import llama_cpp_greedy
     models = {}
-    for label, (dtype, q) in PRECISIONS.items():
+    for label, (dtype, q, head) in PRECISIONS.items():
         models[label] = BalconyModel.from_checkpoint(args.checkpoint, args.balcony, args.device, DTYPES[dtype])
-        quantize_checkpoint(models[label], args.checkpoint, q, args.group_size, args.quantize_head)
+        quantize_checkpoint(models[label], args.checkpoint, q, args.group_size, head)
     fp32 = models["fp32"]
     exits, n = [*fp32.exit_layers, None], args.max_new_tokens
     runs = {}  # key -> a function that decodes once and returns tokens/s
@@ -195,7 +196,7 @@ def table_precision(tok, chat, prompt_ids, args):
     name = lambda e: f"{fp32.n_layers} (full)" if e is None else str(e)
     cell = lambda k: f"{rate[k]:.1f}" if k in rate else "-"
     print(f"\nBatch 1, {len(prompt_ids)}-token chat prompt, {n} greedy tokens: decode tokens/s, median of {args.reps} "
-          f"rounds (int4: group {args.group_size}, head {args.quantize_head}; llama.cpp: "
+          f"rounds (int4: group {args.group_size}; int4 and int8: int8 head; llama.cpp: "
           f"{'GGUFs of the same exits' if llama_cpp else 'llama-cpp-python is not installed, its columns are absent'})")
     q41 = "llama.cpp Q4_1"
     print("| exit | " + " | ".join(engines) + " | int4 / fp32 | int4 / llama.cpp Q4_1 |\n|---|" +

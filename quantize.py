@@ -19,10 +19,10 @@ those blocks, so the model decodes with the file's own weights (up to bf16 scale
 other weight (the balconies, a tensor of another GGUF type, another group size) is quantised from its float weights
 with min-max groups, as gpt-fast does.
 
-The head (tied to the embedding, Q8_0 in the default GGUF) is quantised as `head` says: int4, int8 or bfloat16.
+The head (tied to the embedding, Q8_0 in the default GGUF) is quantised as `head` says: int4, int8 or bfloat16, or
+kept as loaded ("none", the default: int8 and bf16 heads give bf16 logits, which flip near-ties; docs/quantization.md).
 """
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -170,11 +170,11 @@ def read_blocks(ckpt_dir) -> dict:
 
 # ----------------------------------------------------------------------------- the transform
 
-def check_args(mode: str, group_size: int, head: Optional[str] = None):
+def check_args(mode: str, group_size: int, head: str = "none"):
     # quantize() is also called from Python, not only through add_quantize_args' choices
     if mode not in MODES:
         raise UsageError(f"--quantize must be one of {', '.join(MODES)}, not {mode!r}")
-    if head is not None and head not in HEADS:
+    if head not in HEADS:
         raise UsageError(f"--quantize-head must be one of {', '.join(HEADS)}, not {head!r}")
     if mode == "int4" and group_size not in GROUP_SIZES:
         raise UsageError(f"--group-size {group_size} is not one the int4 kernels take ({GROUP_SIZES})")
@@ -193,13 +193,12 @@ def quantized_linear(w: torch.Tensor, mode: str, group_size: int, blocks=None) -
     return WeightOnlyInt4Linear(*(blocks or group_quantize(w.detach(), group_size)), group_size, device=w.device)
 
 
-def quantize(model: nn.Module, mode: str, group_size: int = 32, head: Optional[str] = None, blocks=None,
+def quantize(model: nn.Module, mode: str, group_size: int = 32, head: str = "none", blocks=None,
              head_name: str = "output") -> nn.Module:
     """Swap every nn.Linear of `model` (a Transformer or BalconyModel, in place) for its `mode` form; `head_name`'s
-    linear (the LM head) for its `head` form (default: `mode`). blocks: {weight name, relative to `model` with the
+    linear (the LM head) for its `head` form ("none": left as it is). blocks: {weight name, relative to `model` with the
     prefix "model." dropped, as in our checkpoints: (codes, scales, zeros)} from read_blocks, used for int4 at
     group 32. Load trained exits before this (their fingerprint reads the float weights)."""
-    head = head or mode
     check_args(mode, group_size, head)
     blocks = (blocks or {}) if mode == "int4" and group_size == GGUF_BLOCK else {}
     for name, m in list(model.named_modules()):
@@ -215,8 +214,7 @@ def quantize(model: nn.Module, mode: str, group_size: int = 32, head: Optional[s
     return model
 
 
-def quantize_checkpoint(model: nn.Module, ckpt_dir, mode: str = "none", group_size: int = 32,
-                        head: Optional[str] = None):
+def quantize_checkpoint(model: nn.Module, ckpt_dir, mode: str = "none", group_size: int = 32, head: str = "none"):
     """quantize() with the checkpoint's GGUF blocks (model.q4.safetensors) where it has them, after checking that they
     are the blocks of the float weights loaded (a retrained or re-converted model.safetensors makes them stale)."""
     if mode == "none":
