@@ -133,18 +133,24 @@ def table(rows: dict, limit: int) -> str:
     return "\n".join(lines)
 
 
-def main(args):
+def open_grid(args, known: dict, budget_keys) -> tuple:
+    """The --runs list (each one of `known`) and the --out folder, stamped with the budget (the args named by
+    budget_keys): a folder holding runs of another budget is refused, so reruns only ever continue a grid."""
     runs = [r for r in args.runs.split(",") if r]
-    unknown = [r for r in runs if r not in RUNS]
+    unknown = [r for r in runs if r not in known]
     if unknown or not runs:
-        raise UsageError(f"unknown run(s) {unknown or args.runs!r}; known: {', '.join(RUNS)}")
+        raise UsageError(f"unknown run(s) {unknown or args.runs!r}; known: {', '.join(known)}")
     out = Path(args.out)
-    budget = json.loads(json.dumps({k: getattr(args, k) for k in ("checkpoint", "exit_layers", "max_steps", "seq_len",
-                                                                  "batch_size", "data")}, default=str))
+    budget = json.loads(json.dumps({k: getattr(args, k) for k in budget_keys}, default=str))
     if (out / "budget.json").is_file() and json.loads((out / "budget.json").read_text()) != budget:
         raise UsageError(f"{out} holds runs trained with {(out / 'budget.json').read_text()}; use another --out")
     out.mkdir(parents=True, exist_ok=True)
     (out / "budget.json").write_text(json.dumps(budget))
+    return runs, out
+
+
+def main(args):
+    runs, out = open_grid(args, RUNS, ("checkpoint", "exit_layers", "max_steps", "seq_len", "batch_size", "data"))
     for name in runs:
         if not run_paths(name, args, out)[1].is_file():
             code = train_run(name, args, out)

@@ -51,6 +51,19 @@ class MLPOnly(nn.Module):
 KINDS = {"block": TransformerBlock, "mlp": MLPOnly, "attn": AttentionOnly}
 
 
+class SharedNormExit(nn.Module):
+    """train.py --balcony none: an exit with no layer of its own, Sorted's (SortedLLaMA) and LayerSkip's: the layer-k
+    hidden state through the base model's final norm, then the shared head. The norm is the model's, held in a
+    tuple so that it is neither registered twice nor saved with the exits: such an exit has no weights."""
+
+    def __init__(self, norm: RMSNorm):
+        super().__init__()
+        self.shared = (norm,)
+
+    def forward(self, x, cos, sin, input_pos=None):
+        return self.shared[0](x)
+
+
 class BalconyExit(nn.Module):
     """Eq. 1: X'_j = f_b(X_j, W'_j), a decoder block (or, to ablate, half of one) followed by an RMSNorm."""
 
@@ -100,10 +113,11 @@ class FusedDistillationKL(torch.autograd.Function):
             for s in range(0, h_full.size(0), chunk_size):
                 logp = F.linear(h_full[s:s + chunk_size].to(weight.dtype), weight).to(acc).log_softmax(-1)  # (c, V)
                 p = logp.exp()
-                neg_entropy = torch.dot(p.view(-1), logp.view(-1))  # sum p log p
                 for j, h in enumerate(h_exits):
                     logq = F.linear(h[s:s + chunk_size].to(weight.dtype), weight).to(acc).log_softmax(-1)
-                    kl[j] += neg_entropy - torch.dot(p.view(-1), logq.view(-1))  # sum p (log p - log q)
+                    # one dot product with the difference: sum p log p - sum p log q would subtract two sums of
+                    # about entropy x tokens each, and lose the digits of a small KL
+                    kl[j] += torch.dot(p.view(-1), (logp - logq).view(-1))  # sum p (log p - log q)
                     if need_grad:
                         dz = logq.exp_().sub_(p)  # q - p, in place
                         grads[j].view(-1, D)[s:s + chunk_size] = dz.to(weight.dtype) @ weight  # (c, D)
@@ -165,9 +179,9 @@ def heldout_metrics(output: nn.Linear, batches, chunk_size: int = 1024, teacher_
 
 
 class BalconyModel(nn.Module):
-    """A base model with balconies of one `kind` (KINDS) at exit_layers. The backbone is frozen unless
-    train_backbone: section 4.3's "unfrozen" ablation, where the backbone trains with the exits on the same loss, so
-    full depth is no longer the original model."""
+    """A base model with balconies of one `kind` (KINDS, or "none": SharedNormExit) at exit_layers. The backbone is
+    frozen unless train_backbone: section 4.3's "unfrozen" ablation, where the backbone trains with the exits on the
+    same loss, so full depth is no longer the original model."""
 
     def __init__(self, model: Transformer, exit_layers, init: str = "last", kind: str = "block",
                  train_backbone: bool = False):
@@ -181,8 +195,8 @@ class BalconyModel(nn.Module):
             raise UsageError(f"exit layer(s) {bad} outside 1..{n - 1} (the model has {n} layers)")
         if init not in ("last", "random"):
             raise UsageError(f"init must be 'last' or 'random', not {init!r}")
-        if kind not in KINDS:
-            raise UsageError(f"balcony kind must be one of {', '.join(KINDS)}, not {kind!r}")
+        if kind not in KINDS and kind != "none":
+            raise UsageError(f"balcony kind must be one of {', '.join(KINDS)} or none, not {kind!r}")
         self.kind, self.train_backbone = kind, train_backbone
         self.model = model.requires_grad_(False)  # the paper: the backbone and the shared head stay frozen
         self.exit_layers = sorted(exit_layers)
@@ -190,11 +204,12 @@ class BalconyModel(nn.Module):
             # norm get no gradient and stay as they are
             for m in [model.tok_embeddings, model.output, *model.layers[:max(self.exit_layers, default=0)]]:
                 m.requires_grad_(True)
-        self.exits = nn.ModuleDict({str(k): BalconyExit(model.args, kind) for k in self.exit_layers})
+        self.exits = nn.ModuleDict({str(k): SharedNormExit(model.norm) if kind == "none" else
+                                    BalconyExit(model.args, kind) for k in self.exit_layers})
         w = model.tok_embeddings.weight
         self.exits.to(device=w.device, dtype=w.dtype)
         last = model.layers[-1].state_dict()
-        for ex in self.exits.values():
+        for ex in self.exits.values() if kind != "none" else ():
             if init == "last":
                 # Section 3: start from the last decoder layer, already aligned with the LM head, and its final norm;
                 # a half block takes that layer's matching half. (The authors' code copies layers[k].input_layernorm
@@ -227,7 +242,7 @@ class BalconyModel(nn.Module):
         exits = [self._check_exit(e) for e in exits]
         self.model.setup_caches(max_batch_size, max_seq_len, n_layers=max(e or self.n_layers for e in exits))
         for e in exits:
-            if e is not None and self.kind != "mlp":  # an MLP-only balcony has no attention, nothing to cache
+            if e is not None and self.kind not in ("mlp", "none"):  # no attention in the exit, nothing to cache
                 att = self.exits[str(e)].layer.attention
                 att.kv_cache = ensure_cache(att.kv_cache, self.model.args, max_batch_size, max_seq_len,
                                             self.model.tok_embeddings.weight)
@@ -270,6 +285,16 @@ class BalconyModel(nn.Module):
         with torch.no_grad():
             h_full = self.model.norm(self.run_layers(x, prev, self.n_layers))
         return h_full, taps
+
+    def forward_submodels(self, idx):
+        """Every submodel's normalised final hidden states (B, T, D), each exit in exit_layers order then full depth,
+        from one backbone pass with autograd all the way: the pass of section 4.3's pretraining from scratch and of
+        Sorted fine-tuning, where every weight trains on every submodel's loss."""
+        x, prev, hs = self.model.tok_embeddings(idx), 0, []
+        for k in self.exit_layers:
+            x, prev = self.run_layers(x, prev, k), k
+            hs.append(self.exit_hidden(k, x))
+        return hs + [self.model.norm(self.run_layers(x, prev, self.n_layers))]
 
     def forward_train(self, idx):
         """One backbone pass for training and evaluation: the full model's final hidden states (normalised, before

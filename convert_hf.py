@@ -114,10 +114,7 @@ def convert_hf(src: Path):
     config = src / "config.json"
     if not config.is_file():
         raise UsageError(f"{config} not found; SRC must be a Hugging Face model folder or a .gguf file")
-    try:
-        args = ModelArgs.from_hf_config(json.loads(config.read_text()))
-    except (KeyError, json.JSONDecodeError) as e:
-        raise UsageError(f"{config} is not a LLaMA config ({e!r})") from None
+    args = ModelArgs.from_hf_config(config)
 
     def tensors():
         for name, t in hf_tensors(src):

@@ -89,7 +89,7 @@ def read_chunks(path: Path):
     the lines of a JSONL file (blank ones too, so numbers are line numbers), or a table's rows as dicts."""
     kind = file_kind(path)
     if kind == "txt":
-        yield 1, [path.read_text(encoding="utf-8", errors="replace")]
+        yield 1, [path.read_text(encoding="utf-8-sig", errors="replace")]  # -sig: a byte order mark is not text
     elif kind == "jsonl":
         with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb") as f:
             for start in itertools.count(1, CHUNK_DOCS):
@@ -157,7 +157,9 @@ def document(row):
 def encode_document(tokenizer, doc) -> list:
     if isinstance(doc, str):
         return tokenizer.encode(doc, bos=tokenizer.add_bos, eos=True)
-    return tokenizer.encode_chat(doc, add_generation_prompt=False)  # ends with the template's end-of-turn token
+    # ends with the template's end-of-turn token; today=False: a template's date (Llama-3.2 writes today's) is its
+    # fixed one, so the tokens, the cache key and train.py --resume's check stay the same from day to day
+    return tokenizer.encode_chat(doc, add_generation_prompt=False, today=False)
 
 
 def held_out(doc, fraction: float) -> bool:
@@ -217,7 +219,7 @@ def imap_ordered(fn, tasks, num_proc: int, initargs):
 
 def cache_key(tokenizer, patterns: list, fraction: float, stats: list) -> str:
     try:
-        chat = tokenizer.encode_chat([{"role": "user", "content": PROBE}], add_generation_prompt=False)
+        chat = encode_document(tokenizer, [{"role": "user", "content": PROBE}])
     except UsageError:  # no chat format: a chat document would be refused anyway
         chat = None
     probe = [tokenizer.encode(PROBE, bos=True, eos=True), chat, tokenizer.add_bos]
@@ -237,6 +239,11 @@ def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
+def is_val_file(f: Path, val_files: str) -> bool:
+    """Whether a file is held out: its name or path matches one of the comma-separated patterns of val_files."""
+    return any(fnmatch.fnmatch(f.name, p) or fnmatch.fnmatch(str(f), p) for p in val_files.split(",") if p)
+
+
 def tokenize_corpus(files, tokenizer, val_files=VAL_FILES, cache_dir=CACHE_DIR, val_fraction=0.0, num_proc=None,
                     wait=False) -> Path:
     """Tokenise every document once into <cache_dir>/<key>/tokens.bin: the training documents, then the held-out
@@ -251,7 +258,7 @@ def tokenize_corpus(files, tokenizer, val_files=VAL_FILES, cache_dir=CACHE_DIR, 
     if (folder / "meta.json").exists():
         return folder
     dtype = np.uint16 if tokenizer.vocab_size <= 2 ** 16 else np.uint32
-    val = [any(fnmatch.fnmatch(f.name, p) or fnmatch.fnmatch(str(f), p) for p in patterns) for f in files]
+    val = [is_val_file(f, val_files) for f in files]
     tasks = ((str(f), v, start, items) for f, v in zip(files, val) for start, items in read_chunks(f))
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp", dir=folder.parent))

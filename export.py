@@ -36,20 +36,17 @@ def exit_as_llama(bm, exit):
     sd = base.checkpoint_state_dict()  # a tied head is the embedding, not stored twice
     if bm._check_exit(exit) is None:
         return base.args, sd
+    sd = {k: v for k, v in sd.items() if not (k.startswith("layers.") and int(k.split(".")[1]) >= exit)}
+    if bm.kind == "none":  # Sorted's exit (train.py --balcony none): layers 1..exit, the final norm and the head
+        return replace(base.args, n_layers=exit), sd
     if bm.kind != "block":
         raise UsageError(f"exit {exit} is a {bm.kind!r} balcony (train.py --balcony {bm.kind}), not a decoder block: "
                          f"a plain Llama cannot hold it; export full depth or a block balcony")
     args = replace(base.args, n_layers=exit + 1)
-    sd = {k: v for k, v in sd.items() if not (k.startswith("layers.") and int(k.split(".")[1]) >= exit)}
     ex = bm.exits[str(exit)]
     sd.update({f"layers.{exit}.{k}": v for k, v in ex.layer.state_dict().items()})  # the balcony is layer k + 1
     sd["norm.weight"] = ex.norm.weight  # and its norm the final norm
-    shapes = expected_shapes(args)
-    for name in sorted(set(shapes) - set(sd)):
-        # a half-block balcony (attention-only, MLP-only): a Llama block whose other half is zero and so adds
-        # nothing to the residual (w2 = 0, wo = 0), exactly; its norm is ones, as it does not matter
-        sd[name] = (torch.ones if name.endswith("norm.weight") else torch.zeros)(shapes[name], dtype=ex.norm.weight.dtype)
-    assert set(sd) == set(shapes)
+    assert set(sd) == set(expected_shapes(args))
     return args, sd
 
 
@@ -215,7 +212,7 @@ def main(args):
     check_out(args.out, args.format, args.dtype, args.force)  # before loading anything
     bm = BalconyModel.from_checkpoint(args.checkpoint, args.balcony, [exit])  # float32: every --dtype is cast from it
     out = export(bm, exit, args.checkpoint, args.out, args.format, args.dtype, args.force)
-    n = bm.n_layers if exit in (None, bm.n_layers) else exit + 1
+    n = bm.n_layers if exit in (None, bm.n_layers) else exit + (bm.kind != "none")  # a balcony is one more layer
     print(f"wrote {out} ({args.format}, {n} layers, {args.dtype})", file=sys.stderr)
 
 

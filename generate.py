@@ -135,7 +135,7 @@ def compact_caches(model: BalconyModel, depths: list, keep: list):
     keep = torch.tensor(keep)
     groups = [(model.model.layers[j].attention, 0, sum(d > j for d in depths)) for j in range(max(depths))]
     groups += [(model.exits[str(d)].layer.attention, depths.index(d), depths.count(d))
-               for d in set(depths) if d < model.n_layers and model.kind != "mlp"]  # MLP-only: no cache
+               for d in set(depths) if d < model.n_layers and model.kind not in ("mlp", "none")]  # no attention
     for att, start, n in groups:
         rows = keep[(keep >= start) & (keep < start + n)] - start
         if torch.equal(rows, torch.arange(len(rows))):
@@ -385,7 +385,7 @@ def read_prompts(path, default_exit: Optional[int]) -> list:
     if not path.is_file():
         raise UsageError(f"--prompts {path} not found")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a byte order mark is not text
     except UnicodeDecodeError as e:
         raise UsageError(f"--prompts {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     items = []

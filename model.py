@@ -52,11 +52,15 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, config) -> "ModelArgs":
-        """From a Hugging Face LlamaConfig: a dict, or the path of a config.json."""
+        """From a Hugging Face LlamaConfig: a dict, or the path of a config.json. The optional keys default to
+        LlamaConfig's own defaults; the sizes have none."""
+        where = "config.json" if isinstance(config, dict) else config
         if not isinstance(config, dict):
-            config = json.loads(Path(config).read_text())
+            config = read_json(config)
         if config.get("model_type", "llama") != "llama":
             raise UsageError(f"model_type {config['model_type']!r} is not supported; only 'llama' is")
+        require(config, ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                         "intermediate_size"), where)
         # transformers >= 5 writes rope_theta and the scaling inside one rope_parameters dict
         rope = config.get("rope_parameters") or {}
         scaling = config.get("rope_scaling") or rope or None
@@ -67,8 +71,9 @@ class ModelArgs:
             elif kind != "llama3":
                 raise UsageError(f"rope_scaling type {kind!r} is not supported; only 'llama3' is")
             else:
-                scaling = {k: scaling[k] for k in
-                           ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+                keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+                require(scaling, keys, f"{where}: rope_scaling")
+                scaling = {k: scaling[k] for k in keys}
         return cls(
             dim=config["hidden_size"],
             n_layers=config["num_hidden_layers"],
@@ -86,14 +91,34 @@ class ModelArgs:
 
     @classmethod
     def from_json(cls, path) -> "ModelArgs":
-        d = json.loads(Path(path).read_text())
+        """From the config.json of a converted checkpoint (to_json's, every field): a missing field is refused, as
+        its default (Llama-2-7B's) would be a guess."""
+        d = read_json(path)
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise UsageError(f"{path}: unknown ModelArgs fields {sorted(unknown)}; is this a converted checkpoint?")
+        require(d, [f.name for f in fields(cls)], path)
         return cls(**d)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
+
+
+def read_json(path) -> dict:
+    """A config file's JSON object; a missing, truncated or non-UTF-8 file is one UsageError line."""
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: bad JSON (JSONDecodeError) or bad UTF-8 (UnicodeDecodeError)
+        raise UsageError(f"{path} is not a readable JSON file ({e}); is it complete?") from None
+    if not isinstance(d, dict):
+        raise UsageError(f"{path} holds no JSON object")
+    return d
+
+
+def require(config: dict, keys, where):
+    missing = [k for k in keys if k not in config]
+    if missing:
+        raise UsageError(f"{where} misses {missing}; is the file complete?")
 
 
 _LLAMA3_SCALING = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)

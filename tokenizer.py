@@ -176,9 +176,10 @@ class Tokenizer:
         ids = [i for i in ids if i in self.known]
         return self.sp.decode(ids) if self.sp is not None else self.tt.decode(ids)
 
-    def apply_chat_template(self, messages: list, add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list, add_generation_prompt: bool = True, today: bool = True) -> str:
         """The prompt text for a list of {"role", "content"} messages; encode it with encode_chat or
-        encode(text, allowed_special="all")."""
+        encode(text, allowed_special="all"). today=False: a template that writes today's date (Llama-3.2's) writes
+        its fixed one instead, the date it renders without a clock, so training text does not change with the day."""
         if "<|im_start|>" in self.special and "<|im_end|>" in self.special:  # ChatML: SmolLM2, Qwen
             # SmolLM2's template adds a default system prompt when the chat has none; take it from the template
             default = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", self.chat_template or "", re.S)
@@ -196,11 +197,15 @@ class Tokenizer:
                 system = ""
                 if messages and messages[0]["role"] == "system":
                     system, messages = messages[0]["content"].strip(), messages[1:]
-                date = re.search(r'strftime_now\("(.*?)"\)|set date_string = "(.*?)"', template)  # 3.2's comes first
-                if date is None:
+                clock = re.search(r'strftime_now\("(.*?)"\)', template)
+                fixed = re.search(r'set date_string = "(.*?)"', template)
+                if clock and (today or not fixed):  # a template with a clock and no fixed date: today's, always
+                    date = datetime.now().strftime(clock.group(1))
+                elif fixed:
+                    date = fixed.group(1)
+                else:
                     raise UsageError("the chat template has a Cutting Knowledge Date line but no date; it is not "
                                      "Llama-3.1/3.2's template, prompt with plain text")
-                date = datetime.now().strftime(date.group(1)) if date.group(1) else date.group(2)
                 text += (f"<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: {cutoff.group(1)}\n"
                          f"Today Date: {date}\n\n{system}<|eot_id|>")
             text += "".join(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
@@ -209,5 +214,5 @@ class Tokenizer:
         raise UsageError("this tokenizer has no chat format (no ChatML <|im_start|> or Llama-3 <|start_header_id|> "
                          "tokens); prompt it with plain text")
 
-    def encode_chat(self, messages: list, add_generation_prompt: bool = True) -> list:
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt), allowed_special="all")
+    def encode_chat(self, messages: list, add_generation_prompt: bool = True, today: bool = True) -> list:
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, today), allowed_special="all")

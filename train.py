@@ -10,6 +10,16 @@ then cosine, clipping, periodic validation) cut into functions. data.py tokenise
 
 Section 4.3's ablations are flags: --init random, --balcony mlp|attn, --loss kl+ce --kl-weight 0.001 --ce-weight 1,
 --train-backbone (writes a whole checkpoint folder). ablate.py runs them side by side (the paper's Figure 5).
+
+Table 4's two other modes train every weight on the mean next-token cross-entropy over all submodels (each exit and
+full depth; --loss ce, no self-distillation) and write a whole checkpoint folder with its exits:
+
+    python train.py --from-scratch tiny-16 --exit-layers 4,8,12 --out out/balcony-16   # a new model + balconies
+    python train.py --from-scratch tiny-16 --exit-layers 4,8,12 --balcony none --out out/sorted-16   # Sorted
+    python train.py --checkpoint out/plain-16 --exit-layers 4,8,12 --balcony none --train-backbone --out out/sft
+                                                                                    # Sorted fine-tuning
+--balcony none is an exit with no layer (the layer-k state through the final norm and the shared head: SortedLLaMA's
+and LayerSkip's exit). pretrain_table.py runs Table 4.
 """
 import argparse
 import contextlib
@@ -36,7 +46,7 @@ from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, add_quantize_args, atomi
 from convert_hf import TOKENIZER_FILES
 from data import (add_data_args, data_files, get_batch, iter_batches, n_windows, open_tokens, step_windows,
                   tokenize_corpus)
-from model import Transformer
+from model import ModelArgs, Transformer
 from quantize import quantize_checkpoint
 from tokenizer import Tokenizer
 
@@ -44,6 +54,15 @@ from tokenizer import Tokenizer
 # ------------------------------------------------------------------------------------------------------- objective
 def _ce_chunk(weight, h, y):
     return F.cross_entropy(F.linear(h, weight).float(), y, reduction="sum")
+
+
+def chunked_ce(weight, hs, y, chunk_size: int):
+    """Next-token cross-entropy of each normalised hidden state in hs ((B, T, D) each) against targets y (B, T),
+    summed over tokens: (len(hs),). Chunks of tokens are recomputed in backward, so no logits tensor larger than
+    (chunk_size, vocab) is kept for it."""
+    y, c = y.reshape(-1), chunk_size
+    return torch.stack([sum(checkpoint(_ce_chunk, weight, h.reshape(len(y), -1)[s:s + c], y[s:s + c],
+                                       use_reentrant=False) for s in range(0, len(y), c)) for h in hs])
 
 
 class ExitLoss(nn.Module):
@@ -65,10 +84,24 @@ class ExitLoss(nn.Module):
         loss = self.kl_weight * kl.sum()
         if not self.ce_weight:
             return loss, kl.detach(), None
-        w, y, c = self.bm.model.output.weight, y.reshape(-1), self.chunk_size
-        ce = torch.stack([sum(checkpoint(_ce_chunk, w, h.reshape(len(y), -1)[s:s + c], y[s:s + c], use_reentrant=False)
-                              for s in range(0, len(y), c)) for h in h_exits]) / x.numel()  # chunked like the KL
+        ce = chunked_ce(self.bm.model.output.weight, h_exits, y, self.chunk_size) / x.numel()  # chunked like the KL
         return loss + self.ce_weight * ce.sum(), kl.detach(), ce.detach()
+
+
+class SubmodelLoss(nn.Module):
+    """--loss ce, Table 4's objective where every weight trains (--from-scratch; Sorted fine-tuning with --balcony
+    none --train-backbone): the mean next-token cross-entropy over all submodels, each exit and full depth. "Since we
+    are training from scratch, we omit self-distillation" (section 4.3). Returns the loss, no KL, and the per-submodel
+    CE (exits, then full depth) for the log."""
+
+    def __init__(self, bm: BalconyModel, chunk_size: int):
+        super().__init__()
+        self.bm, self.chunk_size = bm, chunk_size
+
+    def forward(self, x, y):
+        hs = self.bm.forward_submodels(x)  # [(B, T, D)] * (n_exits + 1)
+        ce = chunked_ce(self.bm.model.output.weight, hs, y, self.chunk_size) / x.numel()  # (n_exits + 1,)
+        return ce.mean(), None, ce.detach()
 
 
 def baseline_states(bm: BalconyModel, x):
@@ -105,12 +138,78 @@ def get_lr(step: int, max_lr: float, warmup_steps: int, max_steps: int) -> float
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
 
 
+# ------------------------------------------------------------------------------------ Table 4: from scratch
+# Shapes for --from-scratch. A training-only table, not model.py's PRESETS (the shapes of released checkpoints, each
+# with its own vocabulary): a new model takes its vocabulary from the tokenizer it is trained with (--tokenizer).
+SCRATCH_PRESETS = {
+    # two CPU cores: the paper's 16 layers (exits 4, 8, 12), narrow enough to learn the Shakespeare plays in minutes
+    "tiny-16": dict(dim=96, n_layers=16, n_heads=4, n_kv_heads=2, hidden_dim=256, max_seq_len=512,
+                    tie_embeddings=True),
+    # the paper's LLM-1B (section 4.1): LLaMA-3.2-1B's shape, pretrained at 2048 tokens, for a GPU
+    "llm-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192, rope_theta=500000.0,
+                   max_seq_len=2048, tie_embeddings=True),
+}
+
+
+def scratch_model(preset: str, vocab_size: int) -> Transformer:
+    """A randomly initialised model of a SCRATCH_PRESETS shape (seed first), in fp32: every weight trains."""
+    return Transformer(ModelArgs(**SCRATCH_PRESETS[preset], vocab_size=vocab_size))
+
+
+def resolve_mode(args) -> list:
+    """The exit layers, after filling in the defaults that depend on the mode (--loss: ce when every weight trains
+    on every submodel, else Eq. 2's kl; --init: random from scratch, else the last layer) and refusing, in one line
+    each, the combinations that mean nothing."""
+    scratch, none = args.from_scratch is not None, args.balcony == "none"
+    if scratch and args.from_scratch not in SCRATCH_PRESETS:
+        raise UsageError(f"unknown --from-scratch preset {args.from_scratch!r}; known: {', '.join(SCRATCH_PRESETS)}")
+    if scratch and args.train_backbone:
+        raise UsageError("--from-scratch already trains every weight; drop --train-backbone")
+    if scratch and args.fsdp:
+        raise UsageError("--fsdp shards a frozen backbone; --from-scratch trains every weight: use plain torchrun")
+    if args.tokenizer and not scratch:
+        raise UsageError("--tokenizer chooses a new model's vocabulary (--from-scratch); a checkpoint keeps its own")
+    if none and not (scratch or args.train_backbone):
+        raise UsageError("--balcony none adds no layer, so on a frozen backbone nothing would train (its exits are "
+                         "the 'no balcony' row train.py prints); add --train-backbone (Sorted fine-tuning) or "
+                         "--from-scratch PRESET (Sorted pretraining)")
+    args.loss = args.loss or ("ce" if scratch or none else "kl")
+    if args.loss == "ce" and not (scratch or args.train_backbone):
+        raise UsageError("--loss ce (the mean CE over submodels) trains every weight: add --train-backbone or "
+                         "--from-scratch; for CE on frozen balconies use --loss kl+ce --kl-weight 0")
+    if scratch and args.loss != "ce":
+        raise UsageError(f"--from-scratch has no trained full model to distil from: it trains on the mean CE over "
+                         f"submodels (section 4.3), not --loss {args.loss}; drop --loss")
+    if args.loss == "kl" and args.kl_weight == 0:
+        raise UsageError("--kl-weight 0 with --loss kl leaves nothing to train")
+    args.init = args.init or ("random" if scratch else "last")
+    if scratch and args.init == "last":
+        raise UsageError("--from-scratch balconies start random, as the backbone does (section 4.3); drop --init last")
+    if args.exit_layers == "none":  # full depth alone: plain pretraining, or (--train-backbone) more of it
+        if args.loss != "ce":
+            raise UsageError("--exit-layers none leaves no exit to train; with --from-scratch (or --train-backbone "
+                             "--loss ce) it is plain (continued) pretraining")
+        return []
+    try:
+        return [int(k) for k in args.exit_layers.split(",")]
+    except ValueError:
+        raise UsageError(f"--exit-layers {args.exit_layers!r} is not a comma-separated list of layers") from None
+
+
+def submodel_table(exit_layers, metrics) -> str:
+    """--from-scratch's result: held-out perplexity of each submodel and its top-1 agreement with full depth."""
+    names = [*map(str, exit_layers), "full"]
+    rows = ["| submodel | perplexity | top-1 agreement with full depth |", "|---|---|---|"]
+    rows += [f"| {k} | {metrics[2][j]:.1f} | {metrics[1][j]:.1%} |" for j, k in enumerate(names)]
+    return "\n".join(rows)
+
+
 # ---------------------------------------------------------------------------------------------- training state
 def run_config(args, global_batch: int, data_key: str) -> dict:
     """What a resumed run must share with the saved one to continue exactly (the data position is the step).
     --max-steps may grow: the learning rate then follows the new schedule from the resumed step on."""
     keys = ("seq_len", "lr", "warmup_steps", "weight_decay", "grad_clip", "init", "balcony", "loss", "kl_weight",
-            "ce_weight", "train_backbone", "seed", "dtype")
+            "ce_weight", "train_backbone", "from_scratch", "seed", "dtype")
     quant = {"quantize": quant_kwargs(args)} if args.quantize != "none" else {}  # float runs keep old configs
     return {**{k: getattr(args, k) for k in keys}, "global_batch": global_batch, "data": data_key, **quant}
 
@@ -253,32 +352,37 @@ def train(args, rank: int, world_size: int, device) -> int:
     master, ddp = rank == 0, world_size > 1
     say = tqdm.write if master else (lambda *a: None)
     ckpt = Path(args.checkpoint)
-    if args.train_backbone and (not args.out or Path(args.out).resolve() == ckpt.resolve()):
-        raise UsageError("--train-backbone changes the model, so it writes a new checkpoint folder with its exits: "
-                         "name one with --out, e.g. --out checkpoints/unfrozen")
+    exit_layers = resolve_mode(args)
+    new_model = args.train_backbone or args.from_scratch  # a whole checkpoint folder is written
+    if new_model and (not args.out or Path(args.out).resolve() == ckpt.resolve()):
+        raise UsageError(f"{'--from-scratch' if args.from_scratch else '--train-backbone'} changes the model, so it "
+                         f"writes a new checkpoint folder with its exits: name one with --out, e.g. --out "
+                         f"checkpoints/unfrozen")
     out = Path(args.out) if args.out else ckpt / "balcony.safetensors"
-    exits_path = out / "balcony.safetensors" if args.train_backbone else out  # where generate.py and eval.py look
+    exits_path = out / "balcony.safetensors" if new_model else out  # where generate.py and eval.py look
     state_path, log_path = exits_path.with_suffix(".state.pt"), exits_path.with_suffix(".log.jsonl")
-    try:
-        exit_layers = [int(k) for k in args.exit_layers.split(",")]
-    except ValueError:
-        raise UsageError(f"--exit-layers {args.exit_layers!r} is not a comma-separated list of layers") from None
     if args.fsdp and not ddp:
         raise UsageError("--fsdp shards the backbone across processes; launch with torchrun --nproc_per_node N")
     args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     dtype = DTYPES[args.dtype]
-    if args.train_backbone and (ddp or dtype != torch.float32):
+    if args.train_backbone and (ddp or dtype != torch.float32):  # (--from-scratch keeps fp32 weights, autocasts)
         raise UsageError("--train-backbone (the unfrozen ablation) trains in one process with an fp32 backbone: drop "
                          "torchrun and --fsdp, and pass --dtype float32")
-    if args.quantize != "none" and (args.train_backbone or args.fsdp):
+    if args.quantize != "none" and (new_model or args.loss == "ce" or args.fsdp):
         raise UsageError(f"--quantize {args.quantize} quantises the frozen backbone: it cannot train "
-                         "(--train-backbone) or be sharded (--fsdp)")
+                         "(--train-backbone, --from-scratch, --loss ce) or be sharded (--fsdp)")
     torch.manual_seed(args.seed)  # the same random exits on every rank (--init random)
     # the frozen backbone and head are stored in --dtype once (no per-step casts); with --fsdp each rank reads them
     # into CPU memory and keeps only its shard of every layer on the device
-    model = Transformer.from_checkpoint(ckpt, device="cpu" if args.fsdp else device, dtype=dtype)
-    bm = BalconyModel(model, exit_layers, init=args.init, kind=args.balcony, train_backbone=args.train_backbone)
+    tok_dir = Path(args.tokenizer) if args.tokenizer else ckpt  # the tokenizer files a new checkpoint copies
+    if args.from_scratch:
+        model = scratch_model(args.from_scratch, Tokenizer.from_checkpoint(tok_dir).vocab_size).to(device)
+    else:
+        model = Transformer.from_checkpoint(ckpt, device="cpu" if args.fsdp else device, dtype=dtype)
+    bm = BalconyModel(model, exit_layers, init=args.init, kind=args.balcony, train_backbone=bool(new_model))
     bm.exits.float()  # the exits' master weights, and so AdamW's state, stay fp32 whatever --dtype is
+    if args.loss == "ce":
+        bm.requires_grad_(True)  # every weight learns, on every submodel's loss
     if args.seq_len > bm.model.args.max_seq_len:
         raise UsageError(f"--seq-len {args.seq_len} exceeds the model's context of {bm.model.args.max_seq_len}")
     fingerprint = model_fingerprint(bm.model)  # of the float weights: the exits load onto any --quantize
@@ -290,7 +394,7 @@ def train(args, rank: int, world_size: int, device) -> int:
 
     # rank 0 tokenises (or finds the cache); the others wait for it on disk, which may take hours on a big corpus:
     # longer than a collective's timeout
-    files, tokenizer = data_files(args.data), Tokenizer.from_checkpoint(ckpt)
+    files, tokenizer = data_files(args.data), Tokenizer.from_checkpoint(tok_dir)
     folder = tokenize_corpus(files, tokenizer, args.val_files, args.cache_dir, args.val_fraction, args.num_proc,
                              wait=not master)
     train_tokens, val_tokens = open_tokens(folder, "train"), open_tokens(folder, "val")
@@ -306,7 +410,8 @@ def train(args, rank: int, world_size: int, device) -> int:
                             fused=device.type == "cuda")
     # autocast runs the exits in --dtype (the frozen weights already are); the loss's softmax and KL stay fp32
     ctx = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    baseline = evaluate(bm, val_tokens, args, ctx, rank, world_size, baseline=True)  # the original model's
+    # the original model's; a new one's random start is no baseline
+    baseline = None if args.from_scratch else evaluate(bm, val_tokens, args, ctx, rank, world_size, baseline=True)
     config, step = run_config(args, global_batch, folder.name), 0
     if args.resume:
         state = load_state(state_path, fingerprint, bm.exit_layers, config)
@@ -320,7 +425,10 @@ def train(args, rank: int, world_size: int, device) -> int:
         torch.set_rng_state(state["rng"])
         step = state["step"]
 
-    loss_fn = ExitLoss(bm, args.chunk_size, args.ce_weight if args.loss == "kl+ce" else 0.0, args.kl_weight)
+    if args.loss == "ce":
+        loss_fn = SubmodelLoss(bm, args.chunk_size)
+    else:
+        loss_fn = ExitLoss(bm, args.chunk_size, args.ce_weight if args.loss == "kl+ce" else 0.0, args.kl_weight)
     if device.type == "cuda" if args.compile is None else args.compile:
         loss_fn = torch.compile(loss_fn, dynamic=False)  # compiles on the first step
     if ddp:
@@ -335,12 +443,13 @@ def train(args, rank: int, world_size: int, device) -> int:
             log.flush()
 
     say(f"{sum(p.numel() for p in params):,} trainable parameters in exits {bm.exit_layers}"
-        f"{' and the backbone' if bm.train_backbone else ''} ({args.balcony} balconies); "
+        f"{' and the backbone' if bm.train_backbone else ''} ({args.balcony} balconies, --loss {args.loss}); "
         f"{n_train} training windows of {args.seq_len} tokens, {global_batch} per step; from step {step}")
-    if not args.resume:  # a resumed run's log already has it
-        record({"step": step, "eval": "no_balcony", **metrics_by_exit(exit_layers, baseline)})
-    say("no balcony (final norm + head on layer-k states): val KL " +
-        ", ".join(f"{k}: {v:.3f}" for k, v in zip(bm.exit_layers, baseline[0])))
+    if baseline is not None:
+        if not args.resume:  # a resumed run's log already has it
+            record({"step": step, "eval": "no_balcony", **metrics_by_exit(exit_layers, baseline)})
+        say("no balcony (final norm + head on layer-k states): val KL " +
+            ", ".join(f"{k}: {v:.3f}" for k, v in zip(bm.exit_layers, baseline[0])))
 
     STOP.clear()
     handlers = {s: signal.signal(s, _request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -353,7 +462,8 @@ def train(args, rank: int, world_size: int, device) -> int:
             for group in opt.param_groups:
                 group["lr"] = lr
             windows = step_windows(step, n_train, global_batch, args.seed)
-            stats = torch.zeros(2, len(exit_layers), device=device)  # per exit: KL, CE, averaged over the step
+            # per exit (and full depth, --loss ce): KL, CE, averaged over the step
+            stats = torch.zeros(2, len(exit_layers) + 1, device=device)
             for micro in range(args.grad_accum):
                 first = (micro * world_size + rank) * args.batch_size  # this rank's slice of the global batch
                 x, y = get_batch(train_tokens, windows[first:first + args.batch_size], args.seq_len, device)
@@ -363,9 +473,10 @@ def train(args, rank: int, world_size: int, device) -> int:
                     with ctx:
                         loss, kl, ce = loss_fn(x, y)
                     (loss / args.grad_accum).backward()
-                stats[0] += kl / args.grad_accum
+                if kl is not None:
+                    stats[0, :len(kl)] += kl / args.grad_accum
                 if ce is not None:
-                    stats[1] += ce / args.grad_accum
+                    stats[1, :len(ce)] += ce / args.grad_accum
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -375,12 +486,16 @@ def train(args, rank: int, world_size: int, device) -> int:
                 stats /= world_size
             dt = time.time() - t0
             first_step_s = first_step_s or dt
-            kl = stats[0].tolist()
+            kl = stats[0, :len(exit_layers)].tolist()
             tok_s = global_batch * args.seq_len / dt
             bar.update()
-            bar.set_postfix_str(" ".join(f"kl{k}={v:.3f}" for k, v in zip(exit_layers, kl)) + f" tok/s={tok_s:.0f}")
-            entry = {"step": step, "lr": lr, "kl": kl, "grad_norm": grad_norm.item(), "tokens_per_s": tok_s, "dt": dt}
-            record({**entry, "ce": stats[1].tolist()} if args.loss == "kl+ce" else entry)
+            shown = zip([*exit_layers, "full"], stats[1].tolist()) if args.loss == "ce" else zip(exit_layers, kl)
+            bar.set_postfix_str(" ".join(f"{args.loss}{k}={v:.3f}" for k, v in shown) + f" tok/s={tok_s:.0f}")
+            entry = {"step": step, "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tok_s, "dt": dt}
+            if args.loss == "ce":  # per exit, then full depth
+                record({**entry, "ce": stats[1].tolist()})
+            else:
+                record({**entry, "kl": kl, **({"ce": stats[1, :-1].tolist()} if args.loss == "kl+ce" else {})})
             if step % args.eval_every == 0 or step == args.max_steps:
                 final = evaluate(bm, val_tokens, args, ctx, rank, world_size)
                 record({"step": step, "eval": "balcony", **metrics_by_exit(exit_layers, final)})
@@ -401,20 +516,24 @@ def train(args, rank: int, world_size: int, device) -> int:
         final = evaluate(bm, val_tokens, args, ctx, rank, world_size)
     if master:
         if bm.train_backbone:
-            save_checkpoint(bm.model, ckpt, out)
+            save_checkpoint(bm.model, tok_dir, out)
         bm.save_exits(exits_path, None if bm.train_backbone else fingerprint)  # last: the saved backbone's
-        saved = f"checkpoint and exits saved to {out} (full depth is no longer the original model)" \
-            if bm.train_backbone else f"exits saved to {out}"
+        saved = f"exits saved to {out}"
+        if bm.train_backbone:
+            saved = f"checkpoint and {saved}" + ("" if args.from_scratch else " (full depth is no longer the original "
+                                                                           "model)")
         say(f"{args.max_steps - start_step} steps in {time.time() - t_start:.0f} s (first step {first_step_s:.1f} s, "
             f"includes any compile); {saved}")
-        say(exit_table(exit_layers, baseline, final, bm.train_backbone))
+        say(submodel_table(exit_layers, final) if baseline is None else
+            exit_table(exit_layers, baseline, final, bm.train_backbone))
     return 0
 
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = " (default: %(default)s)"
-    p.add_argument("--exit-layers", required=True, help="comma-separated layers to put balconies after, e.g. 15,18,21")
+    p.add_argument("--exit-layers", required=True, help="comma-separated layers to put balconies after, e.g. 15,18,21 "
+                   "(none: with --loss ce, full depth alone: plain pretraining)")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="converted model folder" + d)
     p.add_argument("--out", default=None, help="trained exits (default: <checkpoint>/balcony.safetensors), or with "
                    "--train-backbone a new checkpoint folder holding them; the "
@@ -428,12 +547,20 @@ def get_parser():
     p.add_argument("--warmup-steps", type=int, default=10, help="linear warmup, then cosine to lr/10" + d)
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay" + d)
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm" + d)
-    p.add_argument("--init", choices=["last", "random"], default="last", help="balcony init: copy of the last "
-                   "layer (paper) or random" + d)
-    p.add_argument("--balcony", choices=list(KINDS), default="block", help="each balcony's layer: a full decoder "
-                   "block (paper), or only its MLP or attention half (section 4.3's ablation)" + d)
-    p.add_argument("--loss", choices=["kl", "kl+ce"], default="kl", help="kl: Eq. 2; kl+ce adds each exit's "
-                   "next-token cross-entropy" + d)
+    p.add_argument("--init", choices=["last", "random"], default=None, help="balcony init: copy of the last "
+                   "layer (paper; the default) or random (the default, and the only choice, with --from-scratch)")
+    p.add_argument("--balcony", choices=[*KINDS, "none"], default="block", help="each balcony's layer: a full "
+                   "decoder block (paper), only its MLP or attention half (section 4.3's ablation), or none: the "
+                   "layer-k state through the final norm and shared head (Sorted's and LayerSkip's exit)" + d)
+    p.add_argument("--loss", choices=["kl", "kl+ce", "ce"], default=None, help="kl: Eq. 2 (the default); kl+ce adds "
+                   "each exit's next-token cross-entropy; ce: the mean cross-entropy over all submodels, exits and "
+                   "full depth, every weight training (the default, and the only choice, with --from-scratch or "
+                   "--balcony none)")
+    p.add_argument("--from-scratch", metavar="PRESET", default=None, help="Table 4's pretraining: a randomly "
+                   f"initialised model of this shape ({', '.join(SCRATCH_PRESETS)}) trained with its balconies on "
+                   "--loss ce; --out is the new checkpoint folder, its vocabulary --tokenizer's")
+    p.add_argument("--tokenizer", default=None, help="with --from-scratch: a folder with the tokenizer.json to use "
+                   "(pretrain_table.py trains one; default: --checkpoint's)")
     p.add_argument("--kl-weight", type=float, default=1.0, help="weight of the KL term; the paper's CE ablation is "
                    "--loss kl+ce --kl-weight 0.001 --ce-weight 1" + d)
     p.add_argument("--ce-weight", type=float, default=1.0, help="weight of the CE term with --loss kl+ce" + d)
@@ -468,8 +595,6 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.kl_weight < 0 or args.ce_weight < 0:
         p.error("--kl-weight and --ce-weight must be at least 0")
-    if args.kl_weight == 0 and args.loss == "kl":
-        p.error("--kl-weight 0 with --loss kl leaves nothing to train")
     return args
 
 

@@ -51,6 +51,27 @@ def make_tiny_checkpoint(path: Path, seed: int = 0, **overrides) -> Path:
     return path
 
 
+def run_script(script: str, *argv) -> tuple:
+    """`python script argv...` in this interpreter, as its __main__ runs it (cli.run_cli, with sys.argv set): its
+    (exit code, stdout, stderr). A fresh interpreter would add only its start and the imports, seconds a call; tests
+    keep subprocesses where the process itself is tested (signals, crashes, torchrun, one end-to-end error line)."""
+    import contextlib
+    import importlib
+    import io
+
+    from cli import run_cli
+    module, out, err, saved = importlib.import_module(Path(script).stem), io.StringIO(), io.StringIO(), sys.argv
+    sys.argv = [script, *map(str, argv)]  # argparse's prog and usage, and run_cli's error prefix, read it
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            run_cli(module.main, getattr(module, "parse_args", None) or module.get_parser().parse_args)
+    except SystemExit as e:  # run_cli always ends with sys.exit
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        sys.argv = saved
+    return code, out.getvalue(), err.getvalue()
+
+
 @pytest.fixture
 def tiny_ckpt(tmp_path) -> Path:
     return make_tiny_checkpoint(tmp_path / "tiny")

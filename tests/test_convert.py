@@ -2,14 +2,12 @@
 input stops with one line and exit code 2."""
 import argparse
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, write_tiny_tokenizer
+from conftest import run_script, write_tiny_tokenizer
 from convert_hf import convert
 from cli import UsageError
 from model import Transformer
@@ -251,11 +249,9 @@ def hf_dir(tmp_path_factory):
 
 
 def run_cli(*argv):
-    r = subprocess.run([sys.executable, str(ROOT / "convert_hf.py"), *map(str, argv)], capture_output=True,
-                       text=True, cwd=ROOT)
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    lines = [l for l in r.stderr.splitlines() if l.startswith("convert_hf.py: error:")]
-    assert len(lines) == 1, r.stderr
+    code, _, err = run_script("convert_hf.py", *argv)
+    lines = [l for l in err.splitlines() if l.startswith("convert_hf.py: error:")]
+    assert code == 2 and len(lines) == 1, err
     return lines[0]
 
 
@@ -276,7 +272,7 @@ def test_cli_errors_are_one_line(hf_dir, tmp_path):
     assert "model.layers.0.self_attn.q_proj.bias" in run_cli(d, "--out", tmp_path / "out")
 
 
-# the CLI prints any UsageError as one line (checked above), so the other cases are checked in-process: faster
+# the CLI prints any UsageError as one line (checked above), so the other cases call the functions
 
 def test_no_src():
     from convert_hf import main

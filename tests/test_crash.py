@@ -60,6 +60,7 @@ def wait_for_steps(proc, log_path, after: int, timeout=600):
     return max(logged_steps(log_path))
 
 
+@pytest.mark.slow
 def test_sigkill_loses_at_most_the_steps_since_the_last_state(setup, tmp_path):
     ckpt, data = setup
     assert train.main(train.parse_args(train_argv(tmp_path, ckpt, data, "ref.safetensors"))) == 0
@@ -111,6 +112,7 @@ for i in range(1, 10**6):
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["exits", "state"])
 def test_files_killed_mid_write_keep_their_previous_version(tmp_path, kind):
     # exits of ~10 MB, so that writing is most of each loop and most kills land inside a write. (torch.save writes in

@@ -2,14 +2,12 @@
 refusals in one line, 1 process == N processes, the held-out split, and the token cache."""
 import gzip
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import CORPUS, ROOT, write_tiny_tokenizer
+from conftest import CORPUS, run_script, write_tiny_tokenizer
 
 import data
 from cli import UsageError
@@ -39,7 +37,7 @@ def test_split_by_file_and_cache_keyed_by_tokenizer(tmp_path):
         def encode(self, text, bos=False, eos=False):
             return [self.bos_id] * bos + list(text.encode()) + [self.eos_id] * eos
 
-        def encode_chat(self, messages, add_generation_prompt=True):
+        def encode_chat(self, messages, add_generation_prompt=True, today=True):
             raise UsageError("no chat format")
 
     ids = data.load_tokens([plays], Bytes(), "train", cache_dir=tmp_path / "cache").tolist()
@@ -134,9 +132,8 @@ def test_unknown_types_and_bad_rows_are_refused_in_one_line(tmp_path, tok):
         (tmp_path / name).write_text("text\nTo be\n")
         with pytest.raises(UsageError, match=f"--data {tmp_path / name}: not a type we read"):
             data.data_files([tmp_path / name])
-    r = subprocess.run([sys.executable, str(ROOT / "data.py"), "--data", str(tmp_path / "corpus.csv"),
-                        "--checkpoint", str(tmp_path / "tok")], capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 2 and r.stderr.startswith("data.py: error: --data") and r.stderr.count("\n") == 1, r.stderr
+    code, _, err = run_script("data.py", "--data", tmp_path / "corpus.csv", "--checkpoint", tmp_path / "tok")
+    assert code == 2 and err.startswith("data.py: error: --data") and err.count("\n") == 1, err
     cases = {"a.jsonl": (b'{"text": "fine"}\n\n{"title": "no text"}\n', "a.jsonl:3: no 'text'"),
              "b.jsonl": (b'{"text": "fine"}\nnot json\n', "b.jsonl:2: not a line of JSON"),
              "f.jsonl": (b'"a JSON string"\n', "f.jsonl:1: not a JSON object"),
@@ -203,3 +200,33 @@ def test_cache_is_atomic_keyed_by_content_and_waited_for(tmp_path, tok, monkeypa
     second = data.tokenize_corpus([path], tok, cache_dir=tmp_path / "cache")
     assert second != first and all_tokens(second) == expected_stream(tok, ROWS[::-1])
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted([first.name, second.name])
+
+
+def test_llama32_chats_tokenise_the_same_on_any_day(tmp_path, monkeypatch):
+    # Llama-3.2's template writes today's date into every chat: training text rendered with the template's own fixed
+    # date instead, the tokens, the cache key and so train.py --resume's check do not change at midnight
+    import datetime as dt
+
+    import tokenizer
+    from test_tokenizer import LLAMA32_TEMPLATE
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    (tmp_path / "tok").mkdir()
+    write_tiny_tokenizer(tmp_path / "tok" / "tokenizer.json", specials)
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": LLAMA32_TEMPLATE, "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}))
+    tok = Tokenizer.from_checkpoint(tmp_path / "tok")
+    write_jsonl(tmp_path / "chats.jsonl", ROWS[1:3])
+    folders = []
+    for now in (dt.datetime(2026, 12, 4, 23, 59), dt.datetime(2026, 12, 5, 0, 1)):
+        monkeypatch.setattr(tokenizer, "datetime", type("Clock", (), {"now": staticmethod(lambda now=now: now)}))
+        folders.append(data.tokenize_corpus([tmp_path / "chats.jsonl"], tok, cache_dir=tmp_path / "cache"))
+    assert folders[0] == folders[1]
+    assert tok.decode(all_tokens(folders[0])).count("Today Date: 26 Jul 2024\n") == 2
+    assert "Today Date: 05 Dec 2026" in tok.apply_chat_template([{"role": "user", "content": "Hi"}])  # prompts: today
+
+
+def test_byte_order_mark_is_not_text(tmp_path, tok):
+    for name, text in [("a.txt", "To be, or not to be"), ("b.jsonl", json.dumps({"text": "To be, or not to be"}))]:
+        (tmp_path / name).write_text("\ufeff" + text, encoding="utf-8")
+        folder = data.tokenize_corpus([tmp_path / name], tok, cache_dir=tmp_path / "cache")
+        assert all_tokens(folder) == tok.encode("To be, or not to be", bos=tok.add_bos, eos=True)

@@ -3,8 +3,6 @@ batched or one by one; metrics are lm-eval's; prompts follow lm-eval's task defi
 import importlib.util
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,7 +11,7 @@ import torch.nn.functional as F
 import eval as ev
 import tasks
 from balcony import BalconyModel
-from conftest import ROOT
+from conftest import run_script
 from model import Transformer
 from tokenizer import Tokenizer
 
@@ -159,22 +157,19 @@ def test_end_to_end_on_arc_arrow_file(tiny_ckpt, tmp_path):
         w.write_table(table)
     out, png = tmp_path / "eval.json", tmp_path / "plot.png"
     plot = ["--plot", str(png)] if importlib.util.find_spec("matplotlib") else []  # optional dependency
-    r = subprocess.run([sys.executable, "eval.py", "--checkpoint", str(tiny_ckpt), "--exits", "full", "--tasks",
-                        "arc_easy", "--evals-dir", str(tmp_path / "evals"), "--limit", "4", "--json", str(out), *plot],
-                       cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    code, stdout, err = run_script("eval.py", "--checkpoint", tiny_ckpt, "--exits", "full", "--tasks", "arc_easy",
+                                   "--evals-dir", tmp_path / "evals", "--limit", 4, "--json", out, *plot)
+    assert code == 0, err
     assert png.exists() or not plot
     res = json.loads(out.read_text())["results"]["arc_easy"]
     assert res["n"] == 4 and set(res["exits"]["full"]) == {"acc", "acc_norm", "layers"}
-    assert "| full |" in r.stdout
+    assert "| full |" in stdout
 
 
 @pytest.mark.parametrize("argv", [["--tasks", "nosuch"], ["--tasks", "ppl", "--data", "/nonexistent.txt"]])
 def test_bad_cli_input_exits_2(argv):
-    r = subprocess.run([sys.executable, "eval.py", *argv], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 2
-    assert r.stderr.startswith("eval.py: error: ") and len(r.stderr.strip().splitlines()) == 1
-    assert "Traceback" not in r.stderr
+    code, _, err = run_script("eval.py", *argv)
+    assert code == 2 and err.startswith("eval.py: error: ") and len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.parametrize("argv", [["--exits", "15,abc"], ["--num-fewshot", "mmlu=x"], ["--num-fewshot", "lambada=2"],
@@ -185,9 +180,8 @@ def test_bad_lists_are_usage_errors(argv):
 
 
 def test_missing_balcony_exits_2(tiny_ckpt):
-    r = subprocess.run([sys.executable, "eval.py", "--checkpoint", str(tiny_ckpt), "--exits", "2,full",
-                        "--tasks", "ppl"], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.startswith("eval.py: error: ") and "Traceback" not in r.stderr
+    code, _, err = run_script("eval.py", "--checkpoint", tiny_ckpt, "--exits", "2,full", "--tasks", "ppl")
+    assert code == 2 and err.startswith("eval.py: error: ") and err.count("\n") == 1, err
 
 
 def test_limit_and_fewshot_parsing():

@@ -2,8 +2,6 @@
 back through convert_hf.py (Hugging Face folder and GGUF) and in llama.cpp when llama-cpp-python is installed;
 --exit full is the base model; bad requests stop with one line."""
 import json
-import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
@@ -11,7 +9,7 @@ import torch
 
 from balcony import BalconyModel
 from cli import UsageError
-from conftest import ROOT, make_tiny_checkpoint
+from conftest import ROOT, make_tiny_checkpoint, run_script
 from convert_hf import convert
 from export import export
 from model import ModelArgs, Transformer
@@ -142,13 +140,12 @@ def test_refusals(built, tmp_path):
 
 
 def test_cli(tmp_path):
-    # one line and exit code 2 from the script (one subprocess: they are slow); the other refusals in-process
+    # one line and exit code 2 from the script's command line; the other refusals from main
     from export import get_parser, main
     ckpt = balcony_ckpt(tmp_path / "ckpt", **CASES["smollm2-tied"])
-    r = subprocess.run([sys.executable, str(ROOT / "export.py"), "--checkpoint", str(ckpt), "--exit", "3", "--out",
-                        str(tmp_path / "a")], capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 2 and r.stderr.splitlines() == ["export.py: error: exit 3 has no trained balcony; trained "
-                                                           "exits: [2] (or 4 for full depth)"], r.stderr
+    code, _, err = run_script("export.py", "--checkpoint", ckpt, "--exit", 3, "--out", tmp_path / "a")
+    assert code == 2 and err.splitlines() == ["export.py: error: exit 3 has no trained balcony; trained exits: [2] "
+                                              "(or 4 for full depth)"], err
     parse = get_parser().parse_args
     with pytest.raises(UsageError, match="'x'"):
         main(parse(["--checkpoint", str(ckpt), "--exit", "x", "--out", str(tmp_path / "a")]))
@@ -158,44 +155,6 @@ def test_cli(tmp_path):
     main(parse(["--checkpoint", str(ckpt), "--exit", "2", "--format", "gguf", "--dtype", "q8_0", "--out",
                 str(tmp_path / "a.gguf")]))
     assert ModelArgs.from_json(convert(tmp_path / "a.gguf", tmp_path / "back") / "config.json").n_layers == 3
-
-
-class AttentionHalf(torch.nn.Module):
-    """A balcony layer that is only a block's attention half (train.py's attention-only ablation)."""
-
-    def __init__(self, block):
-        super().__init__()
-        self.attention, self.attention_norm = block.attention, block.attention_norm
-
-    def forward(self, x, cos, sin, input_pos=None):
-        return x + self.attention(self.attention_norm(x), cos, sin, input_pos)
-
-
-class MLPHalf(torch.nn.Module):
-    def __init__(self, block):
-        super().__init__()
-        self.feed_forward, self.ffn_norm = block.feed_forward, block.ffn_norm
-
-    def forward(self, x, cos, sin, input_pos=None):
-        return x + self.feed_forward(self.ffn_norm(x))
-
-
-@pytest.mark.parametrize("half", [AttentionHalf, MLPHalf])
-def test_half_block_balcony_exports_exactly(built, tmp_path, half):
-    # the missing half is written as zeros: a plain Llama block that computes the half alone
-    from export import exit_as_llama
-    ckpt, bm = built("smollm2-tied")
-    ex = bm.exits[str(EXIT)]
-    block = ex.layer
-    try:
-        ex.layer = half(block)
-        args, sd = exit_as_llama(bm, EXIT)
-        plain = Transformer(args)
-        plain.load_state_dict(sd, strict=False)
-        with torch.no_grad():
-            assert (plain(IDX) - logits(bm, EXIT)).abs().max() < 1e-5
-    finally:
-        ex.layer = block
 
 
 def test_gguf_tokenizer_metadata_equals_llama_cpp_s(tmp_path):

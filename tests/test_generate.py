@@ -2,16 +2,13 @@
 layers, self-speculative decoding reproduces the full model (greedy: token for token; sampling: in distribution),
 and the CLI reports bad input as one line."""
 import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from balcony import BalconyModel
-from conftest import ROOT, tiny_args
+from conftest import run_script, tiny_args
 from generate import decode_one_token, exit_plan, forward_rows, generate, get_parser, logits_to_probs, main
 from cli import UsageError
 from model import Transformer
@@ -154,6 +151,7 @@ def test_speculative_greedy_equals_full_depth(draft_exit, k):
     assert 0 <= r["accepted"] <= r["drafted"] and r["rounds"] >= 39 / (k + 1)
 
 
+@pytest.mark.slow
 def test_compiled_speculative_decoding_equals_eager(monkeypatch):
     # CPU inductor (compiling takes most of this test's time): the compiled draft steps give the eager tokens
     import generate as g
@@ -239,10 +237,6 @@ def run_main(capsys, *args):  # in-process: fast, and UsageError propagates
     return capsys.readouterr().out
 
 
-def run_cli(*args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "generate.py"), *map(str, args)], capture_output=True,
-                          text=True, cwd=ROOT, env=env, timeout=120)
 
 
 @pytest.fixture
@@ -257,10 +251,10 @@ def test_cli_generates_and_streams(tiny_with_balcony, capsys):
     spec = json.loads(run_main(capsys, *args, "--json", "--draft-exit", 2, "--speculate-k", 3))
     assert spec["tokens"] == plain["tokens"] and 0 <= spec["acceptance_rate"] <= 1
     exit2 = json.loads(run_main(capsys, *args, "--exit", 2, "--json"))
-    streamed = run_cli(*args, "--exit", 2)
-    assert streamed.returncode == 0, streamed.stderr
-    assert streamed.stdout == exit2["text"] + "\n"
-    assert "tokens/s" in streamed.stderr and "exit 2/4" in streamed.stderr
+    code, out, err = run_script("generate.py", *args, "--exit", 2)  # streamed
+    assert code == 0, err
+    assert out == exit2["text"] + "\n"
+    assert "tokens/s" in err and "exit 2/4" in err
 
 
 def test_cli_prompts_file_in_input_order(tiny_with_balcony, tmp_path, capsys):
@@ -288,6 +282,15 @@ def test_cli_prompts_file_in_input_order(tiny_with_balcony, tmp_path, capsys):
     plain = run_main(capsys, "--checkpoint", tiny_with_balcony, "--max-new-tokens", 4, "--prompts", jsonl,
                      "--exit", 2)
     assert plain.count("=== ") == 4 and "=== 3/4, exit 4/4: Whether 'tis nobler in the mind" in plain
+
+
+def test_cli_prompts_file_with_a_byte_order_mark(tiny_with_balcony, tmp_path, capsys):
+    # Windows editors start UTF-8 files with a BOM: it is not part of the first prompt, nor a JSON error
+    for suffix, text in [(".txt", "To be\nor not\n"), (".jsonl", '{"prompt": "To be"}\n{"prompt": "or not"}\n')]:
+        path = tmp_path / f"p{suffix}"
+        path.write_text("\ufeff" + text, encoding="utf-8")
+        out = run_main(capsys, "--checkpoint", tiny_with_balcony, "--prompts", path, "--max-new-tokens", 1, "--json")
+        assert [json.loads(line)["prompt"] for line in out.splitlines()] == ["To be", "or not"]
 
 
 @pytest.mark.parametrize("suffix, content, message", [
@@ -335,9 +338,8 @@ def test_missing_files(tiny_ckpt, capsys, args):
 
 @pytest.mark.parametrize("args", [["--exit", 3], ["--checkpoint", "/nonexistent"], ["--prompts", "/nonexistent.jsonl"]])
 def test_cli_error_is_one_line(tiny_with_balcony, args):
-    r = run_cli("--checkpoint", tiny_with_balcony, *args)
-    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
-    assert r.stderr.startswith("generate.py: error: ")
+    code, _, err = run_script("generate.py", "--checkpoint", tiny_with_balcony, *args)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("generate.py: error: "), err
 
 
 @pytest.mark.parametrize("tied", [True, False])

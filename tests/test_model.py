@@ -1,10 +1,13 @@
 """model.py: cached decode equals an uncached forward, fp32 agrees with fp64, presets have the published sizes,
 and a bad checkpoint is refused with a clear message."""
+import json
+
 import pytest
 import torch
 from conftest import make_tiny_checkpoint, tiny_args
 
 from cli import UsageError
+from convert_hf import convert_hf
 from model import ModelArgs, Transformer, rope_inv_freq
 
 CONFIGS = {
@@ -110,3 +113,27 @@ def test_from_checkpoint_refuses_bad_input(tmp_path, tiny_ckpt):
     (untied / "config.json").write_text((tiny_ckpt / "config.json").read_text())
     with pytest.raises(UsageError, match="unexpected \\['output.weight'\\]"):
         Transformer.from_checkpoint(untied)
+
+
+def test_bad_config_json_is_one_line(tmp_path, tiny_ckpt):
+    # a truncated config.json, or one missing a field, is refused by name: never a JSON traceback, never the field's
+    # default (ModelArgs' are Llama-2-7B's: the load would fail later on a shape, naming the weights)
+    text = (tiny_ckpt / "config.json").read_text()
+    (tiny_ckpt / "config.json").write_text(text[: len(text) // 2])
+    with pytest.raises(UsageError, match=r"config.json is not a readable JSON file \(Expecting"):
+        Transformer.from_checkpoint(tiny_ckpt)
+    (tiny_ckpt / "config.json").write_text(json.dumps({k: v for k, v in json.loads(text).items() if k != "dim"}))
+    with pytest.raises(UsageError, match=r"config.json misses \['dim'\]"):
+        Transformer.from_checkpoint(tiny_ckpt)
+    hf = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 320,
+          "intermediate_size": 96}
+    assert ModelArgs.from_hf_config(hf).dim == 64
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(hf)[:-5])
+    with pytest.raises(UsageError, match="hf/config.json is not a readable JSON file"):
+        ModelArgs.from_hf_config(tmp_path / "hf" / "config.json")
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({k: v for k, v in hf.items() if k != "vocab_size"}))
+    with pytest.raises(UsageError, match=r"hf/config.json misses \['vocab_size'\]"):
+        convert_hf(tmp_path / "hf")  # convert_hf.py's source folder
+    with pytest.raises(UsageError, match=r"rope_scaling misses \['factor'"):
+        ModelArgs.from_hf_config({**hf, "rope_scaling": {"rope_type": "llama3"}})

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, run_script
 
 SCRIPTS = ["convert_hf.py", "fetch.py", "train.py", "generate.py", "eval.py", "bench_train.py", "bench_generate.py",
            "data.py", "bench_data.py", "chat_data.py", "demo.py"]
@@ -42,8 +42,10 @@ def test_readme_command_parses(script, argv):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_help(script):
-    r = subprocess.run([sys.executable, script, "-h"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and "usage:" in r.stdout and "default" in r.stdout
+    code, out, _ = run_script(script, "-h")
+    assert code == 0 and out.startswith(f"usage: {script}") and "default" in out
+    # in-process above; as a script, the __main__ every script shares (one runs in a fresh interpreter below)
+    assert re.search(r'\nif __name__ == "__main__":\n    run_cli\(main, \w', (ROOT / script).read_text())
 
 
 @pytest.mark.parametrize("argv", [
@@ -57,10 +59,18 @@ def test_help(script):
     ["demo.py", "--exits", "15,x"],
 ])
 def test_bad_input_is_one_line_exit_2(argv):
-    r = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2, r.stderr
-    last = r.stderr.strip().splitlines()[-1]  # argparse's own errors print the usage first
-    assert "Traceback" not in r.stderr and last.startswith(f"{argv[0]}: error: ")
+    code, _, err = run_script(*argv)
+    assert code == 2, err
+    last = err.strip().splitlines()[-1]  # argparse's own errors print the usage first
+    assert "Traceback" not in err and last.startswith(f"{argv[0]}: error: ")
+
+
+def test_one_line_error_in_a_fresh_interpreter():
+    # the tests above run scripts in-process; this one runs the whole path once: __main__, run_cli, exit code, stderr
+    r = subprocess.run([sys.executable, "generate.py", "--checkpoint", "/nonexistent"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("generate.py: error: /nonexistent/config.json not found")
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

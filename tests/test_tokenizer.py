@@ -408,6 +408,9 @@ def test_llama31_chat_matches_transformers_apply_chat_template(tmp_path, templat
         for gen in (True, False):
             text = hf.apply_chat_template(messages, add_generation_prompt=gen, tokenize=False)
             assert tok.apply_chat_template(messages, gen) == text
+            fixed = hf.apply_chat_template(messages, add_generation_prompt=gen, tokenize=False,
+                                           date_string="26 Jul 2024")  # the template's own, without a clock
+            assert tok.apply_chat_template(messages, gen, today=False) == fixed
             assert tok.encode_chat(messages, gen) == hf.apply_chat_template(messages, add_generation_prompt=gen,
                                                                                  return_dict=False)
     assert "Cutting Knowledge Date: December 2023\nToday Date: " in text

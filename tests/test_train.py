@@ -1,14 +1,13 @@
 """train.py on tiny random checkpoints: frozen backbone, exits-only optimiser, loss going down, exact resume,
 2-process DDP == 1 process, one-line refusals."""
 import json
-import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import CORPUS, ROOT, make_tiny_checkpoint, tiny_args
+from conftest import CORPUS, ROOT, make_tiny_checkpoint, run_script, tiny_args
 
 import train
 from balcony import BalconyModel
@@ -74,6 +73,7 @@ def test_backbone_untouched_and_only_exits_optimised(setup, tmp_path, monkeypatc
     assert not torch.equal(bm.exits["1"].layer.attention.wq.weight, bm.model.layers[-1].attention.wq.weight)
 
 
+@pytest.mark.slow
 def test_loss_goes_down(setup, tmp_path):
     ckpt, data = setup
     args = argv(tmp_path, ckpt, data, "b.safetensors", "--init", "random", "--lr", "3e-3", "--max-steps", "30",
@@ -144,6 +144,7 @@ def test_finished_run_resumes_with_more_steps(setup, tmp_path, monkeypatch):
     assert lrs == [get_lr(s, train.get_parser().get_default("lr"), 1, 4 if s < 4 else 6) for s in range(6)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_match_one_process_and_resume(setup, tmp_path, mode):
     """2 processes (gloo, CPU) with batch 2 each against 1 process accumulating two batches of 2: the same global
@@ -194,6 +195,7 @@ def test_ddp_sends_no_backbone_and_averages_exit_gradients(tmp_path):
         torch.testing.assert_close(g, results[1][1][k])
 
 
+@pytest.mark.slow
 def test_bad_state_is_refused_in_one_line(setup, tmp_path):
     ckpt, data = setup
     base = argv(tmp_path, ckpt, data, "b.safetensors", "--max-steps", "4", "--save-every", "2", "--eval-every", "100")
@@ -207,10 +209,9 @@ def test_bad_state_is_refused_in_one_line(setup, tmp_path):
             state = tmp_path / "b.state.pt"
             state.write_bytes(state.read_bytes()[:200])
         args = argv(tmp_path, ckpt, data, "b.safetensors", "--max-steps", "4", "--resume", *change)  # later flags win
-        r = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True, cwd=ROOT)
-        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-        lines = [line for line in r.stderr.splitlines() if line.startswith("train.py: error:")]
-        assert len(lines) == 1 and "b.state.pt" in lines[0] and expected in lines[0], r.stderr
+        code, _, err = run_script("train.py", *args)
+        lines = [line for line in err.splitlines() if line.startswith("train.py: error:")]
+        assert code == 2 and len(lines) == 1 and "b.state.pt" in lines[0] and expected in lines[0], err
 
 
 def test_lr_schedule():
