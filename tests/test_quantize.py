@@ -195,7 +195,7 @@ def test_bad_combination_is_one_line(tiny_ckpt, script, args):
     r = subprocess.run([sys.executable, str(ROOT / script), "--checkpoint", str(tiny_ckpt), *args],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
-    assert ("cannot train (--train-backbone)" if script == "train.py" else
+    assert ("it cannot train (--train-backbone, --from-scratch" if script == "train.py" else
             "--group-size 64 does not divide the width 96") in r.stderr
 
 
