@@ -152,7 +152,8 @@ def table_precision(tok, chat, prompt_ids, args):
     from bench_export import llama_cpp_greedy
     models = {}
     for label, (dtype, q, head) in PRECISIONS.items():
-        models[label] = BalconyModel.from_checkpoint(args.checkpoint, args.balcony, args.device, DTYPES[dtype])
+        models[label] = BalconyModel.from_checkpoint(args.checkpoint, args.balcony, device=args.device,
+                                                     dtype=DTYPES[dtype])
         quantize_checkpoint(models[label], args.checkpoint, q, args.group_size, head)
     fp32 = models["fp32"]
     exits, n = [*fp32.exit_layers, None], args.max_new_tokens

@@ -209,3 +209,16 @@ def test_train_on_a_quantized_backbone(tmp_path):
     assert train.main(train.parse_args(argv(tmp_path, ckpt, data, "q.safetensors", "--quantize", "int4"))) == 0
     bm = BalconyModel.from_checkpoint(ckpt, tmp_path / "q.safetensors")
     assert bm.exit_layers == [1, 2]
+
+
+def test_bench_precision_table_runs(tiny_ckpt, capsys):
+    # bench_generate.py --tables precision on a tiny model: every precision's row, llama.cpp's columns or a note
+    import bench_generate
+    BalconyModel(Transformer.from_checkpoint(tiny_ckpt), [2]).save_exits(tiny_ckpt / "balcony.safetensors")
+    bench_generate.main(bench_generate.get_parser().parse_args(
+        ["--checkpoint", str(tiny_ckpt), "--tables", "precision", "--max-new-tokens", "3", "--reps", "1",
+         "--warmup", "0", "--threads", "1", "--precision-batch-sizes", "2"]))
+    out = capsys.readouterr().out
+    assert out.count("| 4 (full) | ") == 3  # batch 1 by engine, then batches 1 and 2 by precision
+    assert "| transformers fp32, full depth |" in out and "| 2 | 2 | " in out
+    assert "llama.cpp" in out.split("| exit |")[1] or "llama-cpp-python is not installed" in out
