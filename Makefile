@@ -2,7 +2,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: test setup demo clean default-model
+.PHONY: test setup demo clean default-model gpu-check
 setup: $(VENV)/.ok
 $(VENV)/.ok: requirements.txt requirements-dev.txt
 	$(PY) -m venv $(VENV)
@@ -32,6 +32,12 @@ demo: setup
 	$(BIN)/python train.py --exit-layers 15,18,21
 	$(BIN)/python eval.py --exits 15,18,21,full --tasks arc_easy,piqa,heldout_chat --limit 200
 	$(BIN)/python demo.py --exits 15,18,21,full
+
+# Everything a GPU owes in one command, about 8 minutes on one H100/H200 (docs/gpu.md): the CUDA tests, a training
+# step and decoding at the Llama-3-8B shape, decoding and a distillation on the default model. Results, small files,
+# in out/gpu-check/. On a machine whose own python holds a CUDA torch: python gpu_check.py
+gpu-check: setup
+	$(BIN)/python gpu_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

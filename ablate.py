@@ -59,7 +59,8 @@ def train_run(name: str, args, out: Path) -> int:
     budget = ["--checkpoint", args.checkpoint, "--exit-layers", args.exit_layers, "--max-steps", args.max_steps,
               "--seq-len", args.seq_len, "--batch-size", args.batch_size,
               "--warmup-steps", max(1, args.max_steps // 10), "--eval-every", args.max_steps,
-              "--eval-windows", 1, "--save-every", args.max_steps, "--device", args.device]  # its own checks: 1 window
+              "--eval-windows", 1, "--save-every", args.max_steps, "--device", args.device,  # its own checks: 1 window
+              "--dtype", "float32"]  # one dtype for all six: the unfrozen run trains an fp32 backbone only
     resume = ["--resume"] if exits.with_suffix(".state.pt").is_file() else []  # an interrupted run continues
     print(f"\n== {name}: train.py {' '.join(RUNS[name])}", flush=True)
     return train.main(train.parse_args([*map(str, budget), "--data", *args.data,

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from balcony import BalconyModel
-from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, add_quantize_args, run_cli
+from cli import DEFAULT_CHECKPOINT, DTYPES, DTYPE_HELP, UsageError, add_quantize_args, default_dtype, run_cli
 from generate import compile_steps, generate
 from quantize import quantize_checkpoint
 
@@ -259,6 +259,7 @@ def main(args):
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     args.balcony = args.balcony or f"{args.checkpoint}/balcony.safetensors"
+    args.dtype = args.dtype or default_dtype(device)
     model = BalconyModel.from_checkpoint(args.checkpoint, args.balcony, device=device, dtype=DTYPES[args.dtype])
     quantize_checkpoint(model, args.checkpoint, args.quantize, args.group_size, args.quantize_head)
     exits = model.exit_layers
@@ -356,7 +357,7 @@ def get_parser():
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode steps")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help=DTYPE_HELP)
     add_quantize_args(p)
     p.add_argument("--gguf", type=Path, default=None,
                    help="precision table: the GGUF the checkpoint was converted from, for llama.cpp at full depth")

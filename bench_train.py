@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from balcony import BalconyModel
-from cli import DTYPES, run_cli
+from cli import DTYPE_HELP, DTYPES, default_dtype, run_cli
 from convert_hf import HF_WEIGHT_MAP
 from model import ModelArgs, Transformer
 from train import ExitLoss
@@ -45,12 +45,12 @@ def _rss_kb(field: str) -> int:
 def peak_mib(fn, device) -> float:
     """Peak memory fn() adds above what is allocated before it, in MiB."""
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+        torch.cuda.synchronize(device)  # the device's own: the current one may be another (cuda:0 for a cuda:1 run)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
         fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
     base = _rss_kb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
     fn()
@@ -191,14 +191,14 @@ def measure(step, margs, exits, args, device) -> dict:
     t0 = time.perf_counter()
     step()  # warm-up: compiles, if --compile; allocates AdamW's state
     if device.type == "cuda":
-        torch.cuda.synchronize()  # the timed steps are synchronised by peak_mib
+        torch.cuda.synchronize(device)  # the timed steps are synchronised by peak_mib
     first = time.perf_counter() - t0
     times, peaks = [], []
     for _ in range(args.steps):
         t0 = time.perf_counter()
         peaks.append(peak_mib(step, device))
         times.append(time.perf_counter() - t0)
-    process = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else _rss_kb("VmHWM") / 1024
+    process = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else _rss_kb("VmHWM") / 1024
     if device.type != "cuda":  # VmHWM was reset before each step: the peak since start-up is the max of both
         process = max(process, _rss_kb("VmRSS") / 1024 + max(peaks))
     return dict(s=min(times), first=first, step_mib=max(peaks), process_mib=process,
@@ -206,7 +206,7 @@ def measure(step, margs, exits, args, device) -> dict:
 
 
 def main(args) -> int:
-    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    args.dtype = args.dtype or default_dtype(args.device)
     tokens = args.batch_size * args.seq_len
     print(f"{args.preset}{f' ({args.n_layers} layers)' if args.n_layers else ''}, exits {args.exits}, batch "
           f"{args.batch_size} x {args.seq_len}, {args.dtype}, chunk {args.chunk_size}, {args.device}, "
@@ -251,8 +251,8 @@ def get_parser():
     p.add_argument("--batch-size", type=int, default=4, help=d.strip())
     p.add_argument("--seq-len", type=int, default=256, help=d.strip())
     p.add_argument("--chunk-size", type=int, default=256, help="ours: tokens whose logits exist at once" + d)
-    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="the frozen model's weights (default: "
-                   "bfloat16 on CUDA, float32 on CPU); exits fp32 under autocast when not float32")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help=f"the frozen model's weights ({DTYPE_HELP}); "
+                   "exits fp32 under autocast when not float32")
     p.add_argument("--steps", type=int, default=3, help="timed steps per formulation" + d)
     p.add_argument("--rounds", type=int, default=2, help="runs of each formulation, alternating" + d)
     p.add_argument("--formulations", default="ours,authors,floor",

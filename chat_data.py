@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cli import (DEFAULT_CHECKPOINT, DTYPES, UsageError, add_quantize_args, atomic_write, quant_kwargs,
-                 run_cli)
+from cli import (DEFAULT_CHECKPOINT, DTYPES, DTYPE_HELP, UsageError, add_quantize_args, atomic_write, default_dtype,
+                 quant_kwargs, run_cli)
 from data import CHAT
 from tasks import read_split
 
@@ -86,7 +86,8 @@ def answer(bm, tokenizer, questions: list, max_new_tokens: int, batch_size: int,
 
     prompts = [tokenizer.encode_chat([{"role": "user", "content": q}]) for q in questions]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths per batch: little padding
-    out, n_tokens, generator = [None] * len(prompts), 0, torch.Generator().manual_seed(seed)
+    device = bm.model.tok_embeddings.weight.device  # torch.multinomial wants a generator on the probabilities' device
+    out, n_tokens, generator = [None] * len(prompts), 0, torch.Generator(device).manual_seed(seed)
     for s in range(0, len(order), batch_size):
         rows = order[s:s + batch_size]
         for i, r in zip(rows, generate(bm, [prompts[i] for i in rows], max_new_tokens, temperature=temperature,
@@ -139,7 +140,8 @@ def main(args):
     if args.temperature < 0 or (args.top_p is not None and not 0 < args.top_p <= 1):
         raise UsageError("--temperature must be >= 0 and --top-p in (0, 1]")
     out, meta_path = Path(args.out), Path(args.out) / "meta.json"
-    bm = BalconyModel.from_checkpoint(args.checkpoint, exits=[None], device=args.device, dtype=DTYPES[args.dtype])
+    bm = BalconyModel.from_checkpoint(args.checkpoint, exits=[None], device=args.device,
+                                      dtype=DTYPES[args.dtype or default_dtype(args.device)])
     config = config_of(args, model_fingerprint(bm.model))
     # meta.json lists the splits written so far: a rerun reuses them, and one with another --n-train keeps val
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
@@ -193,7 +195,7 @@ def get_parser():
     p.add_argument("--batch-size", type=int, default=32, help="questions answered at once" + d)
     p.add_argument("--evals-dir", default=None, help="fetched eval data (default: python fetch.py evals's folder)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help=DTYPE_HELP)
     add_quantize_args(p)
     return p
 

@@ -37,6 +37,15 @@ def quant_kwargs(args) -> dict:
     return dict(mode=args.quantize, group_size=args.group_size, head=args.quantize_head)
 
 
+DTYPE_HELP = "default: bfloat16 on CUDA, float32 on CPU"
+
+
+def default_dtype(device) -> str:
+    """Every script's --dtype when none is given: bfloat16 on CUDA (tensor cores, half the weights to read), float32
+    on CPU (where bf16 matmuls gain little and the references are fp32)."""
+    return "bfloat16" if torch.device(device).type == "cuda" else "float32"
+
+
 class UsageError(Exception):
     """A problem the user can fix (bad path, wrong flag, mismatched checkpoint); CLIs print it as one line."""
 
@@ -95,7 +104,10 @@ def _remove(path: Path):
 
 def run_cli(main, parse_args):
     """Every script's __main__: main(parse_args()). A UsageError ends as one line and exit code 2, like argparse's own
-    errors, and Ctrl-C as exit code 130: never a traceback."""
+    errors, and Ctrl-C as exit code 130: never a traceback. On CUDA, float32 matmuls (a float32 run, the exits'
+    fp32 weights under autocast) use TF32 tensor cores, as nanoGPT's do; tests calling main() keep exact fp32."""
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")
     try:
         sys.exit(main(parse_args()))
     except UsageError as e:

@@ -9,7 +9,8 @@ import argparse
 
 import torch
 
-from cli import DEFAULT_CHECKPOINT, DTYPES, add_quantize_args, parse_exits, quant_kwargs, run_cli
+from cli import (DEFAULT_CHECKPOINT, DTYPES, DTYPE_HELP, add_quantize_args, default_dtype, parse_exits, quant_kwargs,
+                 run_cli)
 
 PROMPTS = ["What is the capital of France?", "Name three primary colors.", "How many legs does a spider have?"]
 
@@ -22,7 +23,8 @@ def main(args):
 
     exits = parse_exits(args.exits)
     torch.set_num_threads(args.threads)
-    model = BalconyModel.from_checkpoint(args.checkpoint, args.balcony, exits, args.device, DTYPES[args.dtype])
+    dtype = DTYPES[args.dtype or default_dtype(args.device)]
+    model = BalconyModel.from_checkpoint(args.checkpoint, args.balcony, exits, args.device, dtype)
     quantize_checkpoint(model, args.checkpoint, **quant_kwargs(args))
     tok = Tokenizer.from_checkpoint(args.checkpoint)
     for prompt in args.prompt or PROMPTS:
@@ -46,7 +48,7 @@ def get_parser():
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help=DTYPE_HELP)
     add_quantize_args(p)
     return p
 

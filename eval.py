@@ -41,8 +41,8 @@ from tqdm import tqdm
 
 from balcony import BalconyModel, heldout_metrics
 from cascade import CONFIDENCE, DEFAULT_CONFIDENCE, exit_confidence, weights_per_token
-from cli import (DEFAULT_CHECKPOINT, DTYPES, ROOT, Auto, UsageError, add_quantize_args, parse_exits, quant_kwargs,
-                 run_cli)
+from cli import (DEFAULT_CHECKPOINT, DTYPES, DTYPE_HELP, ROOT, Auto, UsageError, add_quantize_args, default_dtype,
+                 parse_exits, quant_kwargs, run_cli)
 from data import CHAT
 from quantize import quantize_checkpoint
 from tasks import CHAT_PROMPTS, TASKS
@@ -420,6 +420,7 @@ def main(args):
 
     tasks, exits, shots, limits = parse_args_lists(args)
     device = torch.device(args.device)
+    args.dtype = args.dtype or default_dtype(device)
     bm = BalconyModel.from_checkpoint(args.checkpoint, args.balcony, exits, device, DTYPES[args.dtype])
     quantize_checkpoint(bm, args.checkpoint, **quant_kwargs(args))
     exits = list(dict.fromkeys(None if e == bm.n_layers else e for e in exits))  # "30" is full depth too
@@ -495,7 +496,7 @@ def get_parser():
     p.add_argument("--chat-tokens", type=int, default=48, help="chat: new tokens per prompt")
     p.add_argument("--evals-dir", default=None, help="fetched eval data (default: python fetch.py evals's folder)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help=DTYPE_HELP)
     add_quantize_args(p)
     p.add_argument("--json", default=str(ROOT / "out" / "eval.json"), help="write all metrics here ('' to skip)")
     p.add_argument("--plot", default=None, help="PNG of quality against layers per token and speed (needs matplotlib)")

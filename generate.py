@@ -9,8 +9,10 @@ first, so the rows that reach any layer are a prefix of the batch and each layer
 
 With --draft-exit d, balcony d drafts --speculate-k tokens and the full model verifies them in one forward
 (LayerSkip/Kangaroo style). Draft and verifier share layers 1..d and their KV cache, so the verifier resumes from the
-drafts' layer-d hidden states and runs only layers d+1..N. Greedy output is the full model's, token for token;
-sampled output follows the full model's distribution (speculative rejection sampling, Leviathan et al. 2023).
+drafts' layer-d hidden states and runs only layers d+1..N. In fp32 greedy output is the full model's, token for
+token; in bf16 the verifier's (k+1)-token forward rounds differently from one-token steps, so where two tokens' logits
+are within bf16 rounding the outputs can part (tests: 23 of 24 short runs identical). Sampled output follows the full
+model's distribution (speculative rejection sampling, Leviathan et al. 2023).
 
 With --exit auto, each token leaves at the first exit whose confidence reaches --confidence (CALM's rule); tokens that
 left early get their deeper KV back-filled, exactly, when a later token goes deeper (cascade.py).
@@ -30,8 +32,8 @@ import torch
 
 from balcony import BalconyModel
 from cascade import CONFIDENCE, DEFAULT_CONFIDENCE, ConfidenceCascade
-from cli import (DEFAULT_CHECKPOINT, DTYPES, Auto, UsageError, add_quantize_args, parse_exit, quant_kwargs,
-                 run_cli)
+from cli import (DEFAULT_CHECKPOINT, DTYPES, DTYPE_HELP, Auto, UsageError, add_quantize_args, default_dtype, parse_exit,
+                 quant_kwargs, run_cli)
 from quantize import quantize_checkpoint
 
 _compiled = False  # set by compile_steps(): compiled steps want fixed shapes, so caches are read whole
@@ -120,7 +122,9 @@ def verify(model: BalconyModel, h, input_pos, draft_exit: int):
 
 def compile_steps():
     """Compile the one-token steps (gpt-fast style); on CUDA they are replayed as CUDA graphs. Static shapes: each
-    batch size and mix of exits gets its own graph (dynamic=False; a batch-1 or fixed-mix server compiles once)."""
+    batch size and mix of exits gets its own graph (dynamic=False), so generate() keeps a batch's shape while its
+    rows finish (they ride along, masked) and each call compiles once; dynamo allows 8 graphs per step function
+    (recompile_limit), so a server sees few batch sizes and exit mixes."""
     global decode_one_token, draft_one_token, _compiled
     mode = "reduce-overhead" if torch.cuda.is_available() else "default"
     decode_one_token = torch.compile(decode_one_token, mode=mode, fullgraph=True, dynamic=False)
@@ -246,14 +250,16 @@ def generate(model: BalconyModel, prompts: list, max_new_tokens, exit=None, temp
     # Attention reads every cache slot it is given: give it what this request can reach, or, once compiled (fixed
     # shapes, no recompiles), the whole cache. (Speculation may write one draft past the last token kept.)
     S = max(len(p) + m for p, m in zip(prompts, limits))
-    if _compiled and model.model.layers[0].attention.kv_cache is not None:
-        S = max(S, model.model.layers[0].attention.kv_cache.k_cache.size(2))
+    if _compiled:  # finished rows ride along (below) until the last one finishes: up to the longest prompt + limit
+        S = max(len(p) for p in prompts) + max(limits)
+        if model.model.layers[0].attention.kv_cache is not None:
+            S = max(S, model.model.layers[0].attention.kv_cache.k_cache.size(2))
     model.setup_caches(B, S, exits=[None if d == n else d for d in set(depths)] +
                        ([] if draft_exit is None else [draft_exit]) + (model.exit_layers if auto else []))
 
     prepare_head(model)
     stop = {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     out, finish = [[] for _ in range(B)], [None] * B
 
     def emit(i: int, tokens) -> bool:  # give prompt i its tokens, calling on_token; False once it stops
@@ -287,13 +293,16 @@ def generate(model: BalconyModel, prompts: list, max_new_tokens, exit=None, temp
         cur, _ = sample(logits, temperature, top_k, top_p, generator)  # (B, 1)
         sync()
         t1 = time.perf_counter()
+        live = set(range(B))  # batch positions still decoding
         while True:
-            keep = [s for s, (i, t) in enumerate(zip(active, cur.view(-1).tolist())) if emit(i, [t])]
+            keep = [s for s, (i, t) in enumerate(zip(active, cur.view(-1).tolist())) if s in live and emit(i, [t])]
             if not keep:
                 break
-            if len(keep) < len(active):  # some rows stopped: they leave the batch and its caches
+            if _compiled:  # fixed shapes: stopped rows ride along, their tokens dropped (no recompile per finish)
+                live = set(keep)
+            elif len(keep) < len(active):  # some rows stopped: they leave the batch and its caches
                 compact_caches(model, [depths[i] for i in active], keep)
-                active = [active[s] for s in keep]
+                active, live = [active[s] for s in keep], set(range(len(keep)))
                 plan = exit_plan([depths[i] for i in active])
                 keep = torch.tensor(keep, device=device)
                 cur, pos = cur[keep], pos[keep]
@@ -439,7 +448,7 @@ def main(args):
     elif args.confidence is not None:
         raise UsageError("--confidence applies to --exit auto only")
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    dtype = DTYPES[args.dtype or default_dtype(device)]
     items = read_prompts(args.prompts, exit) if args.prompts else [(args.prompt, exit, None)]
     exits = [e for _, e, _ in items]
     model = BalconyModel.from_checkpoint(args.checkpoint, args.balcony, [*exits, args.draft_exit], device, dtype,
@@ -552,7 +561,7 @@ def get_parser():
     p.add_argument("--speculate-k", type=int, default=4, help="tokens drafted per full-model forward")
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode steps")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help=DTYPE_HELP)
     add_quantize_args(p)
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per prompt (prompt, exit, tokens, text, timings) instead of text")

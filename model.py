@@ -134,6 +134,8 @@ PRESETS = {
                          rope_scaling=dict(_LLAMA3_SCALING, factor=32.0)),
     "smollm2-135m": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, hidden_dim=1536,
                          rope_theta=100000.0, tie_embeddings=True, max_seq_len=8192),
+    # not a published model: the shape gpu_check.py --dry-run runs the paper-shape steps at, in seconds on a CPU
+    "tiny": dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=320, hidden_dim=96, max_seq_len=256),
 }
 
 
@@ -323,8 +325,7 @@ class Transformer(nn.Module):
     @classmethod
     def from_checkpoint(cls, path, device="cpu", dtype=torch.float32) -> "Transformer":
         """Load a folder written by convert_hf.py: config.json (ModelArgs) and model.safetensors (our names)."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors import SafetensorError, safe_open
 
         path = Path(path)
         config, weights = path / "config.json", path / "model.safetensors"
@@ -334,19 +335,24 @@ class Transformer(nn.Module):
         args = ModelArgs.from_json(config)
         with torch.device("meta"):
             model = cls(args)
+        expected = model.checkpoint_state_dict()
         try:
-            sd = load_file(weights, device=str(device))  # memory-mapped
+            with safe_open(weights, framework="pt", backend="pread") as f:
+                shapes = {name: torch.Size(f.get_slice(name).get_shape()) for name in f.keys()}  # no data read yet
+                missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+                if missing or unexpected:
+                    raise UsageError(f"{weights} does not match {config}: missing {missing[:3]}, "
+                                     f"unexpected {unexpected[:3]}")
+                for name, shape in shapes.items():
+                    if shape != expected[name].shape:
+                        raise UsageError(f"{weights}: {name} has shape {tuple(shape)}, config.json implies "
+                                         f"{tuple(expected[name].shape)}")
+                # tensor by tensor: each is read, cast and moved before the next is read, so memory peaks at the model
+                # in `dtype` plus one stored tensor (an fp32 8B checkpoint loaded in bf16 on a GPU: 16 GB, not 48)
+                sd = {name: f.get_tensor(name).to(device=device, dtype=dtype) for name in shapes}
         except (SafetensorError, OSError) as e:
             raise UsageError(f"{weights} is unreadable ({e}); convert the model again") from None
-        expected = model.checkpoint_state_dict()
-        missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
-        if missing or unexpected:
-            raise UsageError(f"{weights} does not match {config}: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        for name, t in sd.items():
-            if t.shape != expected[name].shape:
-                raise UsageError(f"{weights}: {name} has shape {tuple(t.shape)}, config.json implies "
-                                 f"{tuple(expected[name].shape)}")
-        model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False, assign=True)
+        model.load_state_dict(sd, strict=False, assign=True)
         if args.tie_embeddings:
             model.output.weight = model.tok_embeddings.weight
         model.inv_freq = rope_inv_freq(args).to(device)

@@ -42,7 +42,8 @@ from tqdm import tqdm
 
 from balcony import (KINDS, BalconyModel, distillation_kl, distillation_kl_reference, heldout_metrics,
                      model_fingerprint)
-from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, add_quantize_args, atomic_write, quant_kwargs, run_cli
+from cli import (DEFAULT_CHECKPOINT, DTYPES, DTYPE_HELP, UsageError, add_quantize_args, atomic_write, default_dtype,
+                 quant_kwargs, run_cli)
 from convert_hf import TOKENIZER_FILES
 from data import (add_data_args, data_files, get_batch, iter_batches, n_windows, open_tokens, step_windows,
                   tokenize_corpus)
@@ -117,12 +118,21 @@ def baseline_states(bm: BalconyModel, x):
 def evaluate(bm, val, args, ctx, rank=0, world_size=1, baseline=False):
     """Validation KL(p_full || p) per token, top-1 agreement with the full model and perplexity: three lists, one value
     per exit and a last one for full depth. baseline: no balconies (the final norm straight on layer-k states)."""
+    device = bm.model.output.weight.device
+    real = iter_batches(val, args.seq_len, args.batch_size, device, args.eval_windows, rank, world_size)
+    n_batches = math.ceil(min(n_windows(val, args.seq_len), args.eval_windows) / args.batch_size)
+
     def batches():
-        for x, y in iter_batches(val, args.seq_len, args.batch_size, bm.model.output.weight.device,
-                                 args.eval_windows, rank, world_size):
+        # batches are dealt round-robin, so some ranks may get one fewer; with --fsdp every forward all-gathers each
+        # layer (a collective), so every rank runs the same number of forwards: the short ones repeat the first
+        # window and count none of its rows
+        for _ in range(math.ceil(n_batches / world_size)):
+            batch = next(real, None)
+            x, y = batch or get_batch(val, [0], args.seq_len, device)
             with ctx:
                 h_full, h_exits = baseline_states(bm, x) if baseline else bm.forward_train(x)
-            yield h_full, h_exits + [h_full], y
+            n = len(x) if batch else 0
+            yield h_full[:n], [h[:n] for h in h_exits + [h_full]], y[:n]
 
     m = heldout_metrics(bm.model.output, batches(), args.chunk_size, ctx=ctx,
                         all_reduce=dist.all_reduce if world_size > 1 else None)
@@ -269,6 +279,14 @@ def open_log(path: Path, resume_step=None):
 
 
 # ------------------------------------------------------------------------------------------------- multi-process
+def wrap_loss(loss_fn: nn.Module, device, ddp: bool, compile: bool) -> nn.Module:
+    """DDP first, then torch.compile around it, as PyTorch's DDP notes ask: compiling the DDP module lets dynamo split
+    the graph at DDP's gradient buckets, so all-reduces overlap the backward (DDP around a compiled module cannot)."""
+    if ddp:
+        loss_fn = wrap_ddp(loss_fn, device)
+    return torch.compile(loss_fn, dynamic=False) if compile else loss_fn  # compiles on the first step
+
+
 def wrap_ddp(loss_fn: nn.Module, device) -> DDP:
     """DDP over the trainable exits alone. It would otherwise broadcast every parameter and buffer from rank 0 at
     start-up, the whole frozen backbone included (16 GB for Llama-3-8B), though every rank loaded the same weights."""
@@ -280,14 +298,22 @@ def wrap_ddp(loss_fn: nn.Module, device) -> DDP:
 
 def shard_backbone(bm: BalconyModel, device, world_size: int):
     """--fsdp: FSDP2 shards each frozen backbone layer across the ranks; a layer's forward all-gathers it and frees
-    the gathered copy right after. The embeddings, final norm, head and the exits stay whole on every rank."""
+    the gathered copy right after. The embeddings, final norm, head and the exits stay whole on every rank.
+    The layers first, then bm as the root, entered through run_layers (every backbone pass goes through it): one
+    root sets up all the layers' states and streams together, and each layer prefetches the next one's all-gather,
+    which then runs while this layer computes. Each layer its own root (nothing above them) ran one layer at a time,
+    gather then compute."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     mesh = init_device_mesh(device.type, (world_size,))
+    layers = set(bm.model.layers.parameters())
     for layer in bm.model.layers:
-        # explicit True: FSDP2 would keep the gathered weights of a root module (each layer is one) for a backward
         fully_shard(layer, mesh=mesh, reshard_after_forward=True)  # moves the shard to the mesh's device
+    fully_shard(bm, mesh=mesh, ignored_params={p for p in bm.parameters() if p not in layers})
+    register_fsdp_forward_method(bm, "run_layers")
+    for layer, after in zip(bm.model.layers, bm.model.layers[1:]):
+        layer.set_modules_to_forward_prefetch([after])
     bm.exits.to(device)
     for name, child in bm.model.named_children():
         if name != "layers":
@@ -361,9 +387,9 @@ def train(args, rank: int, world_size: int, device) -> int:
     out = Path(args.out) if args.out else ckpt / "balcony.safetensors"
     exits_path = out / "balcony.safetensors" if new_model else out  # where generate.py and eval.py look
     state_path, log_path = exits_path.with_suffix(".state.pt"), exits_path.with_suffix(".log.jsonl")
-    if args.fsdp and not ddp:
+    if args.fsdp and not dist.is_initialized():
         raise UsageError("--fsdp shards the backbone across processes; launch with torchrun --nproc_per_node N")
-    args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    args.dtype = args.dtype or default_dtype(device)
     dtype = DTYPES[args.dtype]
     if args.train_backbone and (ddp or dtype != torch.float32):  # (--from-scratch keeps fp32 weights, autocasts)
         raise UsageError("--train-backbone (the unfrozen ablation) trains in one process with an fp32 backbone: drop "
@@ -429,10 +455,7 @@ def train(args, rank: int, world_size: int, device) -> int:
         loss_fn = SubmodelLoss(bm, args.chunk_size)
     else:
         loss_fn = ExitLoss(bm, args.chunk_size, args.ce_weight if args.loss == "kl+ce" else 0.0, args.kl_weight)
-    if device.type == "cuda" if args.compile is None else args.compile:
-        loss_fn = torch.compile(loss_fn, dynamic=False)  # compiles on the first step
-    if ddp:
-        loss_fn = wrap_ddp(loss_fn, device)
+    loss_fn = wrap_loss(loss_fn, device, ddp, device.type == "cuda" if args.compile is None else args.compile)
 
     exits_path.parent.mkdir(parents=True, exist_ok=True)
     log = open_log(log_path, step if args.resume else None) if master else None
@@ -576,8 +599,8 @@ def get_parser():
     p.add_argument("--seed", type=int, default=1337, help="exit init and data order" + d)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the training step (default: on with CUDA)")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="the frozen backbone and head (default: "
-                   "bfloat16 on CUDA, float32 on CPU); the exits' weights and optimiser state stay float32")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help=f"the frozen backbone and head ({DTYPE_HELP}); "
+                   "the exits' weights and optimiser state stay float32")
     add_quantize_args(p)
     p.add_argument("--fsdp", action="store_true", help="with torchrun: shard the frozen backbone across processes "
                    "(FSDP2), for backbones too big for one GPU")

@@ -251,3 +251,16 @@ def test_export_refuses_a_half_block_exit():
         assert exit_as_llama(bm, None)[0].n_layers == 4  # full depth is the base model, whatever the balconies
         with pytest.raises(UsageError, match=f"exit 2 is a '{kind}' balcony"):
             exit_as_llama(bm, 2)
+
+
+def test_every_ablation_run_trains_in_one_dtype_the_unfrozen_run_accepts(tmp_path, monkeypatch):
+    # without --dtype each run took train.py's device default: bf16 on a GPU, where the unfrozen run (fp32 only) was
+    # refused after five runs had trained
+    import ablate
+
+    dtypes = {}
+    monkeypatch.setattr(train, "main", lambda args: dtypes.setdefault(args.exit_layers, []).append(args.dtype) or 0)
+    args = ablate.parse_args(["--out", str(tmp_path), "--data", str(tmp_path), "--device", "cuda"])
+    for name in ablate.RUNS:
+        assert ablate.train_run(name, args, tmp_path) == 0
+    assert dtypes == {args.exit_layers: ["float32"] * len(ablate.RUNS)}

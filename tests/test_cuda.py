@@ -124,3 +124,16 @@ def test_compiled_train_step_has_no_graph_break(device):
     torch.testing.assert_close(kl, eager_kl, atol=1e-4, rtol=1e-4)
     for g, p in zip(eager_grads, bm.exits.parameters()):
         torch.testing.assert_close(p.grad, g, atol=1e-4, rtol=1e-3)
+
+
+@needs_cuda
+def test_chat_data_samples_on_cuda(tiny_ckpt, device):
+    # sampled answers draw from a generator on the model's device (a CPU one made torch.multinomial raise), seeded:
+    # the same seed, the same answers
+    import chat_data
+    from tokenizer import Tokenizer
+
+    bm = BalconyModel(Transformer.from_checkpoint(tiny_ckpt, device=device), []).eval()
+    tok, qs = Tokenizer.from_checkpoint(tiny_ckpt), ["To be?", "Or not to be?"]
+    runs = [chat_data.answer(bm, tok, qs, 9, batch_size=2, temperature=1.0, seed=3) for _ in range(2)]
+    assert runs[0] == runs[1] and all(n > 0 for _, n, _ in runs[0])

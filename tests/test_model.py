@@ -115,6 +115,18 @@ def test_from_checkpoint_refuses_bad_input(tmp_path, tiny_ckpt):
         Transformer.from_checkpoint(untied)
 
 
+def test_from_checkpoint_casts_tensor_by_tensor(tmp_path):
+    # an fp32 checkpoint loaded in bf16: memory peaks at the bf16 model plus about one fp32 tensor; the whole file
+    # read first and cast after (as before) peaks at fp32 + bf16, three times the bf16 model
+    from bench_train import peak_mib
+
+    ckpt = make_tiny_checkpoint(tmp_path / "wide", dim=512, hidden_dim=1536, n_layers=8, n_heads=8, n_kv_heads=4)
+    n = sum(p.numel() for p in Transformer.from_checkpoint(ckpt).checkpoint_state_dict().values())  # ~25M: 100 MB
+    peak = peak_mib(lambda: Transformer.from_checkpoint(ckpt, dtype=torch.bfloat16), torch.device("cpu"))
+    bf16_mib = 2 * n / 2 ** 20
+    assert peak < 1.3 * bf16_mib, (peak, bf16_mib)
+
+
 def test_bad_config_json_is_one_line(tmp_path, tiny_ckpt):
     # a truncated config.json, or one missing a field, is refused by name: never a JSON traceback, never the field's
     # default (ModelArgs' are Llama-2-7B's: the load would fail later on a shape, naming the weights)

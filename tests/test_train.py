@@ -254,3 +254,47 @@ def test_bench_floor_does_the_counted_matrix_products():
         step()
     attention = 4 * seq * a.n_heads * a.head_dim * (a.n_layers + 3 * n_exits)
     assert counter.get_total_flops() == batch * seq * (bench_train.flops_per_token(a, n_exits, seq) - attention)
+
+
+def val_metrics(log):
+    return [{k: v for k, v in r.items() if k.startswith("val_")} for r in map(json.loads, log.read_text().splitlines())
+            if "eval" in r]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_fsdp_validation_with_uneven_batches_matches_one_process(setup, tmp_path, nproc):
+    """6 validation windows in batches of 2 are 3 batches: 2 ranks get 2 and 1 (FSDP's all-gathers went out of step
+    and the run hung). The short rank pads with an uncounted forward: the metrics are the single process's. One
+    torchrun process with --fsdp is accepted."""
+    ckpt, data = setup
+    common = ("--eval-windows", "6", "--eval-every", "1", "--max-steps", "1")
+    one = argv(tmp_path, ckpt, data, "one.safetensors", *common, "--grad-accum", "2")
+    assert train.main(train.parse_args(one)) == 0
+    two = argv(tmp_path, ckpt, data, "two.safetensors", *common, "--fsdp", "--grad-accum", str(3 - nproc))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                        str(ROOT / "train.py"), *two], capture_output=True, text=True, cwd=ROOT, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = val_metrics(tmp_path / "one.log.jsonl"), val_metrics(tmp_path / "two.log.jsonl")
+    assert len(one) == len(two) == 2  # before training (no balcony) and after the step
+    for a, b in zip(one, two):
+        for key in a:
+            for exit in a[key]:
+                assert a[key][exit] == pytest.approx(b[key][exit], rel=1e-5, abs=1e-6), (key, exit)
+
+
+def test_compile_wraps_ddp_not_the_reverse(tmp_path):
+    # PyTorch's DDP notes: wrap in DDP, then compile, so dynamo splits the graph at DDP's gradient buckets and the
+    # all-reduces overlap the backward; train.py compiled first and wrapped the compiled module
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        bm = BalconyModel(Transformer(tiny_args()), [1, 2])
+        wrapped = train.wrap_loss(train.ExitLoss(bm, 16), torch.device("cpu"), ddp=True, compile=True)
+        assert isinstance(wrapped, torch._dynamo.eval_frame.OptimizedModule) and isinstance(wrapped._orig_mod, DDP)
+        with wrapped.no_sync():  # train.py's accumulation steps reach DDP through the compiled wrapper
+            pass
+    finally:
+        dist.destroy_process_group()
