@@ -76,9 +76,12 @@ class BalconyExit(nn.Module):
         return self.norm(self.layer(x, cos, sin, input_pos))
 
 
-def _log_probs(output_weight, h):
-    z = F.linear(h, output_weight)  # (N, D) -> (N, vocab)
+def _log_softmax(z):
     return z.to(torch.promote_types(z.dtype, torch.float32)).log_softmax(-1)  # in fp32 (fp64 stays fp64)
+
+
+def _log_probs(output_weight, h):
+    return _log_softmax(F.linear(h, output_weight))  # (N, D) -> (N, vocab)
 
 
 def _kl(teacher, student):
@@ -138,20 +141,21 @@ def distillation_kl(output: nn.Linear, h_full, h_exits, chunk_size: int = 256):
 @torch.no_grad()
 def exit_metrics(output: nn.Linear, h_full, hs, targets, chunk_size: int = 1024, teacher_output=None):
     """Held-out quality of each normalised hidden state in hs (an exit's, or h_full itself for full depth), summed
-    over tokens: a (3, len(hs)) tensor of KL(p_full || p), top-1 agreement with the full model, and the negative
-    log-likelihood of targets (B, T), so exp(nll / tokens) is the perplexity. Chunked like distillation_kl.
+    over tokens: a (4, len(hs)) tensor of KL(p_full || p), top-1 agreement with the full model, the negative
+    log-likelihood of targets (B, T), so exp(nll / tokens) is the perplexity, and top-1 hits on the targets
+    themselves. Chunked like distillation_kl.
     teacher_output: h_full's own head when it is not `output` (ablate.py: a trained backbone against the original)."""
-    D, w = h_full.size(-1), output.weight
-    tw = w if teacher_output is None else teacher_output.weight
+    D, teacher_output = h_full.size(-1), teacher_output or output  # modules: a quantised head (quantize.py) works
     h_full, hs, targets = h_full.reshape(-1, D), [h.reshape(-1, D) for h in hs], targets.reshape(-1, 1)
-    sums = torch.zeros(3, len(hs), device=h_full.device)
+    sums = torch.zeros(4, len(hs), device=h_full.device)
     for s in range(0, h_full.size(0), chunk_size):
-        teacher = _log_probs(tw, h_full[s:s + chunk_size])
+        teacher = _log_softmax(teacher_output(h_full[s:s + chunk_size]))
         for j, h in enumerate(hs):
-            logp = _log_probs(w, h[s:s + chunk_size])
+            logp = _log_softmax(output(h[s:s + chunk_size]))
             sums[0, j] += _kl(teacher, logp)
             sums[1, j] += (logp.argmax(-1) == teacher.argmax(-1)).sum()
             sums[2, j] -= logp.gather(1, targets[s:s + chunk_size]).sum()
+            sums[3, j] += (logp.argmax(-1, keepdim=True) == targets[s:s + chunk_size]).sum()
     return sums
 
 
@@ -161,17 +165,17 @@ def heldout_metrics(output: nn.Linear, batches, chunk_size: int = 1024, teacher_
     """exit_metrics per token over held-out batches, the one loop behind train.py's validation, eval.py's ppl and
     heldout_chat and ablate.py's scores. batches yields (h_full, hs, targets) as exit_metrics takes them; ctx: a
     context for the metrics (train.py's autocast); all_reduce: sums a tensor across ranks (train.py under DDP).
-    Returns lists kl, top1, ppl (one value per state in hs) and the token count."""
+    Returns lists kl, top1, ppl, target_top1 (one value per state in hs) and the token count."""
     sums = None
     for h_full, hs, targets in batches:
         with ctx or contextlib.nullcontext():
             m = exit_metrics(output, h_full, hs, targets, chunk_size, teacher_output)
-        m = torch.cat([m, torch.full_like(m[:1], targets.numel())])  # KL, top-1 hits, NLL, tokens
+        m = torch.cat([m, torch.full_like(m[:1], targets.numel())])  # KL, top-1 hits, NLL, target hits, tokens
         sums = m if sums is None else sums + m
     if all_reduce is not None:
         all_reduce(sums)
-    kl, top1, nll = (sums[:3] / sums[3]).tolist()
-    return dict(kl=kl, top1=top1, ppl=[math.exp(v) for v in nll], tokens=int(sums[3, 0]))
+    kl, top1, nll, target_top1 = (sums[:4] / sums[4]).tolist()
+    return dict(kl=kl, top1=top1, ppl=[math.exp(v) for v in nll], target_top1=target_top1, tokens=int(sums[4, 0]))
 
 
 class BalconyModel(nn.Module):

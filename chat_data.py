@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cli import DEFAULT_CHECKPOINT, DTYPE_HELP, DTYPES, UsageError, atomic_write, default_dtype, run_cli
+from cli import (DEFAULT_CHECKPOINT, DTYPES, DTYPE_HELP, UsageError, add_quantize_args, atomic_write, default_dtype,
+                 quant_kwargs, run_cli)
 from data import CHAT
 from tasks import read_split
 
@@ -121,11 +122,13 @@ def read_chats(path: Path) -> list:
 def config_of(args, fingerprint: str) -> dict:
     """What the chats depend on, --n-train aside: the held-out part depends on these alone."""
     keys = ("seed", "n_val", "max_new_tokens", "temperature", "top_p", "sources")
-    return {**{k: getattr(args, k) for k in keys}, "model": fingerprint}
+    quant = {"quantize": quant_kwargs(args)} if args.quantize != "none" else {}  # float runs keep old configs
+    return {**{k: getattr(args, k) for k in keys}, "model": fingerprint, **quant}
 
 
 def main(args):
     from balcony import BalconyModel, model_fingerprint
+    from quantize import quantize_checkpoint
     from tokenizer import Tokenizer
 
     unknown = [s for s in args.sources if s not in SOURCES]
@@ -152,6 +155,7 @@ def main(args):
             from fetch import fetch
             evals = fetch("evals")
         val, train = split_questions(load_questions(evals, args.sources), args.seed, args.n_val, args.n_train)
+        quantize_checkpoint(bm, args.checkpoint, **quant_kwargs(args))  # after the float weights' fingerprint
         tok = Tokenizer.from_checkpoint(args.checkpoint)
         out.mkdir(parents=True, exist_ok=True)
     for name in todo:
@@ -192,6 +196,7 @@ def get_parser():
     p.add_argument("--evals-dir", default=None, help="fetched eval data (default: python fetch.py evals's folder)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help=DTYPE_HELP)
+    add_quantize_args(p)
     return p
 
 

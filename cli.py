@@ -17,6 +17,26 @@ import torch
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CHECKPOINT = ROOT / "checkpoints" / "smollm2-135m-instruct"  # what convert_hf.py --default writes
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # --dtype choices
+QUANTIZE = ("none", "int8", "int4")  # --quantize choices (quantize.py)
+QUANTIZE_HEADS = ("none", "int8", "int4", "bfloat16")  # --quantize-head choices; none: the head as loaded
+
+
+def add_quantize_args(parser):
+    """--quantize, --group-size and --quantize-head, for every script that decodes (quantize.quantize_checkpoint)."""
+    parser.add_argument("--quantize", choices=QUANTIZE, default="none",
+                        help="weight-only quantisation at load: int4 groupwise (a GGUF's own Q4 blocks where the "
+                             "checkpoint has them) or int8 per channel; bf16 activations in the matrix products")
+    parser.add_argument("--group-size", type=int, default=32, help="int4: inputs per scale and zero (32: GGUF's)")
+    parser.add_argument("--quantize-head", choices=QUANTIZE_HEADS, default="none",
+                        help="the LM head's form under --quantize; none: as loaded, in --dtype (int8 and bfloat16 "
+                             "heads give bf16 logits, which cost ~2 points of top-1 agreement: docs/quantization.md)")
+
+
+def quant_kwargs(args) -> dict:
+    """add_quantize_args' values as quantize.quantize_checkpoint's (and generate.load_model's) keyword arguments."""
+    return dict(mode=args.quantize, group_size=args.group_size, head=args.quantize_head)
+
+
 DTYPE_HELP = "default: bfloat16 on CUDA, float32 on CPU"
 
 

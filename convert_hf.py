@@ -8,7 +8,8 @@ Convert a Hugging Face LLaMA folder or a llama.cpp GGUF file into our checkpoint
 The output folder holds config.json (ModelArgs), model.safetensors (Meta's names, see model.py) and the tokenizer
 files tokenizer.py reads. Conversion is strict: every source tensor must map to one of ours and every one of ours must
 be filled with the right shape, else it stops and names the tensor. --dtype auto keeps an HF checkpoint's dtype and
-writes a GGUF's dequantised weights as float32 (quantised values with fp16 scales are not all exact in bf16).
+writes a GGUF's dequantised weights as float32 (quantised values with fp16 scales are not all exact in bf16). A GGUF's
+Q4_0 / Q4_1 tensors also keep their own blocks, in model.q4.safetensors, for `--quantize int4` (see quantize.py).
 """
 import argparse
 import json
@@ -25,6 +26,7 @@ from tqdm import tqdm
 
 from cli import DEFAULT_CHECKPOINT, DTYPES, ROOT, UsageError, atomic_write, run_cli
 from model import ModelArgs, rope_inv_freq
+from quantize import BLOCKS_FILE, gguf_q4_blocks
 from tokenizer import LLAMA3_PATTERN
 
 # source name -> our name, {} is the layer index (gpt-fast's weight_map); None: a buffer we recompute, skipped
@@ -121,7 +123,7 @@ def convert_hf(src: Path):
                 continue  # tied: the head is the embedding, HF ignores a stored lm_head too
             if ours is not None:
                 yield ours, t
-    return args, tensors(), None
+    return args, tensors(), None, {}
 
 
 # ----------------------------------------------------------------------------- GGUF files
@@ -246,6 +248,7 @@ def convert_gguf(src: Path):
     except (ValueError, OSError, KeyError, IndexError) as e:
         raise UsageError(f"{src} is not a readable GGUF file ({e}); is it complete?") from None
     args = gguf_args(reader)
+    blocks = {}  # Q4_0 / Q4_1 tensors' own blocks, filled as tensors() runs: quantize.py decodes with them
 
     def tensors():
         for t in reader.tensors:
@@ -258,12 +261,14 @@ def convert_gguf(src: Path):
                 raise UsageError(f"{t.name}: GGUF type {t.tensor_type.name} cannot be dequantised") from None
             shape = [int(n) for n in reversed(t.shape)]  # GGUF lists dims innermost-first: [in, out] -> (out, in)
             w = torch.from_numpy(np.array(w, dtype=np.float32).reshape(shape))  # a writable copy
-            if ours.endswith("attention.wq.weight"):
-                w = unpermute(w, args.n_heads)
-            elif ours.endswith("attention.wk.weight"):
-                w = unpermute(w, args.n_kv_heads)
+            b = gguf_q4_blocks(t.data, t.tensor_type.name, shape) if t.tensor_type.name in ("Q4_0", "Q4_1") else {}
+            heads = args.n_heads if ours.endswith("attention.wq.weight") else \
+                args.n_kv_heads if ours.endswith("attention.wk.weight") else None
+            if heads is not None:  # a row permutation: each row's blocks move with it
+                w, b = unpermute(w, heads), {k: unpermute(v, heads) for k, v in b.items()}
+            blocks.update({f"{ours}.{k}": v for k, v in b.items()})
             yield ours, w
-    return args, tensors(), gguf_tokenizer(reader)
+    return args, tensors(), gguf_tokenizer(reader), blocks
 
 
 # ----------------------------------------------------------------------------- writing
@@ -274,7 +279,7 @@ def convert(src: Path, out: Path, dtype: str = "auto") -> Path:
     if not src.exists():
         raise UsageError(f"{src} not found")
     is_gguf = src.is_file() and src.suffix == ".gguf"
-    args, tensors, tokenizer = convert_gguf(src) if is_gguf else convert_hf(src)
+    args, tensors, tokenizer, blocks = convert_gguf(src) if is_gguf else convert_hf(src)
     shapes = expected_shapes(args)
     sd = {}
     for name, t in tqdm(tensors, total=len(shapes), desc=f"converting {src.name}", unit="tensor", file=sys.stderr):
@@ -290,6 +295,10 @@ def convert(src: Path, out: Path, dtype: str = "auto") -> Path:
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "model.safetensors", lambda p: save_file(sd, str(p), metadata={"format": "pt"}))
+    if blocks:  # the GGUF's 4-bit blocks by our names (quantize.py's docstring), for --quantize int4
+        atomic_write(out / BLOCKS_FILE, lambda p: save_file(blocks, str(p), metadata={"source": src.name}))
+    elif (out / BLOCKS_FILE).exists():  # stale: from an earlier conversion into this folder
+        (out / BLOCKS_FILE).unlink()
     if tokenizer is not None:
         for name, content in tokenizer.items():
             atomic_write(out / name, lambda p: p.write_text(json.dumps(content, indent=1, ensure_ascii=False)))

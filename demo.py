@@ -9,7 +9,8 @@ import argparse
 
 import torch
 
-from cli import DEFAULT_CHECKPOINT, DTYPE_HELP, DTYPES, default_dtype, parse_exits, run_cli
+from cli import (DEFAULT_CHECKPOINT, DTYPES, DTYPE_HELP, add_quantize_args, default_dtype, parse_exits, quant_kwargs,
+                 run_cli)
 
 PROMPTS = ["What is the capital of France?", "Name three primary colors.", "How many legs does a spider have?"]
 
@@ -17,12 +18,14 @@ PROMPTS = ["What is the capital of France?", "Name three primary colors.", "How 
 def main(args):
     from balcony import BalconyModel
     from generate import generate
+    from quantize import quantize_checkpoint
     from tokenizer import Tokenizer
 
     exits = parse_exits(args.exits)
     torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype or default_dtype(args.device)]
     model = BalconyModel.from_checkpoint(args.checkpoint, args.balcony, exits, args.device, dtype)
+    quantize_checkpoint(model, args.checkpoint, **quant_kwargs(args))
     tok = Tokenizer.from_checkpoint(args.checkpoint)
     for prompt in args.prompt or PROMPTS:
         ids = tok.encode_chat([{"role": "user", "content": prompt}])
@@ -46,6 +49,7 @@ def get_parser():
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help=DTYPE_HELP)
+    add_quantize_args(p)
     return p
 
 

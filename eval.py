@@ -41,8 +41,10 @@ from tqdm import tqdm
 
 from balcony import BalconyModel, heldout_metrics
 from cascade import CONFIDENCE, DEFAULT_CONFIDENCE, exit_confidence, weights_per_token
-from cli import DEFAULT_CHECKPOINT, DTYPE_HELP, DTYPES, ROOT, Auto, UsageError, default_dtype, parse_exits, run_cli
+from cli import (DEFAULT_CHECKPOINT, DTYPES, DTYPE_HELP, ROOT, Auto, UsageError, add_quantize_args, default_dtype,
+                 parse_exits, quant_kwargs, run_cli)
 from data import CHAT
+from quantize import quantize_checkpoint
 from tasks import CHAT_PROMPTS, TASKS
 
 # ----------------------------------------------------------------------------- scoring
@@ -174,8 +176,8 @@ def heldout_scores(bm, batches, exits: list, measure: str, chunk: int) -> list:
             yield h_full, [h for h, _ in hs], y
 
     m = heldout_metrics(bm.model.output, states(), chunk)
-    return [dict(ppl=m["ppl"][e], kl=m["kl"][e], top1_agree=m["top1"][e], layers=layers[e].item() / m["tokens"],
-                 tokens=m["tokens"]) for e in range(len(exits))]
+    return [dict(ppl=m["ppl"][e], kl=m["kl"][e], top1_agree=m["top1"][e], target_top1=m["target_top1"][e],
+                 layers=layers[e].item() / m["tokens"], tokens=m["tokens"]) for e in range(len(exits))]
 
 
 def answer_tokens(tok, messages: list):
@@ -192,7 +194,9 @@ def answer_tokens(tok, messages: list):
 def eval_heldout_chat(bm, tok, chats: list, exits: list, batch_size: int, chunk: int = 1024,
                       measure: str = "prob") -> list:
     """The full model's own chat answers (chat_data.py's held-out val.jsonl) teacher-forced through each exit: KL(full
-    || exit) per token, top-1 agreement with the full model, perplexity and backbone layers, on the answer tokens."""
+    || exit) per token, top-1 agreement with the full model, perplexity and backbone layers, on the answer tokens; and
+    target_top1, how often the exit's top-1 is the answer's token: agreement with the model that wrote the answers
+    (greedy, float32 by default), the same reference whatever this model's --dtype or --quantize."""
     seqs = sorted((answer_tokens(tok, m) for m in chats), key=lambda s: -len(s[0]))
     device = bm.model.tok_embeddings.weight.device
 
@@ -305,7 +309,8 @@ def markdown_table(results: dict, exits: list) -> str:
         extra += [("ppl layers", "ppl", "layers", 1, ".1f")] if auto else []
     if "heldout_chat" in results:
         extra += [("held-out chat KL", "heldout_chat", "kl", 1, ".4f"),
-                  ("held-out chat top-1 %", "heldout_chat", "top1_agree", 100, ".1f")]
+                  ("held-out chat top-1 %", "heldout_chat", "top1_agree", 100, ".1f"),
+                  ("held-out answer top-1 %", "heldout_chat", "target_top1", 100, ".1f")]
         extra += [("held-out chat layers", "heldout_chat", "layers", 1, ".1f")] if auto else []
     if "chat" in results:
         extra += [(f"chat agree % (n={results['chat']['n']})", "chat", "agree", 100, ".1f"),
@@ -417,6 +422,7 @@ def main(args):
     device = torch.device(args.device)
     args.dtype = args.dtype or default_dtype(device)
     bm = BalconyModel.from_checkpoint(args.checkpoint, args.balcony, exits, device, DTYPES[args.dtype])
+    quantize_checkpoint(bm, args.checkpoint, **quant_kwargs(args))
     exits = list(dict.fromkeys(None if e == bm.n_layers else e for e in exits))  # "30" is full depth too
     tok = Tokenizer.from_checkpoint(args.checkpoint)
     root = Path(args.evals_dir) if args.evals_dir else None
@@ -458,7 +464,8 @@ def main(args):
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(dict(checkpoint=str(args.checkpoint), exits=[label(e) for e in exits],
-                                                   dtype=args.dtype, results=results), indent=2))
+                                                   dtype=args.dtype, **quant_kwargs(args),
+                                                   results=results), indent=2))
     if args.plot:
         plot(results, exits, args.plot)
 
@@ -490,6 +497,7 @@ def get_parser():
     p.add_argument("--evals-dir", default=None, help="fetched eval data (default: python fetch.py evals's folder)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help=DTYPE_HELP)
+    add_quantize_args(p)
     p.add_argument("--json", default=str(ROOT / "out" / "eval.json"), help="write all metrics here ('' to skip)")
     p.add_argument("--plot", default=None, help="PNG of quality against layers per token and speed (needs matplotlib)")
     return p

@@ -2,7 +2,7 @@
 Export a Balcony exit as a standalone Llama, a Hugging Face folder or a llama.cpp GGUF (like llama2.c's export.py):
 
     python export.py --exit 18 --out exports/exit18                       # transformers, vLLM, lm-eval
-    python export.py --exit 21 --format gguf --out exports/exit21.gguf    # llama.cpp; --dtype q8_0 to quantise
+    python export.py --exit 21 --format gguf --out exports/exit21.gguf    # llama.cpp; --dtype q8_0|q4_1|q4_0
     python export.py --exit full --out exports/base                       # the base model itself
 
 Exit k is, exactly, a plain Llama with k + 1 layers (paper section 3, Eq. 1): backbone layers 1..k, the balcony block
@@ -26,7 +26,8 @@ from convert_hf import (GGUF_PRE_TOKENIZERS, GGUF_WEIGHT_MAP, HF_WEIGHT_MAP, TOK
                         gguf_pre_tokenizer, permute, rename)
 from model import ModelArgs, rope_inv_freq
 
-GGUF_TYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "q8_0": "Q8_0"}  # --dtype -> GGML type
+GGUF_TYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0",
+              "q4_1": "Q4_1"}  # --dtype -> GGML type
 
 
 def exit_as_llama(bm, exit):
@@ -139,8 +140,7 @@ def write_gguf(out: Path, args: ModelArgs, sd: dict, ckpt: Path, tok, dtype: str
     qtype = Q[GGUF_TYPES[dtype]]
     w = gguf.GGUFWriter(str(out), "llama")
     w.add_name(name)
-    w.add_file_type({"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
-                     "BF16": gguf.LlamaFileType.MOSTLY_BF16, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype.name])
+    w.add_file_type(gguf.LlamaFileType.ALL_F32 if qtype == Q.F32 else gguf.LlamaFileType[f"MOSTLY_{qtype.name}"])
     w.add_context_length(args.max_seq_len)
     w.add_embedding_length(args.dim)
     w.add_block_count(args.n_layers)
@@ -154,7 +154,8 @@ def write_gguf(out: Path, args: ModelArgs, sd: dict, ckpt: Path, tok, dtype: str
     w.add_rope_freq_base(args.rope_theta)
     w.add_layer_norm_rms_eps(args.norm_eps)
     w.add_vocab_size(args.vocab_size)
-    if qtype == Q.Q8_0:
+    quantised = qtype in (Q.Q8_0, Q.Q4_0, Q.Q4_1)
+    if quantised:
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_gguf_tokenizer(w, ckpt, tok, args.vocab_size)
     tensors = renamed(sd, GGUF_WEIGHT_MAP, args.n_layers)
@@ -166,8 +167,11 @@ def write_gguf(out: Path, args: ModelArgs, sd: dict, ckpt: Path, tok, dtype: str
         if name.endswith(("attn_q.weight", "attn_k.weight")):  # back to llama.cpp's interleaved RoPE rows
             x = permute(x, args.n_heads if name.endswith("attn_q.weight") else args.n_kv_heads)
         x = x.numpy()
-        # norms and rope_freqs stay float32 (llama.cpp wants that); Q8_0 needs rows in blocks of 32, else float16
-        t_type = Q.F32 if x.ndim == 1 else qtype if qtype != Q.Q8_0 or x.shape[1] % 32 == 0 else Q.F16
+        # norms and rope_freqs stay float32 (llama.cpp wants that); quantised types need rows in blocks of 32, else
+        # float16; at 4 bits the embedding (the tied head) is Q8_0, as in llama.cpp's own Q4 files
+        t_type = Q.F32 if x.ndim == 1 else qtype if not quantised or x.shape[1] % 32 == 0 else Q.F16
+        if t_type in (Q.Q4_0, Q.Q4_1) and name in ("token_embd.weight", "output.weight"):
+            t_type = Q.Q8_0
         w.add_tensor(name, quantize(x, t_type), raw_dtype=t_type)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -221,7 +225,8 @@ def get_parser():
     p.add_argument("--exit", default="full", help="exit layer to export, or 'full' for the base model")
     p.add_argument("--out", type=Path, required=True, help="output folder (hf) or .gguf file (gguf)")
     p.add_argument("--format", choices=["hf", "gguf"], default="hf")
-    p.add_argument("--dtype", choices=[*DTYPES, "q8_0"], default="float32", help="weights dtype; q8_0: GGUF only")
+    p.add_argument("--dtype", choices=[*DTYPES, "q8_0", "q4_0", "q4_1"], default="float32",
+                   help="weights dtype; q8_0, q4_0, q4_1: GGUF only (at 4 bits the embedding and head are Q8_0)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     return p
 

@@ -32,7 +32,9 @@ import torch
 
 from balcony import BalconyModel
 from cascade import CONFIDENCE, DEFAULT_CONFIDENCE, ConfidenceCascade
-from cli import DEFAULT_CHECKPOINT, DTYPE_HELP, DTYPES, Auto, UsageError, default_dtype, parse_exit, run_cli
+from cli import (DEFAULT_CHECKPOINT, DTYPES, DTYPE_HELP, Auto, UsageError, add_quantize_args, default_dtype, parse_exit,
+                 quant_kwargs, run_cli)
+from quantize import quantize_checkpoint
 
 _compiled = False  # set by compile_steps(): compiled steps want fixed shapes, so caches are read whole
 
@@ -451,6 +453,7 @@ def main(args):
     exits = [e for _, e, _ in items]
     model = BalconyModel.from_checkpoint(args.checkpoint, args.balcony, [*exits, args.draft_exit], device, dtype,
                                          labels=[where for *_, where in items] + [None])
+    quantize_checkpoint(model, args.checkpoint, **quant_kwargs(args))
     tokenizer = Tokenizer.from_checkpoint(args.checkpoint)
     if args.chat:
         prompts = [tokenizer.encode_chat([{"role": "user", "content": text}]) for text, *_ in items]
@@ -559,6 +562,7 @@ def get_parser():
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode steps")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help=DTYPE_HELP)
+    add_quantize_args(p)
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per prompt (prompt, exit, tokens, text, timings) instead of text")
     return p

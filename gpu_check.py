@@ -167,7 +167,7 @@ def step_decode_8b(args, rec, device, quantize=None):
     # int4 in groups of 32 with a bf16 scale and zero each: 0.625 bytes a weight, the head's too
     reads = weight_reads(model, 0.5 + 2 * 2 / 32 if quantize else model.model.output.weight.element_size())
     if quantize:
-        quantize(model, "int4", 32)
+        quantize(model, "int4", 32, head="int4")  # the head too: weight_reads counts every weight at 4 bits
     if device.type == "cuda":
         compile_steps()
     rec["compiled"] = device.type == "cuda"

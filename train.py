@@ -42,11 +42,13 @@ from tqdm import tqdm
 
 from balcony import (KINDS, BalconyModel, distillation_kl, distillation_kl_reference, heldout_metrics,
                      model_fingerprint)
-from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, atomic_write, default_dtype, run_cli
+from cli import (DEFAULT_CHECKPOINT, DTYPES, UsageError, add_quantize_args, atomic_write, default_dtype, quant_kwargs,
+                 run_cli)
 from convert_hf import TOKENIZER_FILES
 from data import (FORMAT, add_data_args, data_files, get_batch, iter_batches, n_windows, open_mask, open_tokens,
                   step_windows, tokenize_corpus)
 from model import ModelArgs, Transformer
+from quantize import quantize_checkpoint
 from tokenizer import Tokenizer
 
 
@@ -254,7 +256,9 @@ def run_config(args, global_batch: int, data_key: str) -> dict:
     --max-steps may grow: the learning rate then follows the new schedule from the resumed step on."""
     keys = ("seq_len", "lr", "warmup_steps", "weight_decay", "grad_clip", "init", "balcony", "loss", "kl_weight",
             "ce_weight", "train_backbone", "from_scratch", "seed", "dtype", "loss_on")
-    return {**{k: getattr(args, k) for k in keys}, "global_batch": global_batch, "data": data_key, "format": FORMAT}
+    quant = {"quantize": quant_kwargs(args)} if args.quantize != "none" else {}  # float runs keep old configs
+    return {**{k: getattr(args, k) for k in keys}, "global_batch": global_batch, "data": data_key, "format": FORMAT,
+            **quant}
 
 
 def save_state(path: Path, bm, opt, step: int, fingerprint: str, config: dict):
@@ -432,6 +436,9 @@ def train(args, rank: int, world_size: int, device) -> int:
     if args.train_backbone and (ddp or dtype != torch.float32):  # (--from-scratch keeps fp32 weights, autocasts)
         raise UsageError("--train-backbone (the unfrozen ablation) trains in one process with an fp32 backbone: drop "
                          "torchrun and --fsdp, and pass --dtype float32")
+    if args.quantize != "none" and (new_model or args.loss == "ce" or args.fsdp):
+        raise UsageError(f"--quantize {args.quantize} quantises the frozen backbone: it cannot train "
+                         "(--train-backbone, --from-scratch, --loss ce) or be sharded (--fsdp)")
     torch.manual_seed(args.seed)  # the same random exits on every rank (--init random)
     # the frozen backbone and head are stored in --dtype once (no per-step casts); with --fsdp each rank reads them
     # into CPU memory and keeps only its shard of every layer on the device
@@ -446,7 +453,10 @@ def train(args, rank: int, world_size: int, device) -> int:
         bm.requires_grad_(True)  # every weight learns, on every submodel's loss
     if args.seq_len > bm.model.args.max_seq_len:
         raise UsageError(f"--seq-len {args.seq_len} exceeds the model's context of {bm.model.args.max_seq_len}")
-    fingerprint = model_fingerprint(bm.model)
+    fingerprint = model_fingerprint(bm.model)  # of the float weights: the exits load onto any --quantize
+    # the backbone's layers as they will decode (the teacher's too); the head stays float: the loss's gradient
+    # multiplies by its weight
+    quantize_checkpoint(bm.model, ckpt, **dict(quant_kwargs(args), head="none"))
     if args.fsdp:
         shard_backbone(bm, device, world_size)
 
@@ -646,6 +656,7 @@ def get_parser():
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="the frozen backbone and head (default: "
                    "bfloat16 on CUDA and on CPUs with AVX512-BF16 or AMX, else float32; float32 with "
                    "--train-backbone); the exits' weights and optimiser state, the softmax and the KL stay float32")
+    add_quantize_args(p)
     p.add_argument("--fsdp", action="store_true", help="with torchrun: shard the frozen backbone across processes "
                    "(FSDP2), for backbones too big for one GPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",

@@ -205,31 +205,33 @@ def test_exit_metrics_equal_plain_formulas(chunk):
     bm = BalconyModel(Transformer(tiny_args()), [1, 2], init="random")
     x, y = torch.randint(0, 320, (2, 12)), torch.randint(0, 320, (2, 12))
     h_full, h_exits = bm.forward_train(x)
-    kl, top1, nll = exit_metrics(bm.model.output, h_full, h_exits + [h_full], y, chunk_size=chunk)
+    kl, top1, nll, hits = exit_metrics(bm.model.output, h_full, h_exits + [h_full], y, chunk_size=chunk)
     with torch.no_grad():
         full = bm(x).flatten(0, 1)
         for j, logits in enumerate([bm(x, exit=1).flatten(0, 1), bm(x, exit=2).flatten(0, 1), full]):
             ref_kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(full, -1), log_target=True, reduction="sum")
             torch.testing.assert_close(kl[j], ref_kl, atol=1e-4, rtol=1e-4)
             assert top1[j] == (logits.argmax(-1) == full.argmax(-1)).sum()
+            assert hits[j] == (logits.argmax(-1) == y.flatten()).sum()
             torch.testing.assert_close(nll[j], F.cross_entropy(logits, y.flatten(), reduction="sum"), atol=1e-3, rtol=1e-5)
     assert kl[-1].abs() < 1e-4 and top1[-1] == 24 and top1[0] < 24
 
 
 def test_heldout_metrics_is_exit_metrics_per_token():
     """Batches of different sizes: the per-token means of exit_metrics' sums over all of them; all_reduce sees the
-    sums (KL, top-1, NLL, tokens) before they are divided."""
+    sums (KL, top-1, NLL, target hits, tokens) before they are divided."""
     torch.manual_seed(0)
     bm = BalconyModel(Transformer(tiny_args()), [1, 2], init="random")
     x, y = torch.randint(0, 320, (3, 12)), torch.randint(0, 320, (3, 12))
     with torch.no_grad():
         h_full, h_exits = bm.forward_train(x)
-    kl, top1, nll = exit_metrics(bm.model.output, h_full, h_exits + [h_full], y) / 36
+    kl, top1, nll, hits = exit_metrics(bm.model.output, h_full, h_exits + [h_full], y) / 36
     seen = []
     m = heldout_metrics(bm.model.output, [(h_full[:1], [h[:1] for h in h_exits + [h_full]], y[:1]),
                                           (h_full[1:], [h[1:] for h in h_exits + [h_full]], y[1:])],
                         all_reduce=seen.append)
-    assert m["tokens"] == 36 and seen[0].shape == (4, 3) and seen[0][3].tolist() == [36] * 3
+    assert m["tokens"] == 36 and seen[0].shape == (5, 3) and seen[0][4].tolist() == [36] * 3
     torch.testing.assert_close(torch.tensor(m["kl"]), kl, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(torch.tensor(m["top1"]), top1)
+    torch.testing.assert_close(torch.tensor(m["target_top1"]), hits)
     torch.testing.assert_close(torch.tensor(m["ppl"]), nll.exp(), atol=1e-4, rtol=1e-5)
