@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import QUANTIZE as MODES, QUANTIZE_HEADS as HEADS, UsageError
+from cli import QUANTIZE as MODES, QUANTIZE_HEADS as HEADS, UsageError, run_cli
 
 GROUP_SIZES = (32, 64, 128, 256)  # what both int4 kernels take
 BLOCKS_FILE = "model.q4.safetensors"
@@ -256,10 +256,14 @@ def main(args):
           "rounding the file already holds")
 
 
-if __name__ == "__main__":
+def get_parser():
     import argparse
 
-    from cli import DEFAULT_CHECKPOINT, run_cli
-    p = argparse.ArgumentParser(description=main.__doc__)
-    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
-    run_cli(main, p.parse_args)
+    from cli import DEFAULT_CHECKPOINT
+    p = argparse.ArgumentParser(description=main.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="converted model folder (from a Q4_0/Q4_1 GGUF)")
+    return p
+
+
+if __name__ == "__main__":
+    run_cli(main, get_parser().parse_args)

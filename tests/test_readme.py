@@ -12,7 +12,7 @@ from conftest import ROOT, run_script
 SCRIPTS = ["convert_hf.py", "fetch.py", "train.py", "generate.py", "eval.py", "bench_train.py", "bench_generate.py",
            "data.py", "bench_data.py", "chat_data.py", "demo.py"]
 SCRIPTS += ["export.py", "bench_export.py"]
-SCRIPTS += ["ablate.py"]
+SCRIPTS += ["ablate.py", "quantize.py", "serve.py", "bench_serve.py", "gpu_check.py", "pretrain_table.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
