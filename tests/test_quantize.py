@@ -149,6 +149,19 @@ def test_quantized_greedy_equals_its_uncached_forward(tiny_ckpt, mode, head, dev
         assert generate(bm, [prompt], 8, exit=exit)[0]["tokens"] == idx[0, len(prompt):].tolist()
 
 
+def test_int4_keeps_balconies_int8(tiny_ckpt):
+    # --quantize int4: the backbone's linears are int4, the trained balconies' int8 per channel (min-max int4 wrecks a
+    # trained balcony's output), and each balcony module still equals its dequantised reference
+    bm = BalconyModel(Transformer.from_checkpoint(tiny_ckpt), [2]).eval()
+    w = bm.exits["2"].layer.attention.wq.weight.detach().clone()
+    quantize(bm, "int4", 32, "none")
+    kinds = {n: type(m) for n, m in bm.named_modules() if isinstance(m, (WeightOnlyInt4Linear, WeightOnlyInt8Linear))}
+    assert {k for n, k in kinds.items() if n.startswith("exits.")} == {WeightOnlyInt8Linear}
+    assert {k for n, k in kinds.items() if n.startswith("model.")} == {WeightOnlyInt4Linear}
+    x = torch.randn(3, w.size(1))
+    assert_linear_close(bm.exits["2"].layer.attention.wq(x), x, w, 2 * BF16_EPS + 2 / 127)
+
+
 def test_no_packed_tensor_is_saved(tiny_ckpt, tmp_path):
     # the packed weights are non-persistent buffers: a saved state dict holds the norms and the embedding only
     bm = BalconyModel(Transformer.from_checkpoint(tiny_ckpt), [2]).eval()
