@@ -165,7 +165,9 @@ def test_ctrl_c_in_generate_exits_130_without_traceback(tiny_ckpt, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, str(ROOT / "generate.py"), "--checkpoint", str(tiny_ckpt),
                              "--max-new-tokens", "250", "--batch-size", "1", "--prompts", str(prompts)], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            # a shell's background job ignores SIGINT, and Python keeps an ignored SIGINT ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stdout.read(1)  # generating
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=600)
