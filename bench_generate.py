@@ -24,6 +24,7 @@ import torch
 
 from balcony import BalconyModel
 from cli import DEFAULT_CHECKPOINT, DTYPES, DTYPE_HELP, UsageError, add_quantize_args, default_dtype, run_cli
+from cascade import bytes_per_token
 from generate import compile_steps, generate
 from quantize import quantize_checkpoint
 
@@ -116,17 +117,6 @@ def table_hf(model, tok, prompt_ids, args):
     c = gemv_ceiling(model, 10 * args.reps)
     print(f"| {args.dtype} | {o:.1f} | {t:.1f} | {o / t:.2f}x | {c:.1f} | {c / t:.2f}x | "
           f"{'yes' if o_tok == t_tok else 'no'} |", flush=True)
-
-
-def bytes_per_token(model, exit) -> int:
-    """Bytes of weights a token decoded at batch 1 reads, in whatever form they are held (float or quantised): backbone
-    layers 1..exit (None: all) and the final norm or the exit's balcony, then the head. KV caches are not weights."""
-    def nbytes(m):
-        return sum(t.nbytes for n, t in [*m.named_parameters(), *m.named_buffers()] if "kv_cache" not in n)
-    m = model.model
-    if exit is None:
-        return sum(nbytes(layer) for layer in m.layers) + nbytes(m.norm) + nbytes(m.output)
-    return sum(nbytes(layer) for layer in m.layers[:exit]) + nbytes(model.exits[str(exit)]) + nbytes(m.output)
 
 
 def llama_cpp_files(model, args, tmp) -> dict:

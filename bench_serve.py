@@ -23,7 +23,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from cli import DEFAULT_CHECKPOINT, ROOT, UsageError, run_cli
+from cli import DEFAULT_CHECKPOINT, ROOT, UsageError, add_quantize_args, run_cli
 
 
 def percentile(xs: list, q: float) -> float:
@@ -155,7 +155,8 @@ def start_server(args) -> tuple:
         port = s.getsockname()[1]
     cmd = [sys.executable, str(ROOT / "serve.py"), "--checkpoint", str(args.checkpoint), "--port", str(port),
            "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue), "--tpot-ms", str(args.tpot_ms),
-           "--max-seq", str(args.max_seq)] + (["--balcony", args.balcony] if args.balcony else [])
+           "--max-seq", str(args.max_seq), "--quantize", args.quantize, "--group-size", str(args.group_size),
+           "--quantize-head", args.quantize_head] + (["--balcony", args.balcony] if args.balcony else [])
     Path(args.log).parent.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(cmd, stdout=open(args.log, "w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -233,6 +234,7 @@ def get_parser():
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-queue", type=int, default=64)
     p.add_argument("--max-seq", type=int, default=512)
+    add_quantize_args(p)  # passed to serve.py
     p.add_argument("--seed", type=int, default=0, help="arrival times")
     p.add_argument("--chat-data", default=ROOT / "data" / "chat" / "val.jsonl", help="questions to ask")
     p.add_argument("--quality", default=None,

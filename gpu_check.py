@@ -20,8 +20,8 @@ leaves the others' figures (a step that runs out of time keeps the rows it had w
                   held-out chat agreement per exit against the demo's exits; the exits in bf16, one file per exit
 
 Weights are random where the step says so: speed and memory do not depend on their values. The bandwidth fraction
-counts the weights a token reads (cascade.weights_per_token) at their dtype's size; the KV cache, a few MB at
-these lengths, is left out.
+counts the bytes of weights a token reads (cascade.bytes_per_token), in the form they are held (int4: 0.625 bytes a
+weight, scales and zeros included); the KV cache, a few MB at these lengths, is left out.
 """
 import argparse
 import json
@@ -141,11 +141,11 @@ def random_balcony(args, device, dtype):
     return BalconyModel(model, [int(k) for k in s["exits"].split(",")]).eval()
 
 
-def weight_reads(model, bytes_per_weight: float) -> dict:
-    """Bytes of weights a batch-1 token reads at each exit (None: full depth), full depth first."""
-    from cascade import weights_per_token
+def weight_reads(model) -> dict:
+    """Bytes of weights a batch-1 token reads at each exit (None: full depth), full depth first, as they are held."""
+    from cascade import bytes_per_token
 
-    return {exit: weights_per_token(model, exit) * bytes_per_weight for exit in [None, *model.exit_layers]}
+    return {exit: bytes_per_token(model, exit) for exit in [None, *model.exit_layers]}
 
 
 def decode_rows(model, rec, table: str, args, device, prompt: list, reads: dict):
@@ -164,10 +164,9 @@ def step_decode_8b(args, rec, device, quantize=None):
     from generate import compile_steps
 
     model = random_balcony(args, device, DTYPES["bfloat16" if quantize else default_dtype(device)])
-    # int4 in groups of 32 with a bf16 scale and zero each: 0.625 bytes a weight, the head's too
-    reads = weight_reads(model, 0.5 + 2 * 2 / 32 if quantize else model.model.output.weight.element_size())
-    if quantize:
-        quantize(model, "int4", 32, head="int4")  # the head too: weight_reads counts every weight at 4 bits
+    if quantize:  # int4 in groups of 32 with a bf16 scale and zero each, 0.625 bytes a weight, the head's too
+        quantize(model, "int4", 32, head="int4")
+    reads = weight_reads(model)
     if device.type == "cuda":
         compile_steps()
     rec["compiled"] = device.type == "cuda"
@@ -220,7 +219,7 @@ def step_decode_default(args, rec, device):
     rec["compiled"] = device.type == "cuda"
     torch.set_float32_matmul_precision("high" if device.type == "cuda" else "highest")
     m = models[default_dtype(device)]
-    decode_rows(m, rec, "batch1", args, device, prompt, weight_reads(m, m.model.output.weight.element_size()))
+    decode_rows(m, rec, "batch1", args, device, prompt, weight_reads(m))
     if not exits:
         rec["speculative"] = f"skipped: no trained exits in {exits_file}"
         return

@@ -46,8 +46,9 @@ import torch
 import torch.nn as nn
 
 from balcony import BalconyModel
-from cascade import weights_per_token
-from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, run_cli
+from cascade import bytes_per_token, nbytes
+from cli import (DEFAULT_CHECKPOINT, DTYPE_HELP, DTYPES, UsageError, add_quantize_args, default_dtype, quant_kwargs,
+                 run_cli)
 from generate import check_request, compact_caches, exit_plan, forward_rows, prepare_head, sample
 from model import KVCache
 
@@ -93,9 +94,9 @@ class AutoPolicy:
     def __init__(self, model: BalconyModel, budget_s: Optional[float], alpha: float, beta: float, max_batch: int):
         self.model, self.budget_s, self.alpha, self.beta, self.max_batch = model, budget_s, alpha, beta, max_batch
         self.ladder = [model.n_layers, *model.exit_layers[::-1]]  # deepest first
-        self.layer = sum(p.numel() for p in model.model.layers[0].parameters())
-        self.token = {d: weights_per_token(model, d) for d in self.ladder}  # the weights a token at exit d reads
-        self.head = model.model.output.weight.numel()
+        self.layer = nbytes(model.model.layers[0])
+        self.token = {d: bytes_per_token(model, d) for d in self.ladder}  # the weights a token at exit d reads
+        self.head = nbytes(model.model.output)
         self.load = 1.0  # measured step intervals over predicted step times, a running mean
         self.gap, self.last_arrival = None, None  # seconds between arrivals, a running mean
         self.decisions = {d: 0 for d in self.ladder}
@@ -160,7 +161,7 @@ class Engine:
     @torch.no_grad()
     def calibrate(self) -> tuple:
         """(alpha, beta) of AutoPolicy's step model, from full-depth decode steps on 1 and max_batch rows."""
-        n, w = self.model.n_layers, weights_per_token(self.model, self.model.n_layers)
+        n, w = self.model.n_layers, bytes_per_token(self.model, self.model.n_layers)
         times = []
         for B in (1, self.max_batch):
             cur, pos = torch.zeros(B, 1, dtype=torch.long, device=self.device), torch.full((B, 1), 31)
@@ -517,13 +518,16 @@ def load(args) -> tuple:
     """(model with every trained exit, tokenizer, served name) for the command line."""
     from tokenizer import Tokenizer
 
+    from quantize import quantize_checkpoint
+
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    dtype = DTYPES[args.dtype or default_dtype(device)]
     trained = args.balcony or (Path(args.checkpoint) / "balcony.safetensors").is_file()
     if not trained:
         log.warning("no balcony.safetensors in %s: serving full depth only (train exits with train.py)",
                     args.checkpoint)
     model = BalconyModel.from_checkpoint(args.checkpoint, args.balcony, None if trained else [None], device, dtype)
+    quantize_checkpoint(model, args.checkpoint, **quant_kwargs(args))
     return model, Tokenizer.from_checkpoint(args.checkpoint), args.name or Path(args.checkpoint).resolve().name
 
 
@@ -563,7 +567,8 @@ def get_parser():
                    help="@auto's budget: time per output token; none: @auto serves full depth")
     p.add_argument("--drain-s", type=int, default=10, help="on Ctrl-C, how long streams in flight may finish")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help=DTYPE_HELP)
+    add_quantize_args(p)
     return p
 
 

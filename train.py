@@ -616,7 +616,7 @@ def get_parser():
     p.add_argument("--seq-len", type=int, default=256, help="tokens per window" + d)
     p.add_argument("--batch-size", type=int, default=2, help="windows per micro-batch per process" + d)
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step" + d)
-    p.add_argument("--max-steps", type=int, default=150, help="optimiser steps (150: 2.5 epochs of data/chat)" + d)
+    p.add_argument("--max-steps", type=int, default=300, help="optimiser steps (300: 1.6 epochs of data/chat)" + d)
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (paper: 5e-4)" + d)
     p.add_argument("--warmup-steps", type=int, default=10, help="linear warmup, then cosine to lr/10" + d)
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay" + d)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import cascade as cascade_module
-from cascade import exit_confidence, weights_per_token
+from cascade import bytes_per_token, exit_confidence, nbytes
 from generate import generate, get_parser, main
 from cli import UsageError
 from test_generate import PROMPT, one_thread, tiny_balcony, tiny_with_balcony  # noqa: F401 (fixtures)
@@ -183,15 +183,29 @@ def test_layers_run_per_token_match_the_exits(scripted):
     assert r["backfilled"] == sum(depth) - sum(exits[1:]) - len(PROMPT) * exits[0] > 0
 
 
-def test_weights_per_token():
-    model = tiny_balcony()  # 4 layers, exits 1, 2, 3
-    layer = sum(p.numel() for p in model.model.layers[0].parameters())
-    head = model.model.output.weight.numel()
-    assert weights_per_token(model, 2) == 3 * layer + head  # layers 1..2, balcony 2, the head
-    assert weights_per_token(model, None) == weights_per_token(model, 4) == 4 * layer + head
-    assert weights_per_token(model, 1, cascade=True) == weights_per_token(model, 1)  # the first exit tries nothing else
-    assert weights_per_token(model, 2, cascade=True) == 3 * layer + head + (layer + head)  # tried balcony 1 and a head
-    assert weights_per_token(model, None, cascade=True) == 4 * layer + head + 3 * (layer + head)
+def test_bytes_per_token():
+    model = tiny_balcony()  # 4 layers, exits 1, 2, 3; fp32
+    layer = 4 * sum(p.numel() for p in model.model.layers[0].parameters())
+    norm, head = 4 * model.model.norm.weight.numel(), 4 * model.model.output.weight.numel()
+    balcony = layer + norm  # a decoder layer and its RMSNorm
+    assert bytes_per_token(model, 2) == 2 * layer + balcony + head  # layers 1..2, balcony 2, the head
+    assert bytes_per_token(model, None) == bytes_per_token(model, 4) == 4 * layer + norm + head
+    assert bytes_per_token(model, 1, cascade=True) == bytes_per_token(model, 1)  # the first exit tries nothing else
+    assert bytes_per_token(model, 2, cascade=True) == 2 * layer + balcony + head + (balcony + head)  # tried exit 1
+    assert bytes_per_token(model, None, cascade=True) == 4 * layer + norm + head + 3 * (balcony + head)
+
+
+def test_bytes_per_token_counts_quantised_weights_as_held():
+    from quantize import quantize
+    model = tiny_balcony()
+    linears = [m for m in model.model.layers[0].modules() if isinstance(m, torch.nn.Linear)]
+    norms = 4 * sum(p.numel() for n, p in model.model.layers[0].named_parameters() if "norm" in n)
+    full_head = 4 * model.model.output.weight.numel()
+    quantize(model, "int4", 32, head="none")
+    # int4: half a byte a weight, and a bf16 scale and zero per 32 of them; the norms stay fp32, the head as loaded
+    int4_layer = sum(m.out_features * m.in_features * (1 / 2 + 4 / 32) for m in linears) + norms
+    assert nbytes(model.model.layers[0]) == int4_layer
+    assert bytes_per_token(model, None) == 4 * int4_layer + 4 * model.model.norm.weight.numel() + full_head
 
 
 # ---- the CLI ----

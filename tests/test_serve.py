@@ -2,6 +2,7 @@
 not; greedy output through the server equals generate() at the same exit, also when requests of different exits
 and lengths share the batch; a client that leaves mid-stream frees its row; every bad request gets an OpenAI-style
 error and the next good one is served."""
+import contextlib
 import http.client
 import json
 import signal
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from balcony import BalconyModel
+from cascade import nbytes
 from conftest import ROOT, make_tiny_checkpoint, tiny_args
 from generate import generate
 from model import Transformer
@@ -37,27 +39,34 @@ def untrained_2():
     return model
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models gain nothing from threads (test_generate.py)
-    tok = Tokenizer.from_checkpoint(make_tiny_checkpoint(tmp_path_factory.mktemp("tiny")))
-    engine = Engine(untrained_2(), max_batch=4, max_seq=MAX_SEQ, queue_size=6, stop_ids=tok.stop_ids)
+@contextlib.contextmanager
+def running(engine, tok, name="tiny"):
+    """engine behind a real uvicorn on a free loopback port: {port, engine, tok, client}."""
     engine.start()
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(uvicorn.Config(make_app(engine, tok, "tiny"), log_level="warning"))
+    srv = uvicorn.Server(uvicorn.Config(make_app(engine, tok, name), log_level="warning"))
     thread = threading.Thread(target=srv.run, kwargs=dict(sockets=[sock]))
     thread.start()
     while not srv.started:
         time.sleep(0.01)
     port = sock.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/v1"
-    client = openai.OpenAI(base_url=url, api_key="none", max_retries=0)
-    yield dict(port=port, engine=engine, tok=tok, client=client)
-    srv.should_exit = True
-    thread.join()
-    engine.stop()
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+    try:
+        yield dict(port=port, engine=engine, tok=tok, client=client)
+    finally:
+        srv.should_exit = True
+        thread.join()
+        engine.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models gain nothing from threads (test_generate.py)
+    tok = Tokenizer.from_checkpoint(make_tiny_checkpoint(tmp_path_factory.mktemp("tiny")))
+    with running(Engine(untrained_2(), max_batch=4, max_seq=MAX_SEQ, queue_size=6, stop_ids=tok.stop_ids), tok) as s:
+        yield s
     torch.set_num_threads(threads)
 
 
@@ -223,11 +232,14 @@ def test_full_queue_answers_429(server, monkeypatch):
 
 def test_auto_policy_picks_the_deepest_exit_that_keeps_the_budget():
     model = BalconyModel(Transformer(tiny_args(n_layers=8)), [2, 5])
-    layer, head = (sum(p.numel() for p in m.parameters()) for m in (model.model.layers[0], model.model.output))
+    layer, norm, head = (nbytes(m) for m in (model.model.layers[0], model.model.norm, model.model.output))
+
+    def own(d):  # the final norm at full depth, a balcony (a layer and its norm) at an exit
+        return norm + layer * (d < 8)
 
     def step_s(depths):  # the step model by hand: each weight used is read once and used by each of its rows
-        read = layer * max(depths) + head + sum(layer * (d < 8) for d in set(depths))
-        return 2e-9 * read + 1e-9 * sum(layer * d + head + layer * (d < 8) for d in depths)
+        read = layer * max(depths) + head + sum(own(d) for d in set(depths))
+        return 2e-9 * read + 1e-9 * sum(layer * d + own(d) + head for d in depths)
 
     policy = AutoPolicy(model, None, alpha=2e-9, beta=1e-9, max_batch=6)
     policy.load = 1.5
@@ -254,6 +266,25 @@ def test_auto_request_served_at_the_chosen_exit(server, monkeypatch):
     assert r.model == "tiny@1" and r.choices[0].text == reference(server["tok"], PROMPTS[0], 1, 4)[0]
     metrics = call(server["port"], "/metrics")[1]
     assert 'balcony_auto_decisions{exit="1"} 1' in metrics and "balcony_auto_predicted_tpot_ms" in metrics
+
+
+def test_quantize_int4_serves_the_int4_model(tmp_path):
+    # serve.py --quantize int4: the engine decodes with int4 layers (int8 balconies), and its greedy text at an exit
+    # and at full depth is generate()'s on the same int4 model
+    from quantize import WeightOnlyInt4Linear, WeightOnlyInt8Linear
+    from serve import get_parser, load
+    ckpt = make_tiny_checkpoint(tmp_path / "tiny")
+    BalconyModel(Transformer.from_checkpoint(ckpt), [1, 3]).save_exits(ckpt / "balcony.safetensors")
+    args = get_parser().parse_args(["--checkpoint", str(ckpt), "--quantize", "int4"])
+    model, tok, name = load(args)
+    assert isinstance(model.model.layers[0].attention.wq, WeightOnlyInt4Linear)
+    assert isinstance(model.exits["3"].layer.attention.wq, WeightOnlyInt8Linear)
+    ref_model = load(args)[0]
+    with running(Engine(model, max_batch=2, max_seq=MAX_SEQ, queue_size=2, stop_ids=tok.stop_ids), tok, name) as s:
+        for model_id, exit in ((f"{name}@3", 3), (name, None)):
+            r = s["client"].completions.create(model=model_id, prompt=PROMPTS[0], max_tokens=8, temperature=0)
+            ref = generate(ref_model, [PROMPTS[0]], 8, exit=exit, eos_id=tok.stop_ids)[0]["tokens"]
+            assert r.choices[0].text == tok.decode([t for t in ref if t not in tok.stop_ids])
 
 
 def test_ctrl_c_drains_the_streams_in_flight(tmp_path):
