@@ -3,8 +3,9 @@ Load test of serve.py: open-loop Poisson arrivals at rising rates, on loopback, 
 exit, @auto with a budget), through the official openai client, streaming.
 
 Per run: throughput (output tokens/s), time to first token and time per output token (p50, p95), the share of
-requests per exit, and the quality of the mix: the held-out chat top-1 agreement with full depth of the exits served,
-weighted by the tokens each served (eval.py --tasks heldout_chat's numbers, read from its --json file). TTFT is the
+requests per exit at admission and of @auto requests moved shallower mid-stream, the mean depth of the tokens, and
+the quality of the mix: the held-out chat top-1 agreement with full depth of the exits served, weighted by the
+tokens each served (eval.py --tasks heldout_chat's numbers, read from its --json file). TTFT is the
 time to the first streamed chunk, sent when the prefill has made the first token; TPOT is (last chunk - first chunk) /
 (tokens - 1), as vLLM's benchmark_serving measures them. Prompts are the held-out chats' questions (chat_data.py);
 every request decodes --max-tokens tokens (ignore_eos, as vLLM's benchmark does), so each exit does the same work.
@@ -40,15 +41,19 @@ async def one_request(client, model: str, question: str, max_tokens: int) -> dic
             model=model, messages=[{"role": "user", "content": question}], max_tokens=max_tokens, temperature=0,
             stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
         first = last = None
+        exits, depths = {}, []  # content chunks per exit served: an @auto request may move shallower mid-stream
         async for chunk in stream:
             last = time.perf_counter()
             first = first or last
-            served, depth = chunk.model, chunk.model_extra["exit"]
             tokens = chunk.usage.completion_tokens if chunk.usage else None
+            if chunk.choices and chunk.choices[0].delta.content:
+                label = chunk.model.rpartition("@")[2] if "@" in chunk.model else "full"
+                exits[label] = exits.get(label, 0) + 1
+                depths.append(chunk.model_extra["exit"])
     except openai.RateLimitError:
         return dict(rejected=True)
     return dict(rejected=False, ttft=first - t0, tpot=(last - first) / (tokens - 1) if tokens > 1 else None,
-                tokens=tokens, exit=served.rpartition("@")[2] if "@" in served else "full", depth=depth)
+                tokens=tokens, exit=next(iter(exits)), exits=exits, depth=sum(depths) / len(depths))
 
 
 async def run_load(base_url: str, model: str, rate: float, n: int, duration: float, questions: list,
@@ -75,10 +80,11 @@ async def run_load(base_url: str, model: str, rate: float, n: int, duration: flo
 def summarize(results: list, wall: float, agreement: dict) -> dict:
     ok = [r for r in results if not r["rejected"]]
     tokens = sum(r["tokens"] for r in ok)
-    by_exit = {}
+    by_exit = {}  # tokens served at each exit, a request's split by its chunks
     for r in ok:
-        by_exit[r["exit"]] = by_exit.get(r["exit"], 0) + r["tokens"]
-    share = {e: sum(r["exit"] == e for r in ok) / len(ok) for e in by_exit}
+        for e, c in r["exits"].items():
+            by_exit[e] = by_exit.get(e, 0) + r["tokens"] * c / sum(r["exits"].values())
+    share = {e: sum(r["exit"] == e for r in ok) / len(ok) for e in {r["exit"] for r in ok}}  # at admission
     tpot = [r["tpot"] for r in ok if r["tpot"] is not None]
     quality = (sum(agreement[e] * t for e, t in by_exit.items()) / tokens if agreement and all(e in agreement
                                                                                             for e in by_exit)
@@ -86,7 +92,7 @@ def summarize(results: list, wall: float, agreement: dict) -> dict:
     return dict(requests=len(results), rejected=len(results) - len(ok), tokens=tokens, wall_s=wall,
                 tokens_per_s=tokens / wall, ttft_p50=percentile([r["ttft"] for r in ok], 50),
                 ttft_p95=percentile([r["ttft"] for r in ok], 95), tpot_p50=percentile(tpot, 50),
-                tpot_p95=percentile(tpot, 95), share=share,
+                tpot_p95=percentile(tpot, 95), share=share, moved=sum(len(r["exits"]) > 1 for r in ok) / len(ok),
                 mean_depth=sum(r["depth"] for r in ok) / len(ok), agreement=quality)
 
 
@@ -201,14 +207,14 @@ def main(args):
         proc.send_signal(signal.SIGINT)  # Ctrl-C: the server drains and exits
         proc.wait(30)
     print("\n| policy | rate (req/s) | requests (429) | tokens/s | TTFT p50 / p95 (s) | TPOT p50 / p95 (ms) | "
-          "requests per exit | mean depth | chat agreement of the mix |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "requests per exit at admission | moved shallower | mean depth | chat agreement of the mix |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         share = ", ".join(f"{e}: {s:.0%}" for e, s in sorted(r["share"].items(), key=lambda x: str(x[0])))
         q = "" if r["agreement"] is None else f"{100 * r['agreement']:.1f}%"
         print(f"| {r['policy']} | {r['rate']:g} | {r['requests']} ({r['rejected']}) | {r['tokens_per_s']:.1f} | "
               f"{r['ttft_p50']:.2f} / {r['ttft_p95']:.2f} | {1000 * r['tpot_p50']:.0f} / {1000 * r['tpot_p95']:.0f} | "
-              f"{share} | {r['mean_depth']:.1f} | {q} |")
+              f"{share} | {r['moved']:.0%} | {r['mean_depth']:.1f} | {q} |")
     print("\n" + "\n".join(line for line in metrics.splitlines() if "auto" in line or "load" in line))
     for line in verdict(rows, args.tpot_ms / 1000):
         print(line)

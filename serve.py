@@ -3,9 +3,10 @@ An OpenAI-compatible server whose exits follow the load: the paper's dynamic inf
 computing, we can select exit layers depending on the query-per-second rate"), live.
 
 A loop and a queue, as vLLM's and llama.cpp's servers are. FastAPI routes validate a request and put it on a bounded
-queue (full: 429). One engine thread owns the model and its KV caches, allocated once for --max-batch rows and
---max-seq positions, and loops: admit one waiting request into a free row (its prefill, which gives its first token),
-run one decode step for every active row, retire the rows that finished or whose client left. Rows keep generate.py's
+queue (full: 429). One engine, in the main thread (HTTP has its own), owns the model and its KV caches, allocated
+once for --max-batch rows and --max-seq positions, and loops: admit one waiting request into a free row (its
+prefill, which gives its first token), run one decode step for every active row, move an @auto row shallower if the
+load asks for it, retire the rows that finished or whose client left. Rows keep generate.py's
 layout, deepest exit first, so each layer's cache holds a prefix of the rows and one forward (forward_rows) serves a
 batch of mixed exits; a new row is slotted in after the rows at least as deep as it, the shallower rows' cache rows
 moving down one in the layers it runs.
@@ -22,9 +23,11 @@ model's prediction), which takes in the prefills that stall the batch and whatev
 an @auto request is admitted, the controller predicts the time per token of the batch it will live in (the rows
 decoding now, itself and the queued requests that will fill the free rows or, by Little's law, the measured arrival
 rate times its lifetime if that is more rows, all at its exit) for each exit, deepest first, and gives it the deepest
-exit that keeps the budget, or the shallowest if none does. A request's exit is fixed at admission and never changes
-mid-stream, so its KV rows are always exact for its exit and nothing needs back-filling (deepening a request later
-would need the confidence cascade's exact back-fill). Decisions are logged and counted in GET /metrics.
+exit that keeps the budget, or the shallowest if none does. Then, while the batch's predicted time per token is past
+the budget, the deepest @auto row moves one exit shallower after each step (Engine.demote): its KV rows leave the
+caches and its tokens so far are prefilled again at the new exit, so its caches stay exact for the cost of one
+prefill. A row never moves deeper (its skipped layers' KV would need the confidence cascade's back-fill). Decisions
+are logged and counted in GET /metrics.
 
     python serve.py --tpot-ms 120                      # http://127.0.0.1:8000/v1, model ids from GET /v1/models
     curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
@@ -35,10 +38,11 @@ import asyncio
 import json
 import logging
 import queue
+import signal
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -68,7 +72,8 @@ class Request:
     ignore_eos: bool = False  # vLLM's extension for load tests: always max_tokens tokens
     post: Callable = print  # post(kind, value), thread-safe: "start" (depth), "token" (id), "done" (finish reason)
     cancelled: bool = False  # set by the route (client gone, stop string seen); the engine frees the row next step
-    depth: int = 0  # the exit that serves it, fixed at admission
+    depth: int = 0  # the exit that serves it: chosen at admission; an @auto row's may move shallower (Engine.demote)
+    out: list = field(default_factory=list)  # the tokens it has generated; the last is cur
     cur: int = 0  # its newest token, not yet in the caches
     pos: int = 0  # the position of cur
     n_out: int = 0
@@ -151,7 +156,7 @@ class Engine:
         prepare_head(model)
         self.queue = queue.Queue(queue_size)
         self.rows = []  # active requests, deepest exit first
-        self.stats = dict(steps=0, tokens=0, admitted=0, finished=0, cancelled=0, errors=0)
+        self.stats = dict(steps=0, tokens=0, admitted=0, finished=0, cancelled=0, errors=0, demoted=0)
         self.served = {d: 0 for d in [model.n_layers, *model.exit_layers]}  # requests admitted at each exit
         self.interval_s, self.last_step_end = None, None
         self.policy = AutoPolicy(model, tpot_s, *self.calibrate(), max_batch)
@@ -187,6 +192,7 @@ class Engine:
         self.policy.arrived(time.perf_counter())
 
     def start(self):
+        """The loop in a thread of its own (the tests; serve.py runs it in the main thread, main())."""
         self.thread.start()
 
     def stop(self):
@@ -201,6 +207,7 @@ class Engine:
                     self.admit()
                     if self.rows:
                         self.step()
+                        self.demote()
                 except Exception:  # a bug, not a bad request (routes check those): fail the batch, keep serving
                     log.exception("engine step failed; failing %d requests", len(self.rows))
                     self.stats["errors"] += 1
@@ -226,8 +233,22 @@ class Engine:
                                            req.max_tokens)
         else:
             req.depth = req.exit
-        d, n, T = req.depth, self.model.n_layers, len(req.prompt)
-        p = sum(x >= d for x in depths)  # its batch row: after every row at least as deep
+        logits = self.place(req, req.prompt)
+        if req.seed is not None:
+            req.generator = torch.Generator(self.device).manual_seed(req.seed)
+        req.pos = len(req.prompt)
+        self.served[req.depth] += 1
+        self.stats["admitted"] += 1
+        req.post("start", req.depth)
+        self.emit(req, self.sample(logits, [req])[0])
+        self.retire()
+
+    def place(self, req: Request, tokens: list):
+        """Slot req into the batch at its depth, after every row at least as deep, and prefill `tokens` into its KV
+        rows (layers 1..depth and its balcony); returns the last position's logits."""
+        depths = [r.depth for r in self.rows]
+        d, n, T = req.depth, self.model.n_layers, len(tokens)
+        p = sum(x >= d for x in depths)  # its batch row
         used = max((r.pos for r in self.rows), default=0)  # cache slots holding the rows' tokens
         layers = [layer.attention for layer in self.model.model.layers[:d]]
         for j, att in enumerate(layers):  # make room: the shallower rows reaching layer j move down one
@@ -241,20 +262,34 @@ class Engine:
         try:
             for att, start in views:
                 att.kv_cache = CacheRows(att.kv_cache, start, T)
-            idx = torch.tensor([req.prompt], device=self.device)
+            idx = torch.tensor([tokens], device=self.device)
             logits = forward_rows(self.model, idx, torch.arange(T, device=self.device)[None], exit_plan([d]))
         finally:
             for (att, _), c in zip(views, caches):
                 att.kv_cache = c
-        if req.seed is not None:
-            req.generator = torch.Generator(self.device).manual_seed(req.seed)
-        req.pos = T
         self.rows.insert(p, req)
-        self.served[d] += 1
-        self.stats["admitted"] += 1
-        req.post("start", d)
-        self.emit(req, self.sample(logits, [req])[0])
-        self.retire()
+        return logits
+
+    def demote(self):
+        """@auto's second lever: while the batch's predicted time per token is past the budget, one @auto row a step
+        (the deepest) moves to the next shallower exit. Its KV rows stay exact: they leave the caches (as a finished
+        row's do) and its tokens so far are prefilled again at the new exit, which re-makes layers 1..exit and fills
+        the new balcony's. A row never moves deeper."""
+        p, depths = self.policy, [r.depth for r in self.rows]
+        if p.budget_s is None or not self.rows or p.load * p.step_s(depths) <= p.budget_s:
+            return
+        i = next((i for i, r in enumerate(self.rows) if r.exit == "auto" and r.depth != p.ladder[-1]), None)
+        if i is None:
+            return
+        req = self.rows[i]
+        self.reach(max(r.pos for r in self.rows))  # compaction copies the slots the rows filled
+        compact_caches(self.model, depths, [j for j in range(len(self.rows)) if j != i])
+        del self.rows[i]
+        old, req.depth = req.depth, p.ladder[p.ladder.index(req.depth) + 1]
+        self.place(req, req.prompt + req.out[:-1])  # the positions 0..pos-1 that its caches held
+        self.stats["demoted"] += 1
+        log.info("@auto: a row moves from exit %d to %d after %d tokens (predicted %.1f ms/token, budget %g ms)",
+                 old, req.depth, req.n_out, 1000 * p.load * p.step_s(depths), 1000 * p.budget_s)
 
     def step(self):
         rows = self.rows
@@ -285,6 +320,7 @@ class Engine:
 
     def emit(self, r: Request, token: int):
         r.cur, r.n_out = token, r.n_out + 1
+        r.out.append(token)
         self.stats["tokens"] += 1
         r.post("token", token)
         stop = token in self.stop_ids and not r.ignore_eos
@@ -437,10 +473,12 @@ def make_app(engine: Engine, tokenizer, name: str):
             raise
         if kind == "error":
             raise APIError(500, depth)
-        served = name if depth == n else f"{name}@{depth}"
         rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
         stops = [s for s in ([body.stop] if isinstance(body.stop, str) else body.stop or []) if s]
-        head = dict(id=rid, created=created, model=served, exit=depth)
+
+        def head():  # the exit serving it now: an @auto request may have moved shallower since (Engine.demote)
+            return dict(id=rid, created=created, model=name if req.depth == n else f"{name}@{req.depth}",
+                        exit=req.depth)
 
         def usage():
             return {"prompt_tokens": len(prompt), "completion_tokens": req.n_out,
@@ -460,9 +498,9 @@ def make_app(engine: Engine, tokenizer, name: str):
                     parts.append(text)
             finally:
                 req.cancelled = not req.done  # the client left before the end: free the row
-            return JSONResponse({**head, "object": "chat.completion" if chat else "text_completion",
+            return JSONResponse({**head(), "object": "chat.completion" if chat else "text_completion",
                                  "choices": [choice("".join(parts), finish, False)], "usage": usage()},
-                                headers={"x-balcony-exit": str(depth)})
+                                headers={"x-balcony-exit": str(req.depth)})
 
         obj = "chat.completion.chunk" if chat else "text_completion"
         with_usage = bool((body.stream_options or {}).get("include_usage"))
@@ -471,20 +509,21 @@ def make_app(engine: Engine, tokenizer, name: str):
             try:
                 if chat:
                     first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-                    yield f"data: {json.dumps({**head, 'object': obj, 'choices': [first]})}\n\n"
+                    yield f"data: {json.dumps({**head(), 'object': obj, 'choices': [first]})}\n\n"
                 async for text, finish in deltas(req, events, stops):
                     if text or finish:
-                        chunk = {**head, "object": obj, "choices": [choice(text, finish, True)]}
+                        chunk = {**head(), "object": obj, "choices": [choice(text, finish, True)]}
                         yield f"data: {json.dumps(chunk)}\n\n"
                 if with_usage:
-                    yield f"data: {json.dumps({**head, 'object': obj, 'choices': [], 'usage': usage()})}\n\n"
+                    yield f"data: {json.dumps({**head(), 'object': obj, 'choices': [], 'usage': usage()})}\n\n"
             except APIError as e:  # the headers are gone: the error travels as an event, as OpenAI's do
                 yield f"data: {json.dumps(error_body(e.status, e.message))}\n\n"
             finally:  # also when the client disconnects mid-stream (the task is cancelled): free its row
                 req.cancelled = not req.done
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(sse(), media_type="text/event-stream", headers={"x-balcony-exit": str(depth)})
+        return StreamingResponse(sse(), media_type="text/event-stream",
+                                 headers={"x-balcony-exit": str(depth)})  # at admission: sent before any token
 
     async def deltas(req: Request, events: asyncio.Queue, stops: list):
         """The request's text as it grows, as (new text, None) pieces and a last (text, finish reason). A stop string
@@ -543,13 +582,25 @@ def main(args):
     max_seq = min(args.max_seq, model.model.args.max_seq_len)
     engine = Engine(model, args.max_batch, max_seq, args.max_queue, tokenizer.stop_ids,
                     None if args.tpot_ms is None else args.tpot_ms / 1000)
-    engine.start()
-    app = make_app(engine, tokenizer, name)
+    server = uvicorn.Server(uvicorn.Config(make_app(engine, tokenizer, name), host=args.host, port=args.port,
+                                           log_level="warning", timeout_graceful_shutdown=args.drain_s))
+
+    def on_signal(*_):  # Ctrl-C: stop accepting, let the streams in flight finish for --drain-s; a second: now
+        server.force_exit, server.should_exit = server.should_exit, True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    # HTTP in a thread, the decode loop in this one: torch's CPU thread pool serves the thread that first used it
+    # (here, loading the model), and the same loop in another thread decoded at half the speed (int4, 2 cores: 27
+    # against 49 tokens/s)
+    web = threading.Thread(target=server.run, name="http")
+    web.start()
+    threading.Thread(target=lambda: (web.join(), engine.stopping.set()), daemon=True).start()
     log.info("serving %s on http://%s:%d/v1 (trained exits: %s)", name, args.host, args.port,
              model.exit_layers or "none")
-    # Ctrl-C: uvicorn stops accepting, lets the streams in flight finish for --drain-s, then cancels them
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=args.drain_s)
-    engine.stop()
+    engine.run()  # until the HTTP server has drained and stopped
+    if not server.started:
+        raise UsageError(f"could not listen on {args.host}:{args.port}; is the port in use? (--port to change it)")
 
 
 def get_parser():

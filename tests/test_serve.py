@@ -21,7 +21,7 @@ from cascade import nbytes
 from conftest import ROOT, make_tiny_checkpoint, tiny_args
 from generate import generate
 from model import Transformer
-from serve import AutoPolicy, Engine, make_app
+from serve import AutoPolicy, Engine, Request, make_app
 from test_generate import PROMPTS, lively_balcony
 from tokenizer import Tokenizer
 
@@ -266,6 +266,36 @@ def test_auto_request_served_at_the_chosen_exit(server, monkeypatch):
     assert r.model == "tiny@1" and r.choices[0].text == reference(server["tok"], PROMPTS[0], 1, 4)[0]
     metrics = call(server["port"], "/metrics")[1]
     assert 'balcony_auto_decisions{exit="1"} 1' in metrics and "balcony_auto_predicted_tpot_ms" in metrics
+
+
+def test_demoted_row_continues_exactly_at_the_shallower_exit():
+    # an @auto row admitted at full depth; then the budget cannot be kept: after its second token it moves to exit 3,
+    # after its third to exit 1. Its tokens must be full depth's, then exit 3's on the prefix so far, then exit 1's:
+    # generate() on prompt + tokens so far at each exit
+    torch.manual_seed(0)
+    events = []
+    engine = Engine(untrained_2(), max_batch=3, max_seq=MAX_SEQ, queue_size=4, stop_ids=[], tpot_s=None)
+    other = Request(PROMPTS[1], 3, 12, post=lambda *e: None)  # a fixed-exit row: it never moves
+    req = Request(PROMPTS[0], "auto", 9, post=lambda kind, value: events.append((kind, value)))
+    for r in (other, req):
+        engine.queue.put(r)
+        engine.admit()
+    assert req.depth == 4 and [r.depth for r in engine.rows] == [4, 3]
+    engine.step()  # a second token at full depth
+    engine.policy.budget_s = 1e-9
+    for want in (3, 1, 1):  # the run loop demotes once a step, one rung at a time; exit 1 is the shallowest
+        engine.demote()
+        assert req.depth == want and other.depth == 3
+        engine.step()
+    while not req.done:
+        engine.step()
+    assert engine.stats["demoted"] == 2 and [r.depth for r in engine.rows] == [3]
+    tokens = [v for k, v in events if k == "token"]
+    model, want = untrained_2(), []
+    for exit, n in ((None, 2), (3, 1), (1, 6)):
+        want += generate(model, [PROMPTS[0] + want], n, exit=exit)[0]["tokens"]
+    assert tokens == want and len(set(want)) > 3  # a lively sequence, so a wrong cache would show
+    assert generate(model, [PROMPTS[0]], 9)[0]["tokens"] != want  # and the exits did change it
 
 
 def test_quantize_int4_serves_the_int4_model(tmp_path):
