@@ -6,7 +6,7 @@ A loop and a queue, as vLLM's and llama.cpp's servers are. FastAPI routes valida
 queue (full: 429). One engine, in the main thread (HTTP has its own), owns the model and its KV caches, allocated
 once for --max-batch rows and --max-seq positions, and loops: admit one waiting request into a free row (its
 prefill, which gives its first token), run one decode step for every active row, move an @auto row shallower if the
-load asks for it, retire the rows that finished or whose client left. Rows keep generate.py's
+steps are slower than the budget, retire the rows that finished or whose client left. Rows keep generate.py's
 layout, deepest exit first, so each layer's cache holds a prefix of the rows and one forward (forward_rows) serves a
 batch of mixed exits; a new row is slotted in after the rows at least as deep as it, the shallower rows' cache rows
 moving down one in the layers it runs.
@@ -23,10 +23,10 @@ model's prediction), which takes in the prefills that stall the batch and whatev
 an @auto request is admitted, the controller predicts the time per token of the batch it will live in (the rows
 decoding now, itself and the queued requests that will fill the free rows or, by Little's law, the measured arrival
 rate times its lifetime if that is more rows, all at its exit) for each exit, deepest first, and gives it the deepest
-exit that keeps the budget, or the shallowest if none does. Then, while the batch's predicted time per token is past
-the budget, the deepest @auto row moves one exit shallower after each step (Engine.demote): its KV rows leave the
-caches and its tokens so far are prefilled again at the new exit, so its caches stay exact for the cost of one
-prefill. A row never moves deeper (its skipped layers' KV would need the confidence cascade's back-fill). Decisions
+exit that keeps the budget, or the shallowest if none does. Then, while the measured time per decode step is past
+the budget, the deepest @auto row moves one exit shallower, once every DEMOTE_EVERY steps at most (Engine.demote):
+its KV rows leave the caches and its tokens so far are prefilled again at the new exit, so its caches stay exact
+for the cost of one prefill. A row never moves deeper (its skipped layers' KV would need the confidence cascade's back-fill). Decisions
 are logged and counted in GET /metrics.
 
     python serve.py --tpot-ms 120                      # http://127.0.0.1:8000/v1, model ids from GET /v1/models
@@ -57,6 +57,7 @@ from generate import check_request, compact_caches, exit_plan, forward_rows, pre
 from model import KVCache
 
 log = logging.getLogger("serve")
+DEMOTE_EVERY = 10  # decode steps between two moves of @auto rows to a shallower exit (Engine.demote)
 
 
 # ---- the engine: one thread, the model, its caches ----
@@ -158,7 +159,7 @@ class Engine:
         self.rows = []  # active requests, deepest exit first
         self.stats = dict(steps=0, tokens=0, admitted=0, finished=0, cancelled=0, errors=0, demoted=0)
         self.served = {d: 0 for d in [model.n_layers, *model.exit_layers]}  # requests admitted at each exit
-        self.interval_s, self.last_step_end = None, None
+        self.interval_s, self.last_step_end, self.last_demotion = None, None, -DEMOTE_EVERY
         self.policy = AutoPolicy(model, tpot_s, *self.calibrate(), max_batch)
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self.run, name="engine", daemon=True)
@@ -271,25 +272,29 @@ class Engine:
         return logits
 
     def demote(self):
-        """@auto's second lever: while the batch's predicted time per token is past the budget, one @auto row a step
-        (the deepest) moves to the next shallower exit. Its KV rows stay exact: they leave the caches (as a finished
-        row's do) and its tokens so far are prefilled again at the new exit, which re-makes layers 1..exit and fills
-        the new balcony's. A row never moves deeper."""
-        p, depths = self.policy, [r.depth for r in self.rows]
-        if p.budget_s is None or not self.rows or p.load * p.step_s(depths) <= p.budget_s:
+        """@auto's second lever: while the measured time per decode step (a running mean over about ten steps,
+        prefills included) is past the budget, the deepest @auto row moves to the next shallower exit, at most once
+        per DEMOTE_EVERY steps so that the mean can show what the move did. Its KV rows stay exact: they leave the
+        caches (as a finished row's do) and its tokens so far are prefilled again at the new exit, which re-makes
+        layers 1..exit and fills the new balcony's. A row never moves deeper."""
+        p = self.policy
+        if (p.budget_s is None or not self.rows or self.interval_s is None or self.interval_s <= p.budget_s
+                or self.stats["steps"] - self.last_demotion < DEMOTE_EVERY):
             return
         i = next((i for i, r in enumerate(self.rows) if r.exit == "auto" and r.depth != p.ladder[-1]), None)
         if i is None:
             return
         req = self.rows[i]
         self.reach(max(r.pos for r in self.rows))  # compaction copies the slots the rows filled
-        compact_caches(self.model, depths, [j for j in range(len(self.rows)) if j != i])
+        compact_caches(self.model, [r.depth for r in self.rows], [j for j in range(len(self.rows)) if j != i])
         del self.rows[i]
         old, req.depth = req.depth, p.ladder[p.ladder.index(req.depth) + 1]
         self.place(req, req.prompt + req.out[:-1])  # the positions 0..pos-1 that its caches held
+        self.last_step_end = time.perf_counter()  # its prefill is not the load's: the mean would drive more moves
+        self.last_demotion = self.stats["steps"]
         self.stats["demoted"] += 1
-        log.info("@auto: a row moves from exit %d to %d after %d tokens (predicted %.1f ms/token, budget %g ms)",
-                 old, req.depth, req.n_out, 1000 * p.load * p.step_s(depths), 1000 * p.budget_s)
+        log.info("@auto: a row moves from exit %d to %d after %d tokens (%.1f ms a step, budget %g ms)",
+                 old, req.depth, req.n_out, 1000 * self.interval_s, 1000 * p.budget_s)
 
     def step(self):
         rows = self.rows

@@ -269,33 +269,37 @@ def test_auto_request_served_at_the_chosen_exit(server, monkeypatch):
 
 
 def test_demoted_row_continues_exactly_at_the_shallower_exit():
-    # an @auto row admitted at full depth; then the budget cannot be kept: after its second token it moves to exit 3,
-    # after its third to exit 1. Its tokens must be full depth's, then exit 3's on the prefix so far, then exit 1's:
-    # generate() on prompt + tokens so far at each exit
-    torch.manual_seed(0)
+    # an @auto row admitted at full depth; then no step keeps the budget: it moves to exit 3, and DEMOTE_EVERY steps
+    # later to exit 1. Its tokens must be full depth's, then exit 3's on the prefix so far, then exit 1's: generate()
+    # on prompt + tokens so far at each exit
+    import serve
     events = []
     engine = Engine(untrained_2(), max_batch=3, max_seq=MAX_SEQ, queue_size=4, stop_ids=[], tpot_s=None)
-    other = Request(PROMPTS[1], 3, 12, post=lambda *e: None)  # a fixed-exit row: it never moves
-    req = Request(PROMPTS[0], "auto", 9, post=lambda kind, value: events.append((kind, value)))
+    other = Request(PROMPTS[1], 3, 20, post=lambda *e: None)  # a fixed-exit row: it never moves
+    req = Request(PROMPTS[0], "auto", 16, post=lambda kind, value: events.append((kind, value)))
     for r in (other, req):
         engine.queue.put(r)
         engine.admit()
     assert req.depth == 4 and [r.depth for r in engine.rows] == [4, 3]
-    engine.step()  # a second token at full depth
+    engine.step()
+    engine.step()  # three tokens at full depth, and a measured step time
     engine.policy.budget_s = 1e-9
-    for want in (3, 1, 1):  # the run loop demotes once a step, one rung at a time; exit 1 is the shallowest
-        engine.demote()
-        assert req.depth == want and other.depth == 3
+    engine.demote()
+    assert req.depth == 3 and [r.depth for r in engine.rows] == [3, 3]
+    for k in range(1, serve.DEMOTE_EVERY + 1):  # the next move waits DEMOTE_EVERY steps
         engine.step()
+        engine.demote()
+        assert req.depth == (1 if k == serve.DEMOTE_EVERY else 3) and other.depth == 3
     while not req.done:
         engine.step()
+        engine.demote()  # at the shallowest exit already: nothing moves
     assert engine.stats["demoted"] == 2 and [r.depth for r in engine.rows] == [3]
     tokens = [v for k, v in events if k == "token"]
     model, want = untrained_2(), []
-    for exit, n in ((None, 2), (3, 1), (1, 6)):
+    for exit, n in ((None, 3), (3, serve.DEMOTE_EVERY), (1, 3)):
         want += generate(model, [PROMPTS[0] + want], n, exit=exit)[0]["tokens"]
     assert tokens == want and len(set(want)) > 3  # a lively sequence, so a wrong cache would show
-    assert generate(model, [PROMPTS[0]], 9)[0]["tokens"] != want  # and the exits did change it
+    assert generate(model, [PROMPTS[0]], 16)[0]["tokens"] != want  # and the moves did change it
 
 
 def test_quantize_int4_serves_the_int4_model(tmp_path):
