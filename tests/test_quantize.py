@@ -149,6 +149,21 @@ def test_quantized_greedy_equals_its_uncached_forward(tiny_ckpt, mode, head, dev
         assert generate(bm, [prompt], 8, exit=exit)[0]["tokens"] == idx[0, len(prompt):].tolist()
 
 
+@pytest.mark.slow
+def test_compiled_quantized_decoding_equals_eager(tiny_ckpt, monkeypatch):
+    # CPU inductor around the int4 and int8 kernels (extern to it): the compiled decode step gives the eager tokens,
+    # at an exit and at full depth
+    import generate as g
+    bm = BalconyModel(Transformer.from_checkpoint(tiny_ckpt), [2]).eval()
+    quantize(bm, "int4", 32, "int8")
+    prompt = [5, 17, 42, 7]
+    ref = {exit: g.generate(bm, [prompt], 8, exit=exit)[0]["tokens"] for exit in (2, None)}
+    for name in ("decode_one_token", "draft_one_token", "_compiled"):  # restored after the test
+        monkeypatch.setattr(g, name, getattr(g, name))
+    g.compile_steps()
+    assert {exit: g.generate(bm, [prompt], 8, exit=exit)[0]["tokens"] for exit in (2, None)} == ref
+
+
 def test_int4_keeps_balconies_int8(tiny_ckpt):
     # --quantize int4: the backbone's linears are int4, the trained balconies' int8 per channel (min-max int4 wrecks a
     # trained balcony's output), and each balcony module still equals its dequantised reference
