@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from balcony import BalconyModel
-from cli import DEFAULT_CHECKPOINT, DTYPES, DTYPE_HELP, UsageError, add_quantize_args, default_dtype, run_cli
 from cascade import bytes_per_token
+from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, add_device_args, default_dtype, run_cli
 from generate import compile_steps, generate
 from quantize import quantize_checkpoint
 
@@ -346,9 +346,7 @@ def get_parser():
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode steps")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, choices=list(DTYPES), help=DTYPE_HELP)
-    add_quantize_args(p)
+    add_device_args(p)
     p.add_argument("--gguf", type=Path, default=None,
                    help="precision table: the GGUF the checkpoint was converted from, for llama.cpp at full depth")
     p.add_argument("--precision-batch-sizes", type=int, nargs="*", default=[],

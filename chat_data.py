@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cli import (DEFAULT_CHECKPOINT, DTYPES, DTYPE_HELP, UsageError, add_quantize_args, atomic_write, default_dtype,
-                 quant_kwargs, run_cli)
+from cli import (DEFAULT_CHECKPOINT, DTYPES, UsageError, add_device_args, atomic_write, default_dtype, quant_kwargs,
+                 run_cli)
 from data import CHAT
 from tasks import read_split
 
@@ -194,9 +194,7 @@ def get_parser():
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling with --temperature" + d)
     p.add_argument("--batch-size", type=int, default=32, help="questions answered at once" + d)
     p.add_argument("--evals-dir", default=None, help="fetched eval data (default: python fetch.py evals's folder)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, choices=list(DTYPES), help=DTYPE_HELP)
-    add_quantize_args(p)
+    add_device_args(p)
     return p
 
 

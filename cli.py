@@ -17,6 +17,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CHECKPOINT = ROOT / "checkpoints" / "smollm2-135m-instruct"  # what convert_hf.py --default writes
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # --dtype choices
+DTYPE_HELP = "default: bfloat16 on CUDA, float32 on CPU"
 QUANTIZE = ("none", "int8", "int4")  # --quantize choices (quantize.py)
 QUANTIZE_HEADS = ("none", "int8", "int4", "bfloat16")  # --quantize-head choices; none: the head as loaded
 
@@ -32,12 +33,16 @@ def add_quantize_args(parser):
                              "heads give bf16 logits, which cost ~2 points of top-1 agreement: docs/quantization.md)")
 
 
+def add_device_args(parser):
+    """--device, --dtype and add_quantize_args': where and in what form a script that decodes holds the model."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, choices=list(DTYPES), help=DTYPE_HELP)
+    add_quantize_args(parser)
+
+
 def quant_kwargs(args) -> dict:
     """add_quantize_args' values as quantize.quantize_checkpoint's (and generate.load_model's) keyword arguments."""
     return dict(mode=args.quantize, group_size=args.group_size, head=args.quantize_head)
-
-
-DTYPE_HELP = "default: bfloat16 on CUDA, float32 on CPU"
 
 
 def default_dtype(device) -> str:

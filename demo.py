@@ -9,8 +9,7 @@ import argparse
 
 import torch
 
-from cli import (DEFAULT_CHECKPOINT, DTYPES, DTYPE_HELP, add_quantize_args, default_dtype, parse_exits, quant_kwargs,
-                 run_cli)
+from cli import DEFAULT_CHECKPOINT, DTYPES, add_device_args, default_dtype, parse_exits, quant_kwargs, run_cli
 
 PROMPTS = ["What is the capital of France?", "Name three primary colors.", "How many legs does a spider have?"]
 
@@ -47,9 +46,7 @@ def get_parser():
     p.add_argument("--prompt", action="append", help=f"a user message; repeat for more (default: {PROMPTS})")
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, choices=list(DTYPES), help=DTYPE_HELP)
-    add_quantize_args(p)
+    add_device_args(p)
     return p
 
 

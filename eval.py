@@ -41,8 +41,8 @@ from tqdm import tqdm
 
 from balcony import BalconyModel, heldout_metrics
 from cascade import CONFIDENCE, DEFAULT_CONFIDENCE, bytes_per_token, exit_confidence
-from cli import (DEFAULT_CHECKPOINT, DTYPES, DTYPE_HELP, ROOT, Auto, UsageError, add_quantize_args, default_dtype,
-                 parse_exits, quant_kwargs, run_cli)
+from cli import (DEFAULT_CHECKPOINT, DTYPES, ROOT, Auto, UsageError, add_device_args, default_dtype, parse_exits,
+                 quant_kwargs, run_cli)
 from data import CHAT
 from quantize import quantize_checkpoint
 from tasks import CHAT_PROMPTS, TASKS
@@ -495,9 +495,7 @@ def get_parser():
     p.add_argument("--speed-tokens", type=int, default=128, help="speed: new tokens per exit")
     p.add_argument("--chat-tokens", type=int, default=48, help="chat: new tokens per prompt")
     p.add_argument("--evals-dir", default=None, help="fetched eval data (default: python fetch.py evals's folder)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, choices=list(DTYPES), help=DTYPE_HELP)
-    add_quantize_args(p)
+    add_device_args(p)
     p.add_argument("--json", default=str(ROOT / "out" / "eval.json"), help="write all metrics here ('' to skip)")
     p.add_argument("--plot", default=None, help="PNG of quality against layers per token and speed (needs matplotlib)")
     return p

@@ -32,8 +32,8 @@ import torch
 
 from balcony import BalconyModel
 from cascade import CONFIDENCE, DEFAULT_CONFIDENCE, ConfidenceCascade
-from cli import (DEFAULT_CHECKPOINT, DTYPES, DTYPE_HELP, Auto, UsageError, add_quantize_args, default_dtype, parse_exit,
-                 quant_kwargs, run_cli)
+from cli import (DEFAULT_CHECKPOINT, DTYPES, Auto, UsageError, add_device_args, default_dtype, parse_exit, quant_kwargs,
+                 run_cli)
 from quantize import quantize_checkpoint
 
 _compiled = False  # set by compile_steps(): compiled steps want fixed shapes, so caches are read whole
@@ -560,9 +560,7 @@ def get_parser():
                    help="self-speculative decoding: draft with this exit (one prompt at a time)")
     p.add_argument("--speculate-k", type=int, default=4, help="tokens drafted per full-model forward")
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode steps")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, choices=list(DTYPES), help=DTYPE_HELP)
-    add_quantize_args(p)
+    add_device_args(p)
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per prompt (prompt, exit, tokens, text, timings) instead of text")
     return p

@@ -51,8 +51,7 @@ import torch.nn as nn
 
 from balcony import BalconyModel
 from cascade import bytes_per_token, nbytes
-from cli import (DEFAULT_CHECKPOINT, DTYPE_HELP, DTYPES, UsageError, add_quantize_args, default_dtype, quant_kwargs,
-                 run_cli)
+from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, add_device_args, default_dtype, quant_kwargs, run_cli
 from generate import check_request, compact_caches, exit_plan, forward_rows, prepare_head, sample
 from model import KVCache
 
@@ -622,9 +621,7 @@ def get_parser():
     p.add_argument("--tpot-ms", type=float, default=None,
                    help="@auto's budget: time per output token; none: @auto serves full depth")
     p.add_argument("--drain-s", type=int, default=10, help="on Ctrl-C, how long streams in flight may finish")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, choices=list(DTYPES), help=DTYPE_HELP)
-    add_quantize_args(p)
+    add_device_args(p)
     return p
 
 
