@@ -276,10 +276,10 @@ def eval_chat(bm, tok, exits: list, n_prompts, new_tokens: int, measure: str = "
         decoded = sum(len(r["tokens"]) - 1 for r in runs)
         run_exits = [k for r in runs for k in r.get("exits", [])]  # the cascade's, token by token
         gen_layers = sum(run_exits) / len(run_exits) if run_exits else layers
-        weights = (sum(bytes_per_token(bm, k, cascade=True) for k in run_exits) / len(run_exits) if run_exits
-                   else bytes_per_token(bm, e))
+        read = (sum(bytes_per_token(bm, k, cascade=True) for k in run_exits) / len(run_exits) if run_exits
+                else bytes_per_token(bm, e))
         out.append(dict(agree=agree, layers=layers, decode_tok_s=decoded / sum(r["decode_s"] for r in runs),
-                        gen_layers=gen_layers, bytes_per_token=weights, tokens=n_tok))
+                        gen_layers=gen_layers, bytes_per_token=read, tokens=n_tok))
     add_speedup(out, exits)
     if None in exits:  # the speedup the weights read allow (bench_generate.py's ideal), immune to a busy CPU
         full = bytes_per_token(bm, None)

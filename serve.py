@@ -26,8 +26,8 @@ rate times its lifetime if that is more rows, all at its exit) for each exit, de
 exit that keeps the budget, or the shallowest if none does. Then, while the measured time per decode step is past
 the budget, the deepest @auto row moves one exit shallower, once every DEMOTE_EVERY steps at most (Engine.demote):
 its KV rows leave the caches and its tokens so far are prefilled again at the new exit, so its caches stay exact
-for the cost of one prefill. A row never moves deeper (its skipped layers' KV would need the confidence cascade's back-fill). Decisions
-are logged and counted in GET /metrics.
+for the cost of one prefill. A row never moves deeper (its skipped layers' KV would need the confidence cascade's
+back-fill). Decisions are logged and counted in GET /metrics.
 
     python serve.py --tpot-ms 120                      # http://127.0.0.1:8000/v1, model ids from GET /v1/models
     curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
@@ -73,12 +73,18 @@ class Request:
     post: Callable = print  # post(kind, value), thread-safe: "start" (depth), "token" (id), "done" (finish reason)
     cancelled: bool = False  # set by the route (client gone, stop string seen); the engine frees the row next step
     depth: int = 0  # the exit that serves it: chosen at admission; an @auto row's may move shallower (Engine.demote)
-    out: list = field(default_factory=list)  # the tokens it has generated; the last is cur
-    cur: int = 0  # its newest token, not yet in the caches
+    out: list = field(default_factory=list)  # the tokens it has generated
     pos: int = 0  # the position of cur
-    n_out: int = 0
     done: bool = False
     generator: Optional[torch.Generator] = None
+
+    @property
+    def cur(self) -> int:  # its newest token, not yet in the caches
+        return self.out[-1]
+
+    @property
+    def n_out(self) -> int:
+        return len(self.out)
 
 
 class CacheRows(KVCache):
@@ -323,7 +329,6 @@ class Engine:
         return tokens
 
     def emit(self, r: Request, token: int):
-        r.cur, r.n_out = token, r.n_out + 1
         r.out.append(token)
         self.stats["tokens"] += 1
         r.post("token", token)
@@ -559,9 +564,8 @@ def make_app(engine: Engine, tokenizer, name: str):
 
 def load(args) -> tuple:
     """(model with every trained exit, tokenizer, served name) for the command line."""
-    from tokenizer import Tokenizer
-
     from quantize import quantize_checkpoint
+    from tokenizer import Tokenizer
 
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype or default_dtype(device)]
