@@ -215,7 +215,8 @@ def main(args):
         print(f"| {r['policy']} | {r['rate']:g} | {r['requests']} ({r['rejected']}) | {r['tokens_per_s']:.1f} | "
               f"{r['ttft_p50']:.2f} / {r['ttft_p95']:.2f} | {1000 * r['tpot_p50']:.0f} / {1000 * r['tpot_p95']:.0f} | "
               f"{share} | {r['moved']:.0%} | {r['mean_depth']:.1f} | {q} |")
-    print("\n" + "\n".join(line for line in metrics.splitlines() if "auto" in line or "load" in line))
+    keys = ("auto", "speed", "arrivals", "prefill", "demoted")
+    print("\n" + "\n".join(line for line in metrics.splitlines() if any(k in line for k in keys)))
     for line in verdict(rows, args.tpot_ms / 1000):
         print(line)
     if args.json:

@@ -17,17 +17,19 @@ Model ids: `<name>` is full depth, `<name>@15` a trained exit, `<name>@auto` let
 The @auto policy. The operator sets a budget, --tpot-ms, the time per output token a request should see. A decode
 step reads each weight it runs once, however many rows use it, and multiplies it by every row that reaches it, so
 the engine models a step's time as alpha * (weights the step reads) + beta * (sum over rows of the weights a token
-at that row's exit reads), with alpha and beta timed at startup (full depth, one row and --max-batch rows). Times
-between decode steps, measured as the server runs, scale that model by a load factor (their running mean over the
-model's prediction), which takes in the prefills that stall the batch and whatever else the machine is doing. When
-an @auto request is admitted, the controller predicts the time per token of the batch it will live in (the rows
-decoding now, itself and the queued requests that will fill the free rows or, by Little's law, the measured arrival
-rate times its lifetime if that is more rows, all at its exit) for each exit, deepest first, and gives it the deepest
-exit that keeps the budget, or the shallowest if none does. Then, while the measured time per decode step is past
-the budget, the deepest @auto row moves one exit shallower, once every DEMOTE_EVERY steps at most (Engine.demote):
-its KV rows leave the caches and its tokens so far are prefilled again at the new exit, so its caches stay exact
-for the cost of one prefill. A row never moves deeper (its skipped layers' KV would need the confidence cascade's
-back-fill). Decisions are logged and counted in GET /metrics.
+at that row's exit reads), and a prefill's as gamma * tokens * (the weights a token at its exit reads), timed at
+startup (full depth: one row, --max-batch rows, a 32-token prefill) and kept up to date as the server runs (a speed
+factor, measured over predicted step times; gamma from each prefill). Prefills stall every row, so arrivals at rate
+r spend busy = r * prefill time of the clock and a decoding row waits step / (1 - busy) a token. When an @auto
+request is admitted, the controller predicts that time for the batch it will live in (the rows decoding now, itself,
+the queued requests that will fill free rows and, by Little's law, as many rows as the measured arrival rate times
+its lifetime if that is more, all at its exit) for each exit, deepest first, and gives it the deepest exit whose
+prediction is within HEADROOM of the budget (bursts of Poisson arrivals go past the mean), or the shallowest. Then,
+while the measured time between decode steps is past the budget, the deepest @auto row moves one exit shallower,
+once every DEMOTE_EVERY steps at most (Engine.demote). The move keeps its caches exact without a prefill: its KV in
+layers 1..exit stays, and the new exit's balcony makes its KV from the row's hidden states after layer exit, which
+the engine keeps for every row (Engine.hidden). A row never moves deeper (its skipped layers have no KV). Decisions
+are logged and counted in GET /metrics.
 
     python serve.py --tpot-ms 120                      # http://127.0.0.1:8000/v1, model ids from GET /v1/models
     curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
@@ -42,6 +44,7 @@ import signal
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -57,6 +60,8 @@ from model import KVCache
 
 log = logging.getLogger("serve")
 DEMOTE_EVERY = 10  # decode steps between two moves of @auto rows to a shallower exit (Engine.demote)
+HEADROOM = 0.8  # @auto plans the mean time per token at this share of the budget: bursts of arrivals stay within it
+ARRIVALS = 16  # the window of arrivals that measures their rate
 
 
 # ---- the engine: one thread, the model, its caches ----
@@ -75,6 +80,7 @@ class Request:
     depth: int = 0  # the exit that serves it: chosen at admission; an @auto row's may move shallower (Engine.demote)
     out: list = field(default_factory=list)  # the tokens it has generated
     pos: int = 0  # the position of cur
+    slot: int = 0  # its row of Engine.hidden, kept while it decodes (its batch row changes as others come and go)
     done: bool = False
     generator: Optional[torch.Generator] = None
 
@@ -100,53 +106,70 @@ class CacheRows(KVCache):
 
 class AutoPolicy:
     """@auto's controller (the module docstring says why it is shaped so): the deepest exit whose predicted time per
-    output token keeps the budget."""
+    output token, under the load measured, keeps HEADROOM x the budget."""
 
-    def __init__(self, model: BalconyModel, budget_s: Optional[float], alpha: float, beta: float, max_batch: int):
-        self.model, self.budget_s, self.alpha, self.beta, self.max_batch = model, budget_s, alpha, beta, max_batch
+    def __init__(self, model: BalconyModel, budget_s: Optional[float], alpha: float, beta: float, gamma: float,
+                 max_batch: int):
+        self.model, self.budget_s, self.max_batch = model, budget_s, max_batch
+        self.alpha, self.beta, self.gamma = alpha, beta, gamma  # the step model's and the prefill model's costs
         self.ladder = [model.n_layers, *model.exit_layers[::-1]]  # deepest first
         self.layer = nbytes(model.model.layers[0])
         self.token = {d: bytes_per_token(model, d) for d in self.ladder}  # the weights a token at exit d reads
         self.head = nbytes(model.model.output)
-        self.load = 1.0  # measured step intervals over predicted step times, a running mean
-        self.gap, self.last_arrival = None, None  # seconds between arrivals, a running mean
+        self.speed = 1.0  # measured decode steps over the step model's prediction, a running mean
+        self.arrivals = deque(maxlen=ARRIVALS)  # the latest arrival times
+        self.prompt = 0.0  # prompt tokens per request, a running mean
         self.decisions = {d: 0 for d in self.ladder}
         self.last = {}  # the latest decision's predicted ms per token, by exit
 
     def step_s(self, depths: list) -> float:
-        """Predicted seconds of one decode step on rows at these depths, before the load factor."""
+        """Predicted seconds of one decode step on rows at these depths, before the speed factor."""
         # layers 1..deepest, each exit's balcony, and the head once (forward_rows runs it on every row together)
         balconies = sum(self.token[d] - self.layer * d - self.head for d in set(depths))
         read = self.layer * max(depths) + balconies + self.head
         return self.alpha * read + self.beta * sum(self.token[d] for d in depths)
 
-    def observe(self, depths: list, interval_s: float):
-        self.load += 0.1 * (interval_s / self.step_s(depths) - self.load)
+    def prefill_s(self, exit: int, tokens: float) -> float:
+        """Predicted seconds of a prefill of `tokens` tokens at `exit`: compute-bound, so per token and byte run."""
+        return self.gamma * tokens * self.token[exit]
 
-    def arrived(self, now: float):
-        if self.last_arrival is not None:
-            self.gap = now - self.last_arrival if self.gap is None else self.gap + 0.2 * (now - self.last_arrival
-                                                                                          - self.gap)
-        self.last_arrival = now
+    def observe_step(self, depths: list, seconds: float):
+        self.speed += 0.1 * (seconds / self.step_s(depths) - self.speed)
 
-    def predict_ms(self, depths: list, exit: int, joining: int, tokens: int) -> float:
+    def observe_prefill(self, exit: int, tokens: int, seconds: float):
+        self.gamma += 0.2 * (seconds / (tokens * self.token[exit]) - self.gamma)
+
+    def arrived(self, now: float, prompt_tokens: int):
+        self.prompt += (prompt_tokens - self.prompt) / min(len(self.arrivals) + 1, ARRIVALS)
+        self.arrivals.append(now)
+
+    def rate(self, now: float) -> float:
+        """Arrivals per second over the window of the latest ARRIVALS (it decays when they stop)."""
+        return (len(self.arrivals) - 1) / (now - self.arrivals[0]) if len(self.arrivals) > 1 else 0.0
+
+    def predict_ms(self, depths: list, exit: int, joining: int, tokens: int, now: float) -> float:
+        lam = self.rate(now)
+        busy = lam * self.prefill_s(exit, self.prompt)  # the share of the time spent prefilling the arrivals
+        if busy >= 1:
+            return float("inf")
         rows = depths + [exit] * (1 + joining)
-        s = self.load * self.step_s(rows)
-        if self.gap:  # Little's law: arrivals at the measured rate keep rate x lifetime rows in the batch
-            more = min(self.max_batch, round(tokens * s / self.gap)) - len(rows)
-            s = self.load * self.step_s(rows + [exit] * more) if more > 0 else s
+        s = self.speed * self.step_s(rows) / (1 - busy)
+        while len(rows) < self.max_batch and round(lam * tokens * s) > len(rows):
+            rows.append(exit)  # Little's law: arrivals keep rate x lifetime rows in the batch; more rows, longer lives
+            s = self.speed * self.step_s(rows) / (1 - busy)
         return 1000 * s
 
-    def choose(self, depths: list, joining: int, tokens: int) -> int:
+    def choose(self, depths: list, joining: int, tokens: int, now: float) -> int:
         """The exit for a request of at most `tokens` new tokens joining rows at `depths`, with `joining` queued
         requests right behind it."""
-        self.last = {d: self.predict_ms(depths, d, joining, tokens) for d in self.ladder}
-        ok = [d for d in self.ladder if self.budget_s is None or self.last[d] <= 1000 * self.budget_s]
+        self.last = {d: self.predict_ms(depths, d, joining, tokens, now) for d in self.ladder}
+        ok = [d for d in self.ladder if self.budget_s is None or self.last[d] <= 1000 * HEADROOM * self.budget_s]
         choice = ok[0] if ok else self.ladder[-1]
         self.decisions[choice] += 1
-        log.info("@auto: exit %d (predicted ms/token %s, budget %s, load x%.2f, %d rows, %d joining)", choice,
-                 {d: round(ms, 1) for d, ms in self.last.items()},
-                 "none" if self.budget_s is None else f"{1000 * self.budget_s:g} ms", self.load, len(depths), joining)
+        log.info("@auto: exit %d (predicted ms/token %s, budget %s, %.2f req/s, speed x%.2f, %d rows, %d joining)",
+                 choice, {d: round(ms, 1) for d, ms in self.last.items()},
+                 "none" if self.budget_s is None else f"{1000 * self.budget_s:g} ms", self.rate(now), self.speed,
+                 len(depths), joining)
         return choice
 
 
@@ -165,29 +188,47 @@ class Engine:
         self.stats = dict(steps=0, tokens=0, admitted=0, finished=0, cancelled=0, errors=0, demoted=0)
         self.served = {d: 0 for d in [model.n_layers, *model.exit_layers]}  # requests admitted at each exit
         self.interval_s, self.last_step_end, self.last_demotion = None, None, -DEMOTE_EVERY
+        # each row's hidden states after every exit layer, at every position it has: a move to a shallower exit
+        # makes the new balcony's KV from them (Engine.demote). Written by a hook on those layers while `tap` says
+        # which slots and positions the forward runs (None: no request's)
+        like = model.model.tok_embeddings.weight
+        self.hidden = {e: like.new_zeros(max_batch, max_seq, model.model.args.dim) for e in model.exit_layers}
+        self.tap = None
+        for e in model.exit_layers:
+            model.model.layers[e - 1].register_forward_hook(self.keep_hidden(e))
         self.policy = AutoPolicy(model, tpot_s, *self.calibrate(), max_batch)
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self.run, name="engine", daemon=True)
 
+    def keep_hidden(self, e: int):
+        def hook(layer, inputs, x):  # x: (rows reaching layer e, T, D), a prefix of the forward's rows
+            if self.tap is not None:
+                slots, pos = self.tap
+                self.hidden[e][slots[:len(x)], pos[:len(x)]] = x
+        return hook
+
     @torch.no_grad()
     def calibrate(self) -> tuple:
-        """(alpha, beta) of AutoPolicy's step model, from full-depth decode steps on 1 and max_batch rows."""
+        """(alpha, beta) of AutoPolicy's step model, from full-depth decode steps on 1 and max_batch rows, and gamma
+        of its prefill model, from a full-depth prefill of 32 tokens."""
         n, w = self.model.n_layers, bytes_per_token(self.model, self.model.n_layers)
-        times = []
-        for B in (1, self.max_batch):
-            cur, pos = torch.zeros(B, 1, dtype=torch.long, device=self.device), torch.full((B, 1), 31)
-            self.reach(32)
+
+        def timed(B, T):  # the median of 7 calls, after one to warm up
+            idx, pos = torch.zeros(B, T, dtype=torch.long, device=self.device), torch.arange(T, device=self.device)
             ts = []
-            for _ in range(4):
+            for _ in range(8):
                 t = time.perf_counter()
-                forward_rows(self.model, cur, pos.to(self.device), exit_plan([n] * B))
+                forward_rows(self.model, idx, pos.expand(B, T), exit_plan([n] * B))
                 ts.append(time.perf_counter() - t)
-            times.append(sorted(ts)[1])  # the first call warms up
-        beta = max(times[1] - times[0], 0.0) / max(self.max_batch - 1, 1) / w
-        alpha = max(times[0] / w - beta, 0.0)
-        log.info("engine: full-depth step %.1f ms at 1 row, %.1f ms at %d rows", 1000 * times[0], 1000 * times[1],
-                 self.max_batch)
-        return alpha, beta
+            return sorted(ts[1:])[3]
+
+        self.reach(32)
+        prefill, one, full = timed(1, 32), timed(1, 1), timed(self.max_batch, 1)
+        beta = max(full - one, 0.0) / max(self.max_batch - 1, 1) / w
+        alpha = max(one / w - beta, 0.0)
+        log.info("engine: full-depth step %.1f ms at 1 row, %.1f ms at %d rows; prefill %.1f ms for 32 tokens",
+                 1000 * one, 1000 * full, self.max_batch, 1000 * prefill)
+        return alpha, beta, prefill / (32 * w)
 
     def reach(self, length: int):
         # attention reads `length` cache slots: what the rows can see, not all --max-seq of them
@@ -195,7 +236,7 @@ class Engine:
 
     def submit(self, req: Request):
         self.queue.put_nowait(req)  # queue.Full: the route answers 429
-        self.policy.arrived(time.perf_counter())
+        self.policy.arrived(time.perf_counter(), len(req.prompt))
 
     def start(self):
         """The loop in a thread of its own (the tests; serve.py runs it in the main thread, main())."""
@@ -236,24 +277,28 @@ class Engine:
         depths = [r.depth for r in self.rows]
         if req.exit == "auto":
             req.depth = self.policy.choose(depths, min(self.queue.qsize(), self.max_batch - len(depths) - 1),
-                                           req.max_tokens)
+                                           req.max_tokens, time.perf_counter())
         else:
             req.depth = req.exit
-        logits = self.place(req, req.prompt)
+        req.slot = min(set(range(self.max_batch)) - {r.slot for r in self.rows})
+        req.pos = len(req.prompt)
+        t = time.perf_counter()
+        logits = self.place(req, lambda: self.prefill(req))
+        self.policy.observe_prefill(req.depth, req.pos, time.perf_counter() - t)
         if req.seed is not None:
             req.generator = torch.Generator(self.device).manual_seed(req.seed)
-        req.pos = len(req.prompt)
         self.served[req.depth] += 1
         self.stats["admitted"] += 1
         req.post("start", req.depth)
         self.emit(req, self.sample(logits, [req])[0])
         self.retire()
 
-    def place(self, req: Request, tokens: list):
-        """Slot req into the batch at its depth, after every row at least as deep, and prefill `tokens` into its KV
-        rows (layers 1..depth and its balcony); returns the last position's logits."""
+    def place(self, req: Request, write: Callable):
+        """Slot req into the batch at its depth, after every row at least as deep, and call write(), which fills its
+        KV rows (layers 1..depth and its balcony) through views of the caches that start at them; returns what write
+        returns."""
         depths = [r.depth for r in self.rows]
-        d, n, T = req.depth, self.model.n_layers, len(tokens)
+        d, n, T = req.depth, self.model.n_layers, req.pos
         p = sum(x >= d for x in depths)  # its batch row
         used = max((r.pos for r in self.rows), default=0)  # cache slots holding the rows' tokens
         layers = [layer.attention for layer in self.model.model.layers[:d]]
@@ -268,20 +313,40 @@ class Engine:
         try:
             for att, start in views:
                 att.kv_cache = CacheRows(att.kv_cache, start, T)
-            idx = torch.tensor([tokens], device=self.device)
-            logits = forward_rows(self.model, idx, torch.arange(T, device=self.device)[None], exit_plan([d]))
+            out = write()
         finally:
             for (att, _), c in zip(views, caches):
                 att.kv_cache = c
         self.rows.insert(p, req)
-        return logits
+        return out
+
+    def prefill(self, req: Request):
+        """place()'s write for a new request: its prompt through layers 1..depth and its exit; the last logits."""
+        T = req.pos
+        pos = torch.arange(T, device=self.device)[None]
+        self.tap = torch.tensor([[req.slot]], device=self.device), pos
+        try:
+            return forward_rows(self.model, torch.tensor([req.prompt], device=self.device), pos, exit_plan([req.depth]))
+        finally:
+            self.tap = None
+
+    def backfill(self, req: Request, kept: list):
+        """place()'s write for a row moved to a shallower exit: layers 1..depth get back the KV they held (`kept`),
+        and the new exit's balcony makes its KV from the row's kept hidden states after layer depth: one layer's
+        prefill, not depth + 1 of them."""
+        d, T = req.depth, req.pos
+        for layer, (k, v) in zip(self.model.model.layers[:d], kept):
+            layer.attention.kv_cache.k_cache[0, :, :T] = k
+            layer.attention.kv_cache.v_cache[0, :, :T] = v
+        self.model.exit_hidden(d, self.hidden[d][req.slot, :T][None], torch.arange(T, device=self.device)[None])
 
     def demote(self):
         """@auto's second lever: while the measured time per decode step (a running mean over about ten steps,
         prefills included) is past the budget, the deepest @auto row moves to the next shallower exit, at most once
-        per DEMOTE_EVERY steps so that the mean can show what the move did. Its KV rows stay exact: they leave the
-        caches (as a finished row's do) and its tokens so far are prefilled again at the new exit, which re-makes
-        layers 1..exit and fills the new balcony's. A row never moves deeper."""
+        per DEMOTE_EVERY steps so that the mean can show what the move did. Its KV rows stay exact and cost no prefill:
+        it leaves the caches as a finished row does, keeping its KV in layers 1..exit, which it slots back in at its
+        new place, and the new exit's balcony makes its KV from the hidden states the row had after layer exit
+        (backfill). A row never moves deeper: its skipped layers have no KV."""
         p = self.policy
         if (p.budget_s is None or not self.rows or self.interval_s is None or self.interval_s <= p.budget_s
                 or self.stats["steps"] - self.last_demotion < DEMOTE_EVERY):
@@ -290,12 +355,16 @@ class Engine:
         if i is None:
             return
         req = self.rows[i]
+        old, new = req.depth, p.ladder[p.ladder.index(req.depth) + 1]
+        kept = [tuple(buf[i, :, :req.pos].clone() for buf in (layer.attention.kv_cache.k_cache,
+                                                               layer.attention.kv_cache.v_cache))
+                for layer in self.model.model.layers[:new]]  # its KV in the layers it keeps (batch row i in each)
         self.reach(max(r.pos for r in self.rows))  # compaction copies the slots the rows filled
         compact_caches(self.model, [r.depth for r in self.rows], [j for j in range(len(self.rows)) if j != i])
         del self.rows[i]
-        old, req.depth = req.depth, p.ladder[p.ladder.index(req.depth) + 1]
-        self.place(req, req.prompt + req.out[:-1])  # the positions 0..pos-1 that its caches held
-        self.last_step_end = time.perf_counter()  # its prefill is not the load's: the mean would drive more moves
+        req.depth = new
+        self.place(req, lambda: self.backfill(req, kept))
+        self.last_step_end = time.perf_counter()  # the move is not the load's: the mean would drive more moves
         self.last_demotion = self.stats["steps"]
         self.stats["demoted"] += 1
         log.info("@auto: a row moves from exit %d to %d after %d tokens (%.1f ms a step, budget %g ms)",
@@ -307,15 +376,19 @@ class Engine:
         cur = torch.tensor([[r.cur] for r in rows], device=self.device)
         pos = torch.tensor([[r.pos] for r in rows], device=self.device)
         depths = [r.depth for r in rows]
-        logits = forward_rows(self.model, cur, pos, exit_plan(depths))
+        start, self.tap = time.perf_counter(), (torch.tensor([[r.slot] for r in rows], device=self.device), pos)
+        try:
+            logits = forward_rows(self.model, cur, pos, exit_plan(depths))
+        finally:
+            self.tap = None
         for r, t in zip(rows, self.sample(logits, rows)):
             r.pos += 1
             self.emit(r, t)
         now = time.perf_counter()
+        self.policy.observe_step(depths, now - start)
         if self.last_step_end is not None:  # since the previous step, prefills included: what a decoding row waits
             interval = now - self.last_step_end
             self.interval_s = interval + 0.9 * ((self.interval_s or interval) - interval)  # a running mean
-            self.policy.observe(depths, interval)
         self.last_step_end = now
         self.stats["steps"] += 1
         self.retire()
@@ -354,8 +427,9 @@ class Engine:
         """Prometheus text: load, queue, what @auto decided and why."""
         p = self.policy
         gauges = dict(self.stats, rows_active=len(self.rows), queue_depth=self.queue.qsize(), max_batch=self.max_batch,
-                      steps_per_s=1 / self.interval_s if self.interval_s else 0.0, load_factor=p.load,
-                      tpot_budget_ms=1000 * (p.budget_s or 0.0))
+                      steps_per_s=1 / self.interval_s if self.interval_s else 0.0, speed_factor=p.speed,
+                      arrivals_per_s=p.rate(time.perf_counter()), prefill_ms_per_token=1000 * p.prefill_s(
+                          p.ladder[0], 1), tpot_budget_ms=1000 * (p.budget_s or 0.0))
         lines = [f"balcony_{name} {value:g}" for name, value in gauges.items()]
         lines += [f'balcony_requests_by_exit{{exit="{d}"}} {c}' for d, c in self.served.items()]
         lines += [f'balcony_auto_decisions{{exit="{d}"}} {c}' for d, c in p.decisions.items()]

@@ -231,32 +231,45 @@ def test_full_queue_answers_429(server, monkeypatch):
 
 
 def test_auto_policy_picks_the_deepest_exit_that_keeps_the_budget():
+    from serve import HEADROOM
     model = BalconyModel(Transformer(tiny_args(n_layers=8)), [2, 5])
     layer, norm, head = (nbytes(m) for m in (model.model.layers[0], model.model.norm, model.model.output))
 
     def own(d):  # the final norm at full depth, a balcony (a layer and its norm) at an exit
         return norm + layer * (d < 8)
 
+    def token(d):  # the weights a token at exit d reads
+        return layer * d + own(d) + head
+
     def step_s(depths):  # the step model by hand: each weight used is read once and used by each of its rows
         read = layer * max(depths) + head + sum(own(d) for d in set(depths))
-        return 2e-9 * read + 1e-9 * sum(layer * d + own(d) + head for d in depths)
+        return 2e-9 * read + 1e-9 * sum(token(d) for d in depths)
 
-    policy = AutoPolicy(model, None, alpha=2e-9, beta=1e-9, max_batch=6)
-    policy.load = 1.5
-    assert policy.choose([8, 8, 5], 1, 10) == 8  # no budget: full depth
-    for budget, rows, joining, want in [(1.0, [], 0, 8), (1.5 * step_s([8, 8, 5, 5, 5]), [8, 8], 2, 5),
-                                        (1.5 * step_s([8, 8, 5, 2, 2]) * 1.001, [8, 8, 5], 1, 2), (1e-9, [8], 0, 2)]:
+    policy = AutoPolicy(model, None, alpha=2e-9, beta=1e-9, gamma=1e-10, max_batch=6)
+    policy.speed = 1.5
+    assert policy.choose([8, 8, 5], 1, 10, now=0.0) == 8  # no budget: full depth
+    # no arrivals measured: the rows now, itself and the queued ones, at the speed measured
+    plan = 1.5 / HEADROOM  # a budget that a prediction of 1.5 x step_s keeps exactly
+    for budget, rows, joining, want in [(1.0, [], 0, 8), (plan * step_s([8, 8, 5, 5, 5]), [8, 8], 2, 5),
+                                        (plan * step_s([8, 8, 5, 2, 2]) * 1.001, [8, 8, 5], 1, 2),
+                                        (1.5 * step_s([8, 8, 5, 2, 2]) * 1.001, [8, 8, 5], 1, 2),  # not headroom
+                                        (1e-9, [8], 0, 2)]:
         policy.budget_s = budget
-        assert policy.choose(rows, joining, 10) == want
+        assert policy.choose(rows, joining, 10, now=0.0) == want
         assert policy.last == pytest.approx({d: 1000 * 1.5 * step_s(rows + [d] * (1 + joining)) for d in (8, 5, 2)})
-    assert policy.decisions == {8: 2, 5: 1, 2: 2}
-    # arrivals every 10 ms: a request of 100 tokens will share its steps with max_batch rows, not with one
-    policy.budget_s = 1.5 * step_s([8, 8]) * 1.001
-    assert policy.choose([8], 0, 100) == 8
+    assert policy.decisions == {8: 2, 5: 1, 2: 3}
+    # arrivals every 10 ms with 20-token prompts: a request of 100 tokens will share its steps with max_batch rows,
+    # not with one, and the steps wait for the prefills, which take busy = rate x prefill time of the clock
+    policy.budget_s = plan * step_s([8, 8]) * 1.001
+    assert policy.choose([8], 0, 100, now=0.0) == 8
     for t in (0.0, 0.01, 0.02):
-        policy.arrived(t)
-    assert policy.gap == pytest.approx(0.01) and policy.choose([8], 0, 100) < 8
-    assert policy.last == pytest.approx({d: 1000 * 1.5 * step_s([8] + [d] * 5) for d in (8, 5, 2)})
+        policy.arrived(t, 20)
+    assert policy.rate(0.03) == pytest.approx(2 / 0.03) and policy.prompt == 20
+    assert policy.choose([8], 0, 100, now=0.03) < 8
+    busy = {d: 2 / 0.03 * 1e-10 * 20 * token(d) for d in (8, 5, 2)}
+    assert policy.last == pytest.approx({d: 1000 * 1.5 * step_s([8] + [d] * 5) / (1 - busy[d]) for d in (8, 5, 2)})
+    policy.gamma = 1e-5  # prefills that would take all of the time: no exit keeps the budget
+    assert policy.choose([8], 0, 100, now=0.03) == 2 and policy.last[8] == float("inf")
 
 
 def test_auto_request_served_at_the_chosen_exit(server, monkeypatch):
@@ -270,7 +283,7 @@ def test_auto_request_served_at_the_chosen_exit(server, monkeypatch):
 
 def test_demoted_row_continues_exactly_at_the_shallower_exit():
     # an @auto row admitted at full depth; then no step keeps the budget: it moves to exit 3, and DEMOTE_EVERY steps
-    # later to exit 1. Its tokens must be full depth's, then exit 3's on the prefix so far, then exit 1's: generate()
+    # later to exit 1, each time without a prefill. Its tokens must be full depth's, then exit 3's on the prefix so far, then exit 1's: generate()
     # on prompt + tokens so far at each exit
     import serve
     events = []
@@ -284,8 +297,11 @@ def test_demoted_row_continues_exactly_at_the_shallower_exit():
     engine.step()
     engine.step()  # three tokens at full depth, and a measured step time
     engine.policy.budget_s = 1e-9
+    backbone = []  # a move runs no backbone layer: the new balcony's KV comes from the hidden states kept
+    hook = engine.model.model.layers[0].register_forward_hook(lambda *_: backbone.append(1))
     engine.demote()
-    assert req.depth == 3 and [r.depth for r in engine.rows] == [3, 3]
+    hook.remove()
+    assert req.depth == 3 and [r.depth for r in engine.rows] == [3, 3] and not backbone
     for k in range(1, serve.DEMOTE_EVERY + 1):  # the next move waits DEMOTE_EVERY steps
         engine.step()
         engine.demote()
