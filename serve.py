@@ -134,7 +134,7 @@ class AutoPolicy:
         return self.gamma * tokens * self.token[exit]
 
     def observe_step(self, depths: list, seconds: float):
-        self.speed += 0.1 * (seconds / self.step_s(depths) - self.speed)
+        self.speed += 0.05 * (seconds / self.step_s(depths) - self.speed)  # a mean over about 20 steps
 
     def observe_prefill(self, exit: int, tokens: int, seconds: float):
         self.gamma += 0.2 * (seconds / (tokens * self.token[exit]) - self.gamma)
@@ -147,29 +147,29 @@ class AutoPolicy:
         """Arrivals per second over the window of the latest ARRIVALS (it decays when they stop)."""
         return (len(self.arrivals) - 1) / (now - self.arrivals[0]) if len(self.arrivals) > 1 else 0.0
 
-    def predict_ms(self, depths: list, exit: int, joining: int, tokens: int, now: float) -> float:
+    def predict_ms(self, fixed: list, auto: list, exit: int, joining: int, tokens: int, now: float) -> float:
         lam = self.rate(now)
         busy = lam * self.prefill_s(exit, self.prompt)  # the share of the time spent prefilling the arrivals
         if busy >= 1:
             return float("inf")
-        rows = depths + [exit] * (1 + joining)
+        rows = fixed + [min(d, exit) for d in auto] + [exit] * (1 + joining)  # @auto rows follow it down
         s = self.speed * self.step_s(rows) / (1 - busy)
         while len(rows) < self.max_batch and round(lam * tokens * s) > len(rows):
             rows.append(exit)  # Little's law: arrivals keep rate x lifetime rows in the batch; more rows, longer lives
             s = self.speed * self.step_s(rows) / (1 - busy)
         return 1000 * s
 
-    def choose(self, depths: list, joining: int, tokens: int, now: float) -> int:
-        """The exit for a request of at most `tokens` new tokens joining rows at `depths`, with `joining` queued
-        requests right behind it."""
-        self.last = {d: self.predict_ms(depths, d, joining, tokens, now) for d in self.ladder}
+    def choose(self, fixed: list, auto: list, joining: int, tokens: int, now: float) -> int:
+        """The exit for a request of at most `tokens` new tokens joining rows at depths `fixed` (fixed exits) and
+        `auto` (@auto rows, which move to its exit if deeper), with `joining` queued requests right behind it."""
+        self.last = {d: self.predict_ms(fixed, auto, d, joining, tokens, now) for d in self.ladder}
         ok = [d for d in self.ladder if self.budget_s is None or self.last[d] <= 1000 * HEADROOM * self.budget_s]
         choice = ok[0] if ok else self.ladder[-1]
         self.decisions[choice] += 1
         log.info("@auto: exit %d (predicted ms/token %s, budget %s, %.2f req/s, speed x%.2f, %d rows, %d joining)",
                  choice, {d: round(ms, 1) for d, ms in self.last.items()},
                  "none" if self.budget_s is None else f"{1000 * self.budget_s:g} ms", self.rate(now), self.speed,
-                 len(depths), joining)
+                 len(fixed) + len(auto), joining)
         return choice
 
 
@@ -213,14 +213,14 @@ class Engine:
         of its prefill model, from a full-depth prefill of 32 tokens."""
         n, w = self.model.n_layers, bytes_per_token(self.model, self.model.n_layers)
 
-        def timed(B, T):  # the median of 7 calls, after one to warm up
+        def timed(B, T):  # the fastest of 7 calls after one to warm up: what else runs on the machine only slows it
             idx, pos = torch.zeros(B, T, dtype=torch.long, device=self.device), torch.arange(T, device=self.device)
             ts = []
             for _ in range(8):
                 t = time.perf_counter()
                 forward_rows(self.model, idx, pos.expand(B, T), exit_plan([n] * B))
                 ts.append(time.perf_counter() - t)
-            return sorted(ts[1:])[3]
+            return min(ts[1:])
 
         self.reach(32)
         prefill, one, full = timed(1, 32), timed(1, 1), timed(self.max_batch, 1)
@@ -274,10 +274,13 @@ class Engine:
             return
         if req.cancelled:
             return
-        depths = [r.depth for r in self.rows]
-        if req.exit == "auto":
-            req.depth = self.policy.choose(depths, min(self.queue.qsize(), self.max_batch - len(depths) - 1),
+        if req.exit == "auto":  # its exit is the level every @auto row follows: the deeper ones move to it
+            req.depth = self.policy.choose([r.depth for r in self.rows if r.exit != "auto"],
+                                           [r.depth for r in self.rows if r.exit == "auto"],
+                                           min(self.queue.qsize(), self.max_batch - len(self.rows) - 1),
                                            req.max_tokens, time.perf_counter())
+            for r in [r for r in self.rows if r.exit == "auto" and r.depth > req.depth]:
+                self.move(r, req.depth, "a new @auto request's exit")
         else:
             req.depth = req.exit
         req.slot = min(set(range(self.max_batch)) - {r.slot for r in self.rows})
@@ -341,34 +344,36 @@ class Engine:
         self.model.exit_hidden(d, self.hidden[d][req.slot, :T][None], torch.arange(T, device=self.device)[None])
 
     def demote(self):
-        """@auto's second lever: while the measured time per decode step (a running mean over about ten steps,
-        prefills included) is past the budget, the deepest @auto row moves to the next shallower exit, at most once
-        per DEMOTE_EVERY steps so that the mean can show what the move did. Its KV rows stay exact and cost no prefill:
-        it leaves the caches as a finished row does, keeping its KV in layers 1..exit, which it slots back in at its
-        new place, and the new exit's balcony makes its KV from the hidden states the row had after layer exit
-        (backfill). A row never moves deeper: its skipped layers have no KV."""
+        """@auto's second lever, for load that rises between admissions: while the measured time per decode step (a
+        running mean over about ten steps, prefills included) is past the budget, the deepest @auto row moves to the
+        next shallower exit, at most once per DEMOTE_EVERY steps so that the mean can show what a move did."""
         p = self.policy
         if (p.budget_s is None or not self.rows or self.interval_s is None or self.interval_s <= p.budget_s
                 or self.stats["steps"] - self.last_demotion < DEMOTE_EVERY):
             return
-        i = next((i for i, r in enumerate(self.rows) if r.exit == "auto" and r.depth != p.ladder[-1]), None)
-        if i is None:
-            return
-        req = self.rows[i]
-        old, new = req.depth, p.ladder[p.ladder.index(req.depth) + 1]
+        req = next((r for r in self.rows if r.exit == "auto" and r.depth != p.ladder[-1]), None)
+        if req is not None:
+            self.move(req, p.ladder[p.ladder.index(req.depth) + 1],
+                      f"{1000 * self.interval_s:.1f} ms a step, budget {1000 * p.budget_s:g} ms")
+
+    def move(self, req: Request, new: int, why: str):
+        """Move a decoding row to the shallower exit `new`. Its KV stays exact and costs no prefill: it leaves the
+        caches as a finished row does, keeping its KV in layers 1..new, which it takes back at its new place in the
+        batch, and balcony `new` makes its KV from the hidden states the row had after layer `new` (backfill). A row
+        never moves deeper: its skipped layers have no KV."""
+        i = self.rows.index(req)
         kept = [tuple(buf[i, :, :req.pos].clone() for buf in (layer.attention.kv_cache.k_cache,
                                                                layer.attention.kv_cache.v_cache))
                 for layer in self.model.model.layers[:new]]  # its KV in the layers it keeps (batch row i in each)
         self.reach(max(r.pos for r in self.rows))  # compaction copies the slots the rows filled
         compact_caches(self.model, [r.depth for r in self.rows], [j for j in range(len(self.rows)) if j != i])
         del self.rows[i]
-        req.depth = new
+        old, req.depth = req.depth, new
         self.place(req, lambda: self.backfill(req, kept))
         self.last_step_end = time.perf_counter()  # the move is not the load's: the mean would drive more moves
         self.last_demotion = self.stats["steps"]
         self.stats["demoted"] += 1
-        log.info("@auto: a row moves from exit %d to %d after %d tokens (%.1f ms a step, budget %g ms)",
-                 old, req.depth, req.n_out, 1000 * self.interval_s, 1000 * p.budget_s)
+        log.info("@auto: a row moves from exit %d to %d after %d tokens (%s)", old, new, req.n_out, why)
 
     def step(self):
         rows = self.rows

@@ -247,7 +247,7 @@ def test_auto_policy_picks_the_deepest_exit_that_keeps_the_budget():
 
     policy = AutoPolicy(model, None, alpha=2e-9, beta=1e-9, gamma=1e-10, max_batch=6)
     policy.speed = 1.5
-    assert policy.choose([8, 8, 5], 1, 10, now=0.0) == 8  # no budget: full depth
+    assert policy.choose([8, 8, 5], [], 1, 10, now=0.0) == 8  # no budget: full depth
     # no arrivals measured: the rows now, itself and the queued ones, at the speed measured
     plan = 1.5 / HEADROOM  # a budget that a prediction of 1.5 x step_s keeps exactly
     for budget, rows, joining, want in [(1.0, [], 0, 8), (plan * step_s([8, 8, 5, 5, 5]), [8, 8], 2, 5),
@@ -255,21 +255,25 @@ def test_auto_policy_picks_the_deepest_exit_that_keeps_the_budget():
                                         (1.5 * step_s([8, 8, 5, 2, 2]) * 1.001, [8, 8, 5], 1, 2),  # not headroom
                                         (1e-9, [8], 0, 2)]:
         policy.budget_s = budget
-        assert policy.choose(rows, joining, 10, now=0.0) == want
+        assert policy.choose(rows, [], joining, 10, now=0.0) == want
         assert policy.last == pytest.approx({d: 1000 * 1.5 * step_s(rows + [d] * (1 + joining)) for d in (8, 5, 2)})
     assert policy.decisions == {8: 2, 5: 1, 2: 3}
+    # @auto rows deeper than the exit tried move to it: exit 5 no longer shares its steps with an @auto row at 8
+    policy.budget_s = plan * step_s([2, 5, 5, 5])
+    assert policy.choose([2], [8, 5], 0, 10, now=0.0) == 5
+    assert policy.last == pytest.approx({d: 1000 * 1.5 * step_s([2, min(8, d), min(5, d), d]) for d in (8, 5, 2)})
     # arrivals every 10 ms with 20-token prompts: a request of 100 tokens will share its steps with max_batch rows,
     # not with one, and the steps wait for the prefills, which take busy = rate x prefill time of the clock
     policy.budget_s = plan * step_s([8, 8]) * 1.001
-    assert policy.choose([8], 0, 100, now=0.0) == 8
+    assert policy.choose([8], [], 0, 100, now=0.0) == 8
     for t in (0.0, 0.01, 0.02):
         policy.arrived(t, 20)
     assert policy.rate(0.03) == pytest.approx(2 / 0.03) and policy.prompt == 20
-    assert policy.choose([8], 0, 100, now=0.03) < 8
+    assert policy.choose([8], [], 0, 100, now=0.03) < 8
     busy = {d: 2 / 0.03 * 1e-10 * 20 * token(d) for d in (8, 5, 2)}
     assert policy.last == pytest.approx({d: 1000 * 1.5 * step_s([8] + [d] * 5) / (1 - busy[d]) for d in (8, 5, 2)})
     policy.gamma = 1e-5  # prefills that would take all of the time: no exit keeps the budget
-    assert policy.choose([8], 0, 100, now=0.03) == 2 and policy.last[8] == float("inf")
+    assert policy.choose([8], [], 0, 100, now=0.03) == 2 and policy.last[8] == float("inf")
 
 
 def test_auto_request_served_at_the_chosen_exit(server, monkeypatch):
@@ -316,6 +320,36 @@ def test_demoted_row_continues_exactly_at_the_shallower_exit():
         want += generate(model, [PROMPTS[0] + want], n, exit=exit)[0]["tokens"]
     assert tokens == want and len(set(want)) > 3  # a lively sequence, so a wrong cache would show
     assert generate(model, [PROMPTS[0]], 16)[0]["tokens"] != want  # and the moves did change it
+
+
+def test_auto_admission_moves_the_deeper_auto_rows_to_its_exit():
+    # two @auto rows at full depth and a fixed row at exit 3; then the budget tightens and a third @auto request gets
+    # exit 1: both @auto rows follow it there (no prefill), the fixed row stays, and every answer is exact
+    events = {}
+    engine = Engine(untrained_2(), max_batch=4, max_seq=MAX_SEQ, queue_size=4, stop_ids=[], tpot_s=None)
+    reqs = [Request(PROMPTS[i], exit, 12, post=lambda kind, value, i=i: events.setdefault(i, []).append((kind, value)))
+            for i, exit in enumerate(["auto", "auto", 3, "auto"])]
+    for r in reqs[:3]:
+        engine.queue.put(r)
+        engine.admit()
+    for _ in range(3):
+        engine.step()
+    assert [r.depth for r in engine.rows] == [4, 4, 3]
+    engine.policy.budget_s = 1e-9
+    engine.queue.put(reqs[3])
+    engine.admit()
+    assert [r.depth for r in reqs] == [1, 1, 3, 1] and engine.stats["demoted"] == 2
+    while engine.rows:
+        engine.step()
+    model = untrained_2()
+    for i, r in enumerate(reqs):
+        tokens = [v for k, v in events[i] if k == "token"]
+        if i < 2:  # four tokens at full depth (the prefill's and three steps'), then exit 1 on the prefix so far
+            want = generate(model, [PROMPTS[i]], 4)[0]["tokens"]
+            want += generate(model, [PROMPTS[i] + want], 8, exit=1)[0]["tokens"]
+        else:
+            want = generate(model, [PROMPTS[i]], 12, exit=r.depth)[0]["tokens"]
+        assert tokens == want
 
 
 def test_quantize_int4_serves_the_int4_model(tmp_path):
