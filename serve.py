@@ -41,6 +41,7 @@ import json
 import logging
 import queue
 import signal
+import statistics
 import threading
 import time
 import uuid
@@ -59,7 +60,8 @@ from generate import check_request, compact_caches, exit_plan, forward_rows, pre
 from model import KVCache
 
 log = logging.getLogger("serve")
-DEMOTE_EVERY = 10  # decode steps between two moves of @auto rows to a shallower exit (Engine.demote)
+WINDOW = 32  # decode steps the engine's measures look back over: time between steps (mean), speed factor (median)
+DEMOTE_EVERY = 16  # decode steps between two moves of @auto rows to a shallower exit (Engine.demote)
 HEADROOM = 0.8  # @auto plans the mean time per token at this share of the budget: bursts of arrivals stay within it
 ARRIVALS = 16  # the window of arrivals that measures their rate
 
@@ -116,7 +118,8 @@ class AutoPolicy:
         self.layer = nbytes(model.model.layers[0])
         self.token = {d: bytes_per_token(model, d) for d in self.ladder}  # the weights a token at exit d reads
         self.head = nbytes(model.model.output)
-        self.speed = 1.0  # measured decode steps over the step model's prediction, a running mean
+        self.ratios = deque(maxlen=WINDOW)  # measured decode steps over the step model's predictions
+        self.speed = 1.0  # their median: a step the HTTP thread or another process held up does not move it
         self.arrivals = deque(maxlen=ARRIVALS)  # the latest arrival times
         self.prompt = 0.0  # prompt tokens per request, a running mean
         self.decisions = {d: 0 for d in self.ladder}
@@ -134,7 +137,8 @@ class AutoPolicy:
         return self.gamma * tokens * self.token[exit]
 
     def observe_step(self, depths: list, seconds: float):
-        self.speed += 0.05 * (seconds / self.step_s(depths) - self.speed)  # a mean over about 20 steps
+        self.ratios.append(seconds / self.step_s(depths))
+        self.speed = statistics.median(self.ratios)
 
     def observe_prefill(self, exit: int, tokens: int, seconds: float):
         self.gamma += 0.2 * (seconds / (tokens * self.token[exit]) - self.gamma)
@@ -187,7 +191,8 @@ class Engine:
         self.rows = []  # active requests, deepest exit first
         self.stats = dict(steps=0, tokens=0, admitted=0, finished=0, cancelled=0, errors=0, demoted=0)
         self.served = {d: 0 for d in [model.n_layers, *model.exit_layers]}  # requests admitted at each exit
-        self.interval_s, self.last_step_end, self.last_demotion = None, None, -DEMOTE_EVERY
+        self.intervals, self.last_step_end, self.last_demotion = deque(maxlen=WINDOW), None, -DEMOTE_EVERY
+        self.interval_s = None  # the mean of `intervals`: what a decoding row waits a token, prefills included
         # each row's hidden states after every exit layer, at every position it has: a move to a shallower exit
         # makes the new balcony's KV from them (Engine.demote). Written by a hook on those layers while `tap` says
         # which slots and positions the forward runs (None: no request's)
@@ -344,8 +349,8 @@ class Engine:
         self.model.exit_hidden(d, self.hidden[d][req.slot, :T][None], torch.arange(T, device=self.device)[None])
 
     def demote(self):
-        """@auto's second lever, for load that rises between admissions: while the measured time per decode step (a
-        running mean over about ten steps, prefills included) is past the budget, the deepest @auto row moves to the
+        """@auto's second lever, for load that rises between admissions: while the measured time per decode step (the
+        mean over the last WINDOW steps, prefills included) is past the budget, the deepest @auto row moves to the
         next shallower exit, at most once per DEMOTE_EVERY steps so that the mean can show what a move did."""
         p = self.policy
         if (p.budget_s is None or not self.rows or self.interval_s is None or self.interval_s <= p.budget_s
@@ -392,8 +397,8 @@ class Engine:
         now = time.perf_counter()
         self.policy.observe_step(depths, now - start)
         if self.last_step_end is not None:  # since the previous step, prefills included: what a decoding row waits
-            interval = now - self.last_step_end
-            self.interval_s = interval + 0.9 * ((self.interval_s or interval) - interval)  # a running mean
+            self.intervals.append(now - self.last_step_end)
+            self.interval_s = sum(self.intervals) / len(self.intervals)
         self.last_step_end = now
         self.stats["steps"] += 1
         self.retire()

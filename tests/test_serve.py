@@ -287,13 +287,13 @@ def test_auto_request_served_at_the_chosen_exit(server, monkeypatch):
 
 def test_demoted_row_continues_exactly_at_the_shallower_exit():
     # an @auto row admitted at full depth; then no step keeps the budget: it moves to exit 3, and DEMOTE_EVERY steps
-    # later to exit 1, each time without a prefill. Its tokens must be full depth's, then exit 3's on the prefix so far, then exit 1's: generate()
-    # on prompt + tokens so far at each exit
+    # later to exit 1, each time without a prefill. Its tokens must be full depth's, then exit 3's on the prefix so
+    # far, then exit 1's: generate() on prompt + tokens so far at each exit
     import serve
-    events = []
+    events, n = [], 3 + serve.DEMOTE_EVERY + 3
     engine = Engine(untrained_2(), max_batch=3, max_seq=MAX_SEQ, queue_size=4, stop_ids=[], tpot_s=None)
-    other = Request(PROMPTS[1], 3, 20, post=lambda *e: None)  # a fixed-exit row: it never moves
-    req = Request(PROMPTS[0], "auto", 16, post=lambda kind, value: events.append((kind, value)))
+    other = Request(PROMPTS[1], 3, n + 4, post=lambda *e: None)  # a fixed-exit row: it never moves
+    req = Request(PROMPTS[0], "auto", n, post=lambda kind, value: events.append((kind, value)))
     for r in (other, req):
         engine.queue.put(r)
         engine.admit()
@@ -316,10 +316,10 @@ def test_demoted_row_continues_exactly_at_the_shallower_exit():
     assert engine.stats["demoted"] == 2 and [r.depth for r in engine.rows] == [3]
     tokens = [v for k, v in events if k == "token"]
     model, want = untrained_2(), []
-    for exit, n in ((None, 3), (3, serve.DEMOTE_EVERY), (1, 3)):
-        want += generate(model, [PROMPTS[0] + want], n, exit=exit)[0]["tokens"]
+    for exit, k in ((None, 3), (3, serve.DEMOTE_EVERY), (1, 3)):
+        want += generate(model, [PROMPTS[0] + want], k, exit=exit)[0]["tokens"]
     assert tokens == want and len(set(want)) > 3  # a lively sequence, so a wrong cache would show
-    assert generate(model, [PROMPTS[0]], 16)[0]["tokens"] != want  # and the moves did change it
+    assert generate(model, [PROMPTS[0]], n)[0]["tokens"] != want  # and the moves did change it
 
 
 def test_auto_admission_moves_the_deeper_auto_rows_to_its_exit():
