@@ -5,11 +5,11 @@ computing, we can select exit layers depending on the query-per-second rate"), l
 A loop and a queue, as vLLM's and llama.cpp's servers are. FastAPI routes validate a request and put it on a bounded
 queue (full: 429). One engine, in the main thread (HTTP has its own), owns the model and its KV caches, allocated
 once for --max-batch rows and --max-seq positions, and loops: admit one waiting request into a free row (its
-prefill, which gives its first token), run one decode step for every active row, move an @auto row shallower if the
-steps are slower than the budget, retire the rows that finished or whose client left. Rows keep generate.py's
-layout, deepest exit first, so each layer's cache holds a prefix of the rows and one forward (forward_rows) serves a
-batch of mixed exits; a new row is slotted in after the rows at least as deep as it, the shallower rows' cache rows
-moving down one in the layers it runs.
+prefill, which gives its first token; an @auto one may move the @auto rows shallower), run one decode step for every
+active row, move an @auto row shallower if the steps are slower than the budget, retire the rows that finished or
+whose client left. Rows keep generate.py's layout, deepest exit first, so each layer's cache holds a prefix of the
+rows and one forward (forward_rows) serves a batch of mixed exits; a new row is slotted in after the rows at least as
+deep as it, the shallower rows' cache rows moving down one in the layers it runs.
 
 Model ids: `<name>` is full depth, `<name>@15` a trained exit, `<name>@auto` lets the server choose. Every response's
 `model` names the exit that served it (`<name>@18`, or `<name>` for full depth) and `exit` gives its layer.
@@ -21,17 +21,19 @@ at that row's exit reads), and a prefill's as gamma * tokens * (the weights a to
 startup (full depth: one row, --max-batch rows, a 32-token prefill) and kept up to date as the server runs (a speed
 factor, measured over predicted step times; gamma from each prefill). Prefills stall every row, so arrivals at rate
 r spend busy = r * prefill time of the clock and a decoding row waits step / (1 - busy) a token. When an @auto
-request is admitted, the controller predicts that time for the batch it will live in (the rows decoding now, itself,
-the queued requests that will fill free rows and, by Little's law, as many rows as the measured arrival rate times
-its lifetime if that is more, all at its exit) for each exit, deepest first, and gives it the deepest exit whose
-prediction is within HEADROOM of the budget (bursts of Poisson arrivals go past the mean), or the shallowest. Then,
-while the measured time between decode steps is past the budget, the deepest @auto row moves one exit shallower,
-once every DEMOTE_EVERY steps at most (Engine.demote). The move keeps its caches exact without a prefill: its KV in
-layers 1..exit stays, and the new exit's balcony makes its KV from the row's hidden states after layer exit, which
-the engine keeps for every row (Engine.hidden). A row never moves deeper (its skipped layers have no KV). Decisions
-are logged and counted in GET /metrics.
+request is admitted, the controller predicts that time for each exit d, deepest first, in the batch the request will
+live in (the fixed-exit rows, the @auto rows decoding now at d if deeper, itself, the queued requests that will fill
+free rows and, by Little's law, as many rows as the measured arrival rate times its lifetime if that is more, the new
+ones at d), gives it the deepest exit whose prediction is within HEADROOM of the budget (bursts of Poisson arrivals
+go past the mean), or the shallowest, and moves the deeper @auto rows to it: @auto is a level its rows follow, since
+the deepest row sets every row's step. Between admissions, while the measured time between decode steps is past the
+budget, the deepest @auto row moves one exit shallower, once every DEMOTE_EVERY steps at most (Engine.demote). A
+move keeps the row's caches exact without a prefill (Engine.move): its KV in layers 1..exit stays, and the new exit's
+balcony makes its KV from the row's hidden states after layer exit, which the engine keeps for every row
+(Engine.hidden). A row never moves deeper (its skipped layers have no KV). Decisions are logged and counted in
+GET /metrics.
 
-    python serve.py --tpot-ms 120                      # http://127.0.0.1:8000/v1, model ids from GET /v1/models
+    python serve.py --quantize int4 --quantize-head int8 --tpot-ms 40   # http://127.0.0.1:8000/v1
     curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
       -d '{"model": "smollm2-135m-instruct@auto", "messages": [{"role": "user", "content": "Hi!"}]}'
 """
