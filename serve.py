@@ -352,10 +352,11 @@ class Engine:
 
     def demote(self):
         """@auto's second lever, for load that rises between admissions: while the measured time per decode step (the
-        mean over the last WINDOW steps, prefills included) is past the budget, the deepest @auto row moves to the
+        mean over the last WINDOW steps, prefills included, once there are DEMOTE_EVERY of them since the engine was
+        last idle: the first steps of a busy spell are slow) is past the budget, the deepest @auto row moves to the
         next shallower exit, at most once per DEMOTE_EVERY steps so that the mean can show what a move did."""
         p = self.policy
-        if (p.budget_s is None or not self.rows or self.interval_s is None or self.interval_s <= p.budget_s
+        if (p.budget_s is None or not self.rows or len(self.intervals) < DEMOTE_EVERY or self.interval_s <= p.budget_s
                 or self.stats["steps"] - self.last_demotion < DEMOTE_EVERY):
             return
         req = next((r for r in self.rows if r.exit == "auto" and r.depth != p.ladder[-1]), None)
@@ -432,8 +433,9 @@ class Engine:
             self.reach(max(r.pos for r in self.rows))  # compaction copies the slots the rows filled
             compact_caches(self.model, [r.depth for r in self.rows], keep)
         self.rows = [self.rows[i] for i in keep]
-        if not self.rows:
-            self.last_step_end = None  # idle from here: the next interval starts fresh
+        if not self.rows:  # idle from here: the next busy spell is measured afresh
+            self.last_step_end, self.interval_s = None, None
+            self.intervals.clear()
 
     def metrics(self) -> str:
         """Prometheus text: load, queue, what @auto decided and why."""

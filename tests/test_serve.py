@@ -290,7 +290,8 @@ def test_demoted_row_continues_exactly_at_the_shallower_exit():
     # later to exit 1, each time without a prefill. Its tokens must be full depth's, then exit 3's on the prefix so
     # far, then exit 1's: generate() on prompt + tokens so far at each exit
     import serve
-    events, n = [], 3 + serve.DEMOTE_EVERY + 3
+    full = serve.DEMOTE_EVERY + 2  # tokens at full depth: the prefill's, then enough steps to measure
+    events, n = [], full + serve.DEMOTE_EVERY + 3
     engine = Engine(untrained_2(), max_batch=3, max_seq=MAX_SEQ, queue_size=4, stop_ids=[], tpot_s=None)
     other = Request(PROMPTS[1], 3, n + 4, post=lambda *e: None)  # a fixed-exit row: it never moves
     req = Request(PROMPTS[0], "auto", n, post=lambda kind, value: events.append((kind, value)))
@@ -298,9 +299,11 @@ def test_demoted_row_continues_exactly_at_the_shallower_exit():
         engine.queue.put(r)
         engine.admit()
     assert req.depth == 4 and [r.depth for r in engine.rows] == [4, 3]
-    engine.step()
-    engine.step()  # three tokens at full depth, and a measured step time
     engine.policy.budget_s = 1e-9
+    for _ in range(full - 1):
+        assert req.depth == 4  # no move before DEMOTE_EVERY step times are measured
+        engine.demote()
+        engine.step()
     backbone = []  # a move runs no backbone layer: the new balcony's KV comes from the hidden states kept
     hook = engine.model.model.layers[0].register_forward_hook(lambda *_: backbone.append(1))
     engine.demote()
@@ -316,7 +319,7 @@ def test_demoted_row_continues_exactly_at_the_shallower_exit():
     assert engine.stats["demoted"] == 2 and [r.depth for r in engine.rows] == [3]
     tokens = [v for k, v in events if k == "token"]
     model, want = untrained_2(), []
-    for exit, k in ((None, 3), (3, serve.DEMOTE_EVERY), (1, 3)):
+    for exit, k in ((None, full), (3, serve.DEMOTE_EVERY), (1, 3)):
         want += generate(model, [PROMPTS[0] + want], k, exit=exit)[0]["tokens"]
     assert tokens == want and len(set(want)) > 3  # a lively sequence, so a wrong cache would show
     assert generate(model, [PROMPTS[0]], n)[0]["tokens"] != want  # and the moves did change it
