@@ -19,8 +19,9 @@ step reads each weight it runs once, however many rows use it, and multiplies it
 the engine models a step's time as alpha * (weights the step reads) + beta * (sum over rows of the weights a token
 at that row's exit reads), and a prefill's as gamma * tokens * (the weights a token at its exit reads), timed at
 startup (full depth: one row, --max-batch rows, a 32-token prefill) and kept up to date as the server runs (a speed
-factor, measured over predicted step times; gamma from each prefill). Prefills stall every row, so arrivals at rate
-r spend busy = r * prefill time of the clock and a decoding row waits step / (1 - busy) a token. When an @auto
+factor, the time between decode steps less the prefills in it over the predicted step; gamma from each prefill).
+Prefills stall every row, so arrivals at rate r spend busy = r * prefill time of the clock and a decoding row waits
+step / (1 - busy) a token. When an @auto
 request is admitted, the controller predicts that time for each exit d, deepest first, in the batch the request will
 live in (the fixed-exit rows, the @auto rows decoding now at d if deeper, itself, the queued requests that will fill
 free rows and, by Little's law, as many rows as the measured arrival rate times its lifetime if that is more, the new
@@ -81,7 +82,7 @@ class Request:
     ignore_eos: bool = False  # vLLM's extension for load tests: always max_tokens tokens
     post: Callable = print  # post(kind, value), thread-safe: "start" (depth), "token" (id), "done" (finish reason)
     cancelled: bool = False  # set by the route (client gone, stop string seen); the engine frees the row next step
-    depth: int = 0  # the exit that serves it: chosen at admission; an @auto row's may move shallower (Engine.demote)
+    depth: int = 0  # the exit that serves it: chosen at admission; an @auto row's may move shallower (Engine.move)
     out: list = field(default_factory=list)  # the tokens it has generated
     pos: int = 0  # the position of cur
     slot: int = 0  # its row of Engine.hidden, kept while it decodes (its batch row changes as others come and go)
@@ -120,8 +121,8 @@ class AutoPolicy:
         self.layer = nbytes(model.model.layers[0])
         self.token = {d: bytes_per_token(model, d) for d in self.ladder}  # the weights a token at exit d reads
         self.head = nbytes(model.model.output)
-        self.ratios = deque(maxlen=WINDOW)  # measured decode steps over the step model's predictions
-        self.speed = 1.0  # their median: a step the HTTP thread or another process held up does not move it
+        self.ratios = deque(maxlen=WINDOW)  # measured times a decode step takes over the step model's predictions
+        self.speed = 1.0  # their median: one step held up (a pause, a burst of HTTP work) does not move it
         self.arrivals = deque(maxlen=ARRIVALS)  # the latest arrival times
         self.prompt = 0.0  # prompt tokens per request, a running mean
         self.decisions = {d: 0 for d in self.ladder}
@@ -194,9 +195,10 @@ class Engine:
         self.stats = dict(steps=0, tokens=0, admitted=0, finished=0, cancelled=0, errors=0, demoted=0)
         self.served = {d: 0 for d in [model.n_layers, *model.exit_layers]}  # requests admitted at each exit
         self.intervals, self.last_step_end, self.last_demotion = deque(maxlen=WINDOW), None, -DEMOTE_EVERY
+        self.prefilling = self.moving = 0.0  # seconds of prefills and of moves since the last decode step ended
         self.interval_s = None  # the mean of `intervals`: what a decoding row waits a token, prefills included
         # each row's hidden states after every exit layer, at every position it has: a move to a shallower exit
-        # makes the new balcony's KV from them (Engine.demote). Written by a hook on those layers while `tap` says
+        # makes the new balcony's KV from them (Engine.move). Written by a hook on those layers while `tap` says
         # which slots and positions the forward runs (None: no request's)
         like = model.model.tok_embeddings.weight
         self.hidden = {e: like.new_zeros(max_batch, max_seq, model.model.args.dim) for e in model.exit_layers}
@@ -294,7 +296,9 @@ class Engine:
         req.pos = len(req.prompt)
         t = time.perf_counter()
         logits = self.place(req, lambda: self.prefill(req))
-        self.policy.observe_prefill(req.depth, req.pos, time.perf_counter() - t)
+        t = time.perf_counter() - t
+        self.prefilling += t
+        self.policy.observe_prefill(req.depth, req.pos, t)
         if req.seed is not None:
             req.generator = torch.Generator(self.device).manual_seed(req.seed)
         self.served[req.depth] += 1
@@ -369,7 +373,7 @@ class Engine:
         caches as a finished row does, keeping its KV in layers 1..new, which it takes back at its new place in the
         batch, and balcony `new` makes its KV from the hidden states the row had after layer `new` (backfill). A row
         never moves deeper: its skipped layers have no KV."""
-        i = self.rows.index(req)
+        t, i = time.perf_counter(), self.rows.index(req)
         kept = [tuple(buf[i, :, :req.pos].clone() for buf in (layer.attention.kv_cache.k_cache,
                                                                layer.attention.kv_cache.v_cache))
                 for layer in self.model.model.layers[:new]]  # its KV in the layers it keeps (batch row i in each)
@@ -378,7 +382,7 @@ class Engine:
         del self.rows[i]
         old, req.depth = req.depth, new
         self.place(req, lambda: self.backfill(req, kept))
-        self.last_step_end = time.perf_counter()  # the move is not the load's: the mean would drive more moves
+        self.moving += time.perf_counter() - t  # not the load's: counted as load, it would drive more moves
         self.last_demotion = self.stats["steps"]
         self.stats["demoted"] += 1
         log.info("@auto: a row moves from exit %d to %d after %d tokens (%s)", old, new, req.n_out, why)
@@ -398,11 +402,16 @@ class Engine:
             r.pos += 1
             self.emit(r, t)
         now = time.perf_counter()
-        self.policy.observe_step(depths, now - start)
-        if self.last_step_end is not None:  # since the previous step, prefills included: what a decoding row waits
-            self.intervals.append(now - self.last_step_end)
+        if self.last_step_end is None:  # the first step of a busy spell
+            self.policy.observe_step(depths, now - start)
+        else:  # since the previous step, moves left out: what a decoding row waits, prefills included
+            interval = now - self.last_step_end - self.moving
+            self.intervals.append(interval)
             self.interval_s = sum(self.intervals) / len(self.intervals)
-        self.last_step_end = now
+            # the speed factor takes in all but the prefills (the policy counts those as busy): the HTTP thread,
+            # sampling, the engine's own work between steps, other processes
+            self.policy.observe_step(depths, interval - self.prefilling)
+        self.last_step_end, self.prefilling, self.moving = now, 0.0, 0.0
         self.stats["steps"] += 1
         self.retire()
 
