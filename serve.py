@@ -196,7 +196,6 @@ class Engine:
         self.served = {d: 0 for d in [model.n_layers, *model.exit_layers]}  # requests admitted at each exit
         self.intervals, self.last_step_end, self.last_demotion = deque(maxlen=WINDOW), None, -DEMOTE_EVERY
         self.prefilling = self.moving = 0.0  # seconds of prefills and of moves since the last decode step ended
-        self.interval_s = None  # the mean of `intervals`: what a decoding row waits a token, prefills included
         # each row's hidden states after every exit layer, at every position it has: a move to a shallower exit
         # makes the new balcony's KV from them (Engine.move). Written by a hook on those layers while `tap` says
         # which slots and positions the forward runs (None: no request's)
@@ -238,6 +237,12 @@ class Engine:
         log.info("engine: full-depth step %.1f ms at 1 row, %.1f ms at %d rows; prefill %.1f ms for 32 tokens",
                  1000 * one, 1000 * full, self.max_batch, 1000 * prefill)
         return alpha, beta, prefill / (32 * w)
+
+    @property
+    def interval_s(self) -> Optional[float]:
+        """The mean time between the last WINDOW decode steps, moves left out: what a decoding row waits a token,
+        prefills included (None before two steps)."""
+        return sum(self.intervals) / len(self.intervals) if self.intervals else None
 
     def reach(self, length: int):
         # attention reads `length` cache slots: what the rows can see, not all --max-seq of them
@@ -407,7 +412,6 @@ class Engine:
         else:  # since the previous step, moves left out: what a decoding row waits, prefills included
             interval = now - self.last_step_end - self.moving
             self.intervals.append(interval)
-            self.interval_s = sum(self.intervals) / len(self.intervals)
             # the speed factor takes in all but the prefills (the policy counts those as busy): the HTTP thread,
             # sampling, the engine's own work between steps, other processes
             self.policy.observe_step(depths, interval - self.prefilling)
@@ -443,7 +447,7 @@ class Engine:
             compact_caches(self.model, [r.depth for r in self.rows], keep)
         self.rows = [self.rows[i] for i in keep]
         if not self.rows:  # idle from here: the next busy spell is measured afresh
-            self.last_step_end, self.interval_s = None, None
+            self.last_step_end = None
             self.intervals.clear()
 
     def metrics(self) -> str:
